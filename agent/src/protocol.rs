@@ -1,0 +1,364 @@
+//! The host/guest protocol spoken over one vsock stream per request.
+//!
+//! The host reaches the agent on vsock port [`AGENT_PORT`] (through the
+//! monitor's Unix socket: `CONNECT 1024\n` / `OK <port>\n`). Every byte after
+//! that is a sequence of frames:
+//!
+//! ```text
+//! +---------+----------------+------------------+
+//! | kind u8 | length u32 LE  | payload (length) |
+//! +---------+----------------+------------------+
+//! ```
+//!
+//! Control frames ([`FrameKind::Request`], [`FrameKind::Response`],
+//! [`FrameKind::Exit`], [`FrameKind::Error`]) carry JSON; data frames
+//! ([`FrameKind::Stdout`], [`FrameKind::Stderr`], [`FrameKind::Stdin`],
+//! [`FrameKind::Data`]) carry raw bytes; [`FrameKind::Eof`] is empty.
+//!
+//! One connection carries one request:
+//! - `Hello`: the agent answers `Response::Hello`.
+//! - `Exec`: the agent answers `Response::Started` (or `Error`), then Stdout
+//!   and Stderr frames as output is produced, then one `Exit` (or `Error`).
+//!   With `stdin: true` the host may send Stdin frames and an `Eof`.
+//! - `WriteFile`: the host sends Data frames and an `Eof`; the agent answers
+//!   `Response::Written` (or `Error`). The file appears atomically.
+//! - `ReadFile`: the agent answers `Response::FileInfo`, then Data frames and
+//!   an `Eof` (or `Error` at any point).
+//! - `Shutdown`: the agent answers `Response::Ok` and powers the guest off.
+//!
+//! Both sides treat the peer's bytes as untrusted: unknown kinds, oversized
+//! frames and bad JSON are errors, never panics.
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// The vsock port the agent listens on.
+pub const AGENT_PORT: u32 = 1024;
+/// Bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest payload either side accepts in one frame.
+pub const MAX_FRAME_LEN: u32 = 1 << 20;
+/// Size in which data (output, file contents) is cut into frames.
+pub const DATA_CHUNK: usize = 64 * 1024;
+/// Header length: kind (1) + length (4).
+pub const HEADER_LEN: usize = 5;
+
+/// The line the agent writes to the console once it serves requests.
+pub const READY_LINE: &str = "smol-agent: ready";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    Request = 1,
+    Response = 2,
+    Stdout = 3,
+    Stderr = 4,
+    Stdin = 5,
+    Data = 6,
+    Eof = 7,
+    Exit = 8,
+    Error = 9,
+}
+
+impl FrameKind {
+    pub fn from_u8(v: u8) -> Result<Self, ProtocolError> {
+        Ok(match v {
+            1 => FrameKind::Request,
+            2 => FrameKind::Response,
+            3 => FrameKind::Stdout,
+            4 => FrameKind::Stderr,
+            5 => FrameKind::Stdin,
+            6 => FrameKind::Data,
+            7 => FrameKind::Eof,
+            8 => FrameKind::Exit,
+            9 => FrameKind::Error,
+            other => return Err(ProtocolError::UnknownKind(other)),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN}")]
+    TooLarge(u32),
+    #[error("malformed {what} message")]
+    Json {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("expected a {expected:?} frame, got {got:?}")]
+    Unexpected { expected: FrameKind, got: FrameKind },
+    #[error("connection closed mid-frame")]
+    Truncated,
+    #[error("i/o on the agent connection")]
+    Io(#[from] io::Error),
+}
+
+/// One frame: a kind and its payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: FrameKind,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub fn new(kind: FrameKind, payload: Vec<u8>) -> Self {
+        Frame { kind, payload }
+    }
+
+    /// A control frame with a JSON payload.
+    pub fn json<T: Serialize>(kind: FrameKind, msg: &T) -> Self {
+        // Serializing our own plain data types cannot fail.
+        let payload = serde_json::to_vec(msg).expect("protocol types serialize");
+        Frame { kind, payload }
+    }
+
+    /// Decodes the JSON payload of a control frame.
+    pub fn parse<T: for<'de> Deserialize<'de>>(&self, what: &'static str) -> Result<T, ProtocolError> {
+        serde_json::from_slice(&self.payload).map_err(|source| ProtocolError::Json { what, source })
+    }
+
+    /// Fails unless the frame is of kind `expected`.
+    pub fn expect(self, expected: FrameKind) -> Result<Self, ProtocolError> {
+        if self.kind == expected {
+            Ok(self)
+        } else {
+            Err(ProtocolError::Unexpected { expected, got: self.kind })
+        }
+    }
+
+    /// Header followed by payload, ready to write.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + self.payload.len());
+        out.extend_from_slice(&encode_header(self.kind, self.payload.len()));
+        out.extend_from_slice(&self.payload);
+        out
+    }
+}
+
+/// Encodes a frame header. `len` must not exceed [`MAX_FRAME_LEN`].
+pub fn encode_header(kind: FrameKind, len: usize) -> [u8; HEADER_LEN] {
+    debug_assert!(len <= MAX_FRAME_LEN as usize);
+    let mut h = [0u8; HEADER_LEN];
+    h[0] = kind as u8;
+    h[1..].copy_from_slice(&(len as u32).to_le_bytes());
+    h
+}
+
+/// Parses and checks a frame header.
+pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<(FrameKind, u32), ProtocolError> {
+    let kind = FrameKind::from_u8(h[0])?;
+    let len = u32::from_le_bytes([h[1], h[2], h[3], h[4]]);
+    if len > MAX_FRAME_LEN {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    Ok((kind, len))
+}
+
+/// Writes one frame (header and payload in one write where possible).
+pub fn write_frame<W: Write>(w: &mut W, kind: FrameKind, payload: &[u8]) -> Result<(), ProtocolError> {
+    if payload.len() > MAX_FRAME_LEN as usize {
+        return Err(ProtocolError::TooLarge(payload.len() as u32));
+    }
+    let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
+    buf.extend_from_slice(&encode_header(kind, payload.len()));
+    buf.extend_from_slice(payload);
+    w.write_all(&buf)?;
+    Ok(())
+}
+
+/// Reads one frame. `Ok(None)` means the peer closed the stream cleanly
+/// between frames.
+pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Frame>, ProtocolError> {
+    let mut h = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match r.read(&mut h[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(ProtocolError::Truncated),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let (kind, len) = decode_header(&h)?;
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ProtocolError::Truncated
+        } else {
+            ProtocolError::Io(e)
+        }
+    })?;
+    Ok(Some(Frame { kind, payload }))
+}
+
+/// Async framing for the host side.
+#[cfg(feature = "tokio")]
+pub mod asyncio {
+    use super::*;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    pub async fn write_frame<W: AsyncWrite + Unpin>(
+        w: &mut W,
+        kind: FrameKind,
+        payload: &[u8],
+    ) -> Result<(), ProtocolError> {
+        if payload.len() > MAX_FRAME_LEN as usize {
+            return Err(ProtocolError::TooLarge(payload.len() as u32));
+        }
+        let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
+        buf.extend_from_slice(&encode_header(kind, payload.len()));
+        buf.extend_from_slice(payload);
+        w.write_all(&buf).await?;
+        Ok(())
+    }
+
+    pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, ProtocolError> {
+        let mut h = [0u8; HEADER_LEN];
+        let mut got = 0;
+        while got < HEADER_LEN {
+            match r.read(&mut h[got..]).await? {
+                0 if got == 0 => return Ok(None),
+                0 => return Err(ProtocolError::Truncated),
+                n => got += n,
+            }
+        }
+        let (kind, len) = decode_header(&h)?;
+        let mut payload = vec![0u8; len as usize];
+        r.read_exact(&mut payload).await.map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                ProtocolError::Truncated
+            } else {
+                ProtocolError::Io(e)
+            }
+        })?;
+        Ok(Some(Frame { kind, payload }))
+    }
+}
+
+/// A request: the first frame the host sends on a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Hello { version: u32 },
+    Exec(ExecRequest),
+    WriteFile { path: String, mode: Option<u32> },
+    ReadFile { path: String },
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// Program and arguments, passed to execve untouched (no shell).
+    pub argv: Vec<String>,
+    /// Added to (and overriding) the agent's default environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory; `/` when absent.
+    pub workdir: Option<String>,
+    /// Kill the whole process group after this many milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Whether the host will send Stdin frames; otherwise stdin is /dev/null.
+    pub stdin: bool,
+}
+
+/// Answers carried in `Response` frames.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Response {
+    Hello { version: u32, agent: String },
+    Started { pid: u32 },
+    Written { size: u64 },
+    FileInfo { size: u64, mode: u32 },
+    Ok,
+}
+
+/// How a process ended: carried in the `Exit` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code when the process exited normally.
+    pub code: Option<i32>,
+    /// Signal number when a signal killed it.
+    pub signal: Option<i32>,
+    /// The agent killed it because the timeout passed.
+    pub timed_out: bool,
+}
+
+/// An error the agent reports: carried in the `Error` frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct AgentError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    NotFound,
+    PermissionDenied,
+    InvalidArgument,
+    IsADirectory,
+    NotADirectory,
+    NoSpace,
+    Timeout,
+    Unsupported,
+    Protocol,
+    Io,
+}
+
+impl AgentError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        AgentError { kind, message: message.into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_round_trip() {
+        let req = Request::Exec(ExecRequest {
+            argv: vec!["echo".into(), "a b 'c'".into()],
+            ..Default::default()
+        });
+        let mut buf = Vec::new();
+        write_frame(&mut buf, FrameKind::Request, &serde_json::to_vec(&req).unwrap()).unwrap();
+        let f = read_frame(&mut buf.as_slice()).unwrap().unwrap();
+        assert_eq!(f.kind, FrameKind::Request);
+        assert_eq!(f.parse::<Request>("request").unwrap(), req);
+    }
+
+    #[test]
+    fn clean_close_and_truncation() {
+        assert!(read_frame(&mut [].as_slice()).unwrap().is_none());
+        assert!(matches!(read_frame(&mut [3u8, 1].as_slice()), Err(ProtocolError::Truncated)));
+        assert!(matches!(
+            read_frame(&mut [3u8, 4, 0, 0, 0, b'a'].as_slice()),
+            Err(ProtocolError::Truncated)
+        ));
+    }
+
+    #[test]
+    fn rejects_unknown_kind_and_oversize() {
+        assert!(matches!(
+            read_frame(&mut [0xee, 0, 0, 0, 0].as_slice()),
+            Err(ProtocolError::UnknownKind(0xee))
+        ));
+        let h = encode_header(FrameKind::Data, 0);
+        let mut big = h;
+        big[1..].copy_from_slice(&(MAX_FRAME_LEN + 1).to_le_bytes());
+        assert!(matches!(decode_header(&big), Err(ProtocolError::TooLarge(_))));
+    }
+
+    #[test]
+    fn bad_json_is_an_error() {
+        let f = Frame::new(FrameKind::Request, b"{not json".to_vec());
+        assert!(matches!(f.parse::<Request>("request"), Err(ProtocolError::Json { .. })));
+    }
+}

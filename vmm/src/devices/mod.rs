@@ -1,0 +1,3 @@
+//! Devices the monitor emulates.
+
+pub mod virtio;

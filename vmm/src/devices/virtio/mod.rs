@@ -1,0 +1,137 @@
+//! virtio devices and the virtio-mmio transport that carries them.
+//!
+//! The contract between the transport (`mmio.rs`) and a device (`blk.rs`,
+//! `vsock/`) is [`VirtioDevice`]. A device is shared as
+//! `Arc<Mutex<D>>` between the transport, which runs on vCPU threads, and the
+//! event-loop thread, where the device is also registered as an
+//! `event_manager::MutEventSubscriber`. `activate` is called on a vCPU thread
+//! and must not block: it stores the queues and wakes the device's subscriber
+//! (for instance by writing an activation `EventFd`), which then registers
+//! the queue notification fds with the event loop.
+
+pub mod blk;
+pub mod mmio;
+pub mod vsock;
+
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest memory as devices see it.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// virtio device ids (virtio 1.2, section 5).
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_VSOCK: u32 = 19;
+pub const TYPE_FS: u32 = 26;
+
+/// VIRTIO_F_VERSION_1: every device offers it; the transport is modern only.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Interrupt status bits of the virtio-mmio InterruptStatus register.
+pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
+
+/// The interrupt line of one virtio-mmio device: the InterruptStatus
+/// register shared with the transport, and the irqfd that raises the GSI.
+#[derive(Clone, Debug)]
+pub struct Interrupt {
+    status: Arc<AtomicU32>,
+    irq_evt: Arc<EventFd>,
+}
+
+impl Interrupt {
+    pub fn new(irq_evt: EventFd) -> Self {
+        Interrupt {
+            status: Arc::new(AtomicU32::new(0)),
+            irq_evt: Arc::new(irq_evt),
+        }
+    }
+
+    /// Tells the driver that a used ring has new entries.
+    pub fn signal_used_queue(&self) -> io::Result<()> {
+        self.signal(VIRTIO_MMIO_INT_VRING)
+    }
+
+    /// Tells the driver that the configuration space changed.
+    pub fn signal_config_change(&self) -> io::Result<()> {
+        self.signal(VIRTIO_MMIO_INT_CONFIG)
+    }
+
+    fn signal(&self, bit: u32) -> io::Result<()> {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        self.irq_evt.write(1)
+    }
+
+    /// The InterruptStatus register, as the driver reads it.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: the driver clears the bits it has handled.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// The irqfd, for registration with KVM.
+    pub fn irq_evt(&self) -> &EventFd {
+        &self.irq_evt
+    }
+}
+
+/// A queue the driver has set up, with the fd that KVM signals (through an
+/// ioeventfd on QueueNotify) when the driver kicks it.
+#[derive(Debug)]
+pub struct ActivatedQueue {
+    pub queue: Queue,
+    pub notify: EventFd,
+}
+
+/// Why a device refused activation.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("device expects {expected} queues, driver set up {got}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("device cannot activate: {0}")]
+    Backend(String),
+    #[error("cannot wake the device's event loop")]
+    Wake(#[source] io::Error),
+}
+
+/// A virtio device behind the virtio-mmio transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device id (`TYPE_*`).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers (must include [`VIRTIO_F_VERSION_1`]).
+    fn avail_features(&self) -> u64;
+    /// Feature bits the driver accepted (a subset of `avail_features`).
+    fn set_acked_features(&mut self, features: u64);
+    /// Reads the device-specific configuration space. Out-of-range reads
+    /// leave `data` untouched.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space; out-of-range writes
+    /// are ignored.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK. Runs on a vCPU thread: store what is given
+    /// and wake the event-loop side; never block.
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Interrupt,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<(), ActivateError>;
+    /// The driver wrote 0 to Status. Returns true when the device dropped its
+    /// queues and can be activated again.
+    fn reset(&mut self) -> bool {
+        false
+    }
+    /// Whether `activate` succeeded and no reset followed.
+    fn is_activated(&self) -> bool;
+}
