@@ -6,7 +6,9 @@ mod kernel;
 mod rootfs;
 
 use clap::{Parser, Subcommand};
-use std::process::ExitCode;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Instant;
 
 #[derive(Parser)]
 #[command(about = "smol's build and test tasks")]
@@ -23,6 +25,19 @@ enum Task {
     Rootfs,
     /// Both guest assets.
     Assets,
+    /// Assets, then format and lint checks, then every test of the workspace.
+    Test {
+        /// Extra arguments passed to `cargo test` (after `--workspace`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Assets, then boot a machine, exec in it and show the timings.
+    Demo,
+    /// Assets, then `cargo bench` (extra arguments are passed through).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -31,6 +46,9 @@ fn main() -> ExitCode {
         Task::Kernel => kernel::build().map(|p| println!("kernel: {}", p.display())),
         Task::Rootfs => rootfs::build().map(|p| println!("initramfs: {}", p.display())),
         Task::Assets => assets().map(|_| ()),
+        Task::Test { args } => test(&args),
+        Task::Demo => demo(),
+        Task::Bench { args } => bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -42,10 +60,88 @@ fn main() -> ExitCode {
 }
 
 /// Builds both assets and returns (kernel, initramfs).
-fn assets() -> Result<(std::path::PathBuf, std::path::PathBuf), String> {
+fn assets() -> Result<(PathBuf, PathBuf), String> {
     let k = kernel::build()?;
     println!("kernel: {}", k.display());
     let r = rootfs::build()?;
     println!("initramfs: {}", r.display());
     Ok((k, r))
+}
+
+/// A `cargo` command run from the workspace root with the assets in its
+/// environment, so tests and examples find exactly what was just built.
+fn cargo(args: &[&str], assets: &(PathBuf, PathBuf)) -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.args(args)
+        .current_dir(cache::workspace_root())
+        .env("SMOL_KERNEL", &assets.0)
+        .env("SMOL_INITRAMFS", &assets.1);
+    c
+}
+
+fn run(what: &str, mut cmd: Command) -> Result<(), String> {
+    let t = Instant::now();
+    println!("xtask: {what}");
+    let status = cmd.status().map_err(|e| format!("{what}: cannot start: {e}"))?;
+    if !status.success() {
+        return Err(format!("{what} failed ({status})"));
+    }
+    println!("xtask: {what} done in {:.1}s", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Fails when a rust-vmm crate appears twice in the dependency tree: the
+/// devices share guest memory types, so two vm-memory versions cannot mix.
+fn check_single_rust_vmm(assets: &(PathBuf, PathBuf)) -> Result<(), String> {
+    let out = cargo(&["tree", "--workspace", "-d", "--prefix", "none", "-e", "normal"], assets)
+        .output()
+        .map_err(|e| format!("cargo tree: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("cargo tree -d failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let dups = String::from_utf8_lossy(&out.stdout);
+    const RUST_VMM: &[&str] = &[
+        "vm-memory ",
+        "virtio-queue ",
+        "kvm-bindings ",
+        "kvm-ioctls ",
+        "vmm-sys-util ",
+        "linux-loader ",
+        "event-manager ",
+    ];
+    for line in dups.lines() {
+        if RUST_VMM.iter().any(|c| line.starts_with(c)) {
+            return Err(format!("duplicate rust-vmm crate in the tree: {line}"));
+        }
+    }
+    println!("xtask: one version of each rust-vmm crate in the tree");
+    Ok(())
+}
+
+fn test(extra: &[String]) -> Result<(), String> {
+    let a = assets()?;
+    run("cargo fmt --check", cargo(&["fmt", "--all", "--check"], &a))?;
+    run(
+        "cargo clippy",
+        cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &a),
+    )?;
+    check_single_rust_vmm(&a)?;
+    let mut args = vec!["test", "--workspace"];
+    args.extend(extra.iter().map(String::as_str));
+    run("cargo test", cargo(&args, &a))
+}
+
+fn demo() -> Result<(), String> {
+    let a = assets()?;
+    run(
+        "demo",
+        cargo(&["run", "--release", "--quiet", "--example", "demo"], &a),
+    )
+}
+
+fn bench(extra: &[String]) -> Result<(), String> {
+    let a = assets()?;
+    let mut args = vec!["bench", "--workspace"];
+    args.extend(extra.iter().map(String::as_str));
+    run("cargo bench", cargo(&args, &a))
 }
