@@ -7,7 +7,17 @@
 
 pub mod devices;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Smallest guest memory that boots our kernel with its initramfs. Below
+/// this the early allocator runs out before user space starts.
+pub const MIN_MEMORY_MIB: u32 = 64;
+/// Largest guest memory accepted (the guest physical map goes up to 1 TiB).
+pub const MAX_MEMORY_MIB: u32 = 1 << 20;
+/// Largest vCPU count (the MP table and the LAPIC ids are 8 bits; keep a
+/// margin for the IO-APIC id).
+pub const MAX_VCPUS: u8 = 254;
 
 /// What to boot and with which devices.
 #[derive(Debug, Clone)]
@@ -49,4 +59,143 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// Serial returned by VIRTIO_BLK_T_GET_ID (at most 20 bytes).
     pub id: String,
+}
+
+/// Why a VM is no longer running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest asked to power off or reboot (i8042 reset, `reboot=k`).
+    GuestShutdown,
+    /// [`Vm::stop`] (or dropping the [`Vm`]) ended it.
+    HostStop,
+    /// A vCPU failed: KVM internal error, emulation failure, triple fault...
+    Crashed(String),
+}
+
+/// How long each phase of the host-side set-up took, from the start of
+/// [`Vm::start`] to the first `KVM_RUN` of the boot vCPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BootTimings {
+    /// Opening /dev/kvm, creating the VM, irqchip and PIT.
+    pub kvm: Duration,
+    /// Creating and registering guest memory.
+    pub memory: Duration,
+    /// Loading the kernel and initramfs, writing boot structures.
+    pub kernel_load: Duration,
+    /// Serial, i8042, virtio-mmio transports and their devices.
+    pub devices: Duration,
+    /// Creating and configuring the vCPUs.
+    pub vcpus: Duration,
+    /// From the vCPUs being configured to the first `KVM_RUN`.
+    pub first_run: Duration,
+    /// The whole: from the start of [`Vm::start`] to the first `KVM_RUN`.
+    pub total: Duration,
+}
+
+/// Errors of [`Vm::start`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kernel not found: {}", path.display())]
+    KernelNotFound { path: PathBuf },
+    #[error("kernel {} is not a bootable vmlinux: {reason}", path.display())]
+    KernelInvalid { path: PathBuf, reason: String },
+    #[error("initramfs not found: {}", path.display())]
+    InitramfsNotFound { path: PathBuf },
+    #[error("initramfs {} ({size} bytes) does not fit in guest memory", path.display())]
+    InitramfsTooLarge { path: PathBuf, size: u64 },
+    #[error("guest memory of {mib} MiB is below the {min_mib} MiB needed to boot")]
+    MemoryTooSmall { mib: u32, min_mib: u32 },
+    #[error("guest memory of {mib} MiB is above the {max_mib} MiB supported")]
+    MemoryTooLarge { mib: u32, max_mib: u32 },
+    #[error("a vm needs at least one vcpu")]
+    ZeroVcpus,
+    #[error("{vcpus} vcpus requested, at most {max} supported")]
+    TooManyVcpus { vcpus: u8, max: u8 },
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(String),
+    #[error("cannot open /dev/kvm (is kvm loaded and may this user open it?)")]
+    KvmUnavailable {
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("kvm {op} failed")]
+    Kvm {
+        op: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("device {name}: {reason}")]
+    Device { name: String, reason: String },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Whether `/dev/kvm` is provided by the `kvm_pvm` module (software nested
+/// virtualisation): guests then need compatibility flags and one vCPU.
+pub fn is_kvm_pvm_host() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// A running (or exited) virtual machine.
+///
+/// Dropping it stops the VM and releases every thread and fd.
+pub struct Vm {
+    config: VmConfig,
+}
+
+impl Vm {
+    /// Validates `config`, builds the VM, starts its vCPUs and event loop,
+    /// and returns at once (it does not wait for the guest to boot).
+    pub fn start(config: VmConfig) -> Result<Vm, Error> {
+        let _ = config;
+        Err(Error::Device {
+            name: "vm".into(),
+            reason: "not yet built".into(),
+        })
+    }
+
+    /// Host-initiated stop: kicks the vCPUs out of `KVM_RUN`, joins every
+    /// thread and closes every fd. Idempotent; returns how the VM ended
+    /// (the guest's own exit if it came first).
+    pub fn stop(&mut self) -> ExitReason {
+        ExitReason::HostStop
+    }
+
+    /// Blocks until the guest exits (shutdown, crash) or `timeout` passes.
+    pub fn wait(&self, timeout: Option<Duration>) -> Option<ExitReason> {
+        let _ = timeout;
+        None
+    }
+
+    /// How the VM ended, if it has.
+    pub fn try_exit(&self) -> Option<ExitReason> {
+        None
+    }
+
+    /// Host-side set-up phases.
+    pub fn timings(&self) -> BootTimings {
+        BootTimings::default()
+    }
+
+    /// The Unix socket of the vsock device, if the VM has one.
+    pub fn vsock_uds_path(&self) -> Option<&Path> {
+        self.config.vsock.as_ref().map(|v| v.uds_path.as_path())
+    }
+
+    /// The console log file, if any.
+    pub fn console_log(&self) -> Option<&Path> {
+        self.config.console_log.as_deref()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
