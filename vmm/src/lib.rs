@@ -5,13 +5,23 @@
 //! with an initramfs, serves a serial console into a log file, and exposes
 //! virtio-mmio devices (block disks, a vsock whose host side is a Unix socket).
 
+pub mod boot;
+pub mod cpu;
 pub mod devices;
+pub mod event_loop;
+pub mod exit;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-/// Smallest guest memory that boots our kernel with its initramfs. Below
-/// this the early allocator runs out before user space starts.
+/// Smallest guest memory accepted. Our kernel loads at 16 MiB and the
+/// initramfs (a few MiB, unpacked into page cache) must fit above it with
+/// room for user space; 64 MiB leaves a margin, anything less is refused
+/// rather than left to fail deep in the guest's boot.
 pub const MIN_MEMORY_MIB: u32 = 64;
 /// Largest guest memory accepted (the guest physical map goes up to 1 TiB).
 pub const MAX_MEMORY_MIB: u32 = 1 << 20;
@@ -126,6 +136,8 @@ pub enum Error {
     },
     #[error("guest memory: {0}")]
     Memory(String),
+    #[error("cannot write boot data: {0}")]
+    BootData(String),
     #[error("device {name}: {reason}")]
     Device { name: String, reason: String },
     #[error("{what}")]
@@ -147,16 +159,23 @@ pub fn is_kvm_pvm_host() -> bool {
 /// Dropping it stops the VM and releases every thread and fd.
 pub struct Vm {
     config: VmConfig,
+    timings: BootTimings,
+    exit: Arc<exit::ExitState>,
+    running: Option<vm::Running>,
 }
 
 impl Vm {
     /// Validates `config`, builds the VM, starts its vCPUs and event loop,
-    /// and returns at once (it does not wait for the guest to boot).
+    /// and returns once the boot vCPU has entered `KVM_RUN` (it does not
+    /// wait for the guest to boot).
     pub fn start(config: VmConfig) -> Result<Vm, Error> {
-        let _ = config;
-        Err(Error::Device {
-            name: "vm".into(),
-            reason: "not yet built".into(),
+        let (running, timings) = vm::build(&config)?;
+        tracing::debug!(?timings, "vm started");
+        Ok(Vm {
+            config,
+            timings,
+            exit: running.exit.clone(),
+            running: Some(running),
         })
     }
 
@@ -164,23 +183,26 @@ impl Vm {
     /// thread and closes every fd. Idempotent; returns how the VM ended
     /// (the guest's own exit if it came first).
     pub fn stop(&mut self) -> ExitReason {
-        ExitReason::HostStop
+        match self.running.take() {
+            Some(running) => running.stop(),
+            None => self.exit.reason().unwrap_or(ExitReason::HostStop),
+        }
     }
 
     /// Blocks until the guest exits (shutdown, crash) or `timeout` passes.
+    /// After [`Vm::stop`] it returns the recorded reason at once.
     pub fn wait(&self, timeout: Option<Duration>) -> Option<ExitReason> {
-        let _ = timeout;
-        None
+        self.exit.wait(timeout)
     }
 
     /// How the VM ended, if it has.
     pub fn try_exit(&self) -> Option<ExitReason> {
-        None
+        self.exit.reason()
     }
 
     /// Host-side set-up phases.
     pub fn timings(&self) -> BootTimings {
-        BootTimings::default()
+        self.timings
     }
 
     /// The Unix socket of the vsock device, if the VM has one.
@@ -197,5 +219,17 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn vm_is_send_and_sync() {
+        assert_send_sync::<Vm>();
     }
 }

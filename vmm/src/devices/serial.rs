@@ -1,0 +1,182 @@
+//! The 8250 UART at 0x3f8 (COM1), IRQ 4: the guest console.
+//!
+//! vm-superio models the registers; its interrupt is an irqfd, and what the
+//! guest transmits goes to the console log, a line at a time. The console
+//! is also watched for a kernel panic line, so that the reset `panic=-1`
+//! triggers right after is reported as a crash.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::bus::BusDevice;
+use crate::exit::ExitState;
+
+pub const COM1_BASE: u64 = 0x3f8;
+pub const COM1_LEN: u64 = 8;
+pub const COM1_IRQ: u32 = 4;
+/// The other legacy UART ports the kernel probes; nothing answers there.
+pub const ABSENT_UARTS: [u64; 3] = [0x2f8, 0x3e8, 0x2e8];
+
+const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
+/// Longest line kept in memory; longer lines are written out in pieces.
+const LINE_MAX: usize = 4096;
+
+/// Raises the serial interrupt through its irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where console bytes go: the log file, whole lines at a time.
+pub struct ConsoleLog {
+    file: Option<File>,
+    line: Vec<u8>,
+    exit: Arc<ExitState>,
+}
+
+impl ConsoleLog {
+    pub fn new(file: Option<File>, exit: Arc<ExitState>) -> Self {
+        ConsoleLog {
+            file,
+            line: Vec::with_capacity(256),
+            exit,
+        }
+    }
+
+    fn emit_line(&mut self) -> io::Result<()> {
+        if self.line.ends_with(b"\n")
+            && self
+                .line
+                .windows(PANIC_MARKER.len())
+                .any(|w| w == PANIC_MARKER)
+        {
+            let text = String::from_utf8_lossy(&self.line);
+            self.exit.note_panic(text.trim().to_string());
+        }
+        let res = match self.file.as_mut() {
+            Some(f) => f.write_all(&self.line),
+            None => Ok(()),
+        };
+        self.line.clear();
+        res
+    }
+}
+
+impl Write for ConsoleLog {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        for &b in buf {
+            self.line.push(b);
+            if b == b'\n' || self.line.len() >= LINE_MAX {
+                self.emit_line()?;
+            }
+        }
+        Ok(buf.len())
+    }
+
+    /// vm-superio flushes after every byte; lines are written when they end.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for ConsoleLog {
+    fn drop(&mut self) {
+        if !self.line.is_empty() {
+            let _ = self.emit_line();
+        }
+    }
+}
+
+/// COM1 on the port I/O bus.
+pub struct SerialDevice {
+    serial: Serial<IrqTrigger, NoEvents, ConsoleLog>,
+}
+
+impl SerialDevice {
+    pub fn new(irq: EventFd, out: ConsoleLog) -> Self {
+        SerialDevice {
+            serial: Serial::new(IrqTrigger(irq), out),
+        }
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match (data.len(), u8::try_from(offset)) {
+            (1, Ok(off)) => data[0] = self.serial.read(off),
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (1, Ok(off)) = (data.len(), u8::try_from(offset)) {
+            if let Err(e) = self.serial.write(off, data[0]) {
+                tracing::debug!(error = ?e, "serial write");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ExitReason;
+    use std::io::Read;
+
+    #[test]
+    fn console_bytes_reach_the_log_by_line() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        let exit = Arc::new(ExitState::new());
+        let log = ConsoleLog::new(Some(tmp.reopen().unwrap()), exit.clone());
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), log);
+        for b in b"Linux version 6.1\npartial" {
+            dev.write(0, &[*b]);
+        }
+        let mut s = String::new();
+        tmp.reopen().unwrap().read_to_string(&mut s).unwrap();
+        assert_eq!(s, "Linux version 6.1\n");
+        drop(dev);
+        let mut s = String::new();
+        tmp.reopen().unwrap().read_to_string(&mut s).unwrap();
+        assert_eq!(s, "Linux version 6.1\npartial");
+        assert_eq!(exit.reason(), None);
+    }
+
+    #[test]
+    fn panic_line_is_noted() {
+        let exit = Arc::new(ExitState::new());
+        let mut log = ConsoleLog::new(None, exit.clone());
+        log.write_all(b"[ 1.0] Kernel panic - not syncing: No working init found.\n")
+            .unwrap();
+        exit.guest_reset();
+        match exit.reason() {
+            Some(ExitReason::Crashed(l)) => assert!(l.contains("No working init found"), "{l}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn transmit_raises_the_interrupt_when_enabled() {
+        let exit = Arc::new(ExitState::new());
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), ConsoleLog::new(None, exit));
+        dev.write(1, &[0x02]); // IER: THR empty interrupt
+        assert!(irq.read().unwrap() >= 1);
+        // Odd sizes are ignored, not fatal.
+        dev.write(0, &[1, 2]);
+        let mut wide = [0u8; 2];
+        dev.read(5, &mut wide);
+        assert_eq!(wide, [0xff, 0xff]);
+    }
+}

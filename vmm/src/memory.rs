@@ -1,0 +1,337 @@
+//! Guest physical memory: the address map and its memfd backing.
+//!
+//! RAM is one memfd, mapped `MAP_SHARED` into the monitor and registered
+//! with KVM. Keeping it in a file (rather than anonymous memory) is what lets
+//! a later fork or snapshot map the same pages `MAP_PRIVATE`.
+//!
+//! The guest physical map (x86_64):
+//!
+//! ```text
+//! 0x0000_0000  RAM: GDT, PVH start info, memory map, command line
+//! 0x000a_0000  legacy hole (VGA, BIOS), not RAM
+//! 0x000f_0000  MP table (the BIOS area, where Linux scans for it)
+//! 0x0010_0000  RAM: kernel (at its ELF physical address), initramfs at the top
+//! 0xc000_0000  32-bit hole: virtio-mmio windows from 0xd000_0000,
+//!              IO-APIC 0xfec0_0000, local APIC 0xfee0_0000
+//! 0x1_0000_0000  RAM above 3 GiB, if any
+//! ```
+
+use std::fs::File;
+use std::io;
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+use crate::devices::virtio::GuestMemory;
+
+/// GDT used for the PVH 32-bit entry.
+pub const GDT_ADDR: u64 = 0x500;
+/// `hvm_start_info` for the PVH entry (RBX points here).
+pub const PVH_INFO_ADDR: u64 = 0x6000;
+/// `hvm_modlist_entry` array (the initramfs).
+pub const PVH_MODLIST_ADDR: u64 = 0x6100;
+/// `hvm_memmap_table_entry` array (the e820 map).
+pub const MEMMAP_ADDR: u64 = 0x7000;
+/// Room for the memory map: at most this many entries.
+pub const MEMMAP_MAX_ENTRIES: usize = 16;
+/// The kernel command line (NUL-terminated).
+pub const CMDLINE_ADDR: u64 = 0x2_0000;
+/// x86 `COMMAND_LINE_SIZE`: the kernel truncates anything longer.
+pub const CMDLINE_MAX_LEN: usize = 2048;
+/// End of base memory (start of the VGA/BIOS hole).
+pub const BASE_MEMORY_END: u64 = 0xa_0000;
+/// The MP table, in the BIOS area Linux scans (0xf0000-0xfffff). It is
+/// backed by guest memory but reported reserved, never RAM.
+pub const MPTABLE_ADDR: u64 = 0xf_0000;
+/// Room for the MP table (the whole scanned BIOS area).
+pub const MPTABLE_MAX_LEN: usize = 0x1_0000;
+/// Where RAM resumes above the legacy hole; kernels load above it.
+pub const HIGH_MEMORY_START: u64 = 0x10_0000;
+/// Start of the 32-bit device hole: RAM stops here and resumes at 4 GiB.
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// End of the 32-bit device hole.
+pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// First virtio-mmio window.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of each virtio-mmio window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// The IO-APIC's registers.
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+/// The local APICs' registers.
+pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+/// KVM's TSS (three pages, Intel only), placed just below the IO-APIC.
+pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
+
+/// e820 entry types.
+pub const E820_RAM: u32 = 1;
+pub const E820_RESERVED: u32 = 2;
+
+/// Errors of guest memory set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot create the guest memory file")]
+    Memfd(#[source] io::Error),
+    #[error("cannot size the guest memory file to {0} bytes")]
+    Truncate(u64, #[source] io::Error),
+    #[error("cannot map {0} bytes of guest memory")]
+    Mmap(usize, #[source] vm_memory::mmap::MmapRegionError),
+    #[error("guest memory regions overlap or are invalid")]
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
+    #[error("cannot register guest memory slot {0} with kvm")]
+    KvmSlot(u32, #[source] kvm_ioctls::Error),
+    #[error("guest memory size of {0} bytes is not page aligned")]
+    Unaligned(u64),
+}
+
+/// One entry of the e820 memory map handed to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct E820Entry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: u32,
+}
+
+/// The RAM ranges `(start, length)` for `size` bytes of guest memory.
+pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
+    if size <= MMIO_HOLE_START {
+        vec![(0, size)]
+    } else {
+        vec![
+            (0, MMIO_HOLE_START),
+            (MMIO_HOLE_END, size - MMIO_HOLE_START),
+        ]
+    }
+}
+
+/// Where RAM below 4 GiB ends: the initramfs and boot data must sit below.
+pub fn low_ram_end(size: u64) -> u64 {
+    size.min(MMIO_HOLE_START)
+}
+
+/// The e820 map: base memory, the BIOS area holding the MP table reserved,
+/// then RAM from 1 MiB (split around the 32-bit hole when memory reaches
+/// it).
+pub fn e820_map(size: u64) -> Vec<E820Entry> {
+    let mut map = vec![
+        E820Entry {
+            addr: 0,
+            size: BASE_MEMORY_END,
+            kind: E820_RAM,
+        },
+        E820Entry {
+            addr: MPTABLE_ADDR,
+            size: HIGH_MEMORY_START - MPTABLE_ADDR,
+            kind: E820_RESERVED,
+        },
+    ];
+    for (start, len) in ram_ranges(size) {
+        let start_hi = start.max(HIGH_MEMORY_START);
+        let end = start + len;
+        if end > start_hi {
+            map.push(E820Entry {
+                addr: start_hi,
+                size: end - start_hi,
+                kind: E820_RAM,
+            });
+        }
+    }
+    map
+}
+
+/// Guest RAM backed by one memfd.
+pub struct GuestRam {
+    mem: GuestMemory,
+    file: Arc<File>,
+    size: u64,
+}
+
+impl GuestRam {
+    /// Creates `size` bytes of zeroed guest RAM in a memfd, mapped shared.
+    pub fn new(size: u64) -> Result<Self, Error> {
+        if size == 0 || size % 4096 != 0 {
+            return Err(Error::Unaligned(size));
+        }
+        let file = Arc::new(create_memfd()?);
+        file.set_len(size).map_err(|e| Error::Truncate(size, e))?;
+
+        let mut regions = Vec::new();
+        let mut offset = 0u64;
+        for (start, len) in ram_ranges(size) {
+            let region = MmapRegionBuilder::new(len as usize)
+                .with_file_offset(FileOffset::from_arc(file.clone(), offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| Error::Mmap(len as usize, e))?;
+            // `GuestRegionMmap::new` only fails when start + len overflows,
+            // which `ram_ranges` never produces.
+            let region = GuestRegionMmap::new(region, GuestAddress(start))
+                .expect("ram range within the address space");
+            regions.push(region);
+            offset += len;
+        }
+        let mem = GuestMemory::from_regions(regions).map_err(Error::Regions)?;
+        Ok(GuestRam { mem, file, size })
+    }
+
+    /// Registers every region as a KVM memory slot (slots 0, 1, ...).
+    pub fn register(&self, vm: &VmFd) -> Result<(), Error> {
+        for (slot, region) in self.mem.iter().enumerate() {
+            let slot = slot as u32;
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .expect("offset 0 is inside every region");
+            let desc = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the mapping behind `host` lives as long as `self.mem`,
+            // which the VM keeps until after the VM fd (and so the slot) is
+            // closed; the slots do not overlap.
+            unsafe { vm.set_user_memory_region(desc) }.map_err(|e| Error::KvmSlot(slot, e))?;
+        }
+        Ok(())
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// The memfd behind the RAM (for fork and snapshot).
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+fn create_memfd() -> Result<File, Error> {
+    let name = c"smol-guest-ram";
+    // SAFETY: `name` is a valid NUL-terminated string and the flags are
+    // valid; the return value is checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::Memfd(io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn small_memory_is_one_range() {
+        assert_eq!(ram_ranges(128 * MIB), vec![(0, 128 * MIB)]);
+        assert_eq!(low_ram_end(128 * MIB), 128 * MIB);
+    }
+
+    #[test]
+    fn large_memory_splits_around_the_hole() {
+        let size = 4096 * MIB;
+        assert_eq!(
+            ram_ranges(size),
+            vec![
+                (0, MMIO_HOLE_START),
+                (MMIO_HOLE_END, size - MMIO_HOLE_START)
+            ]
+        );
+        assert_eq!(low_ram_end(size), MMIO_HOLE_START);
+    }
+
+    #[test]
+    fn e820_for_small_memory() {
+        let map = e820_map(128 * MIB);
+        assert_eq!(
+            map,
+            vec![
+                E820Entry {
+                    addr: 0,
+                    size: 0xa_0000,
+                    kind: E820_RAM
+                },
+                E820Entry {
+                    addr: 0xf_0000,
+                    size: 0x1_0000,
+                    kind: E820_RESERVED
+                },
+                E820Entry {
+                    addr: 0x10_0000,
+                    size: 127 * MIB,
+                    kind: E820_RAM
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn e820_for_memory_above_the_hole() {
+        let map = e820_map(4096 * MIB);
+        assert_eq!(map.len(), 4);
+        assert_eq!(
+            map[2],
+            E820Entry {
+                addr: HIGH_MEMORY_START,
+                size: MMIO_HOLE_START - HIGH_MEMORY_START,
+                kind: E820_RAM
+            }
+        );
+        assert_eq!(
+            map[3],
+            E820Entry {
+                addr: MMIO_HOLE_END,
+                size: 1024 * MIB,
+                kind: E820_RAM
+            }
+        );
+        assert!(map.len() <= MEMMAP_MAX_ENTRIES);
+    }
+
+    #[test]
+    fn boot_data_does_not_overlap() {
+        // Each structure stays inside its slot; devices sit inside the hole
+        // and do not touch the APICs. Checked at compile time.
+        const {
+            assert!(GDT_ADDR + 4 * 8 <= PVH_INFO_ADDR);
+            assert!(PVH_INFO_ADDR + 64 <= PVH_MODLIST_ADDR);
+            assert!(PVH_MODLIST_ADDR + 32 <= MEMMAP_ADDR);
+            assert!(MEMMAP_ADDR + (MEMMAP_MAX_ENTRIES as u64) * 24 <= CMDLINE_ADDR);
+            assert!(CMDLINE_ADDR + CMDLINE_MAX_LEN as u64 <= BASE_MEMORY_END);
+            assert!(MPTABLE_ADDR + MPTABLE_MAX_LEN as u64 == HIGH_MEMORY_START);
+            assert!(VIRTIO_MMIO_BASE >= MMIO_HOLE_START);
+            assert!(VIRTIO_MMIO_BASE + 32 * VIRTIO_MMIO_SIZE <= IOAPIC_ADDR);
+        }
+    }
+
+    #[test]
+    fn memfd_ram_is_shared_with_the_file() {
+        use std::os::unix::fs::FileExt;
+        let ram = GuestRam::new(8 * MIB).unwrap();
+        ram.memory()
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1234))
+            .unwrap();
+        let mut buf = [0u8; 4];
+        ram.file().read_exact_at(&mut buf, 0x1234).unwrap();
+        assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
+        assert_eq!(ram.file().metadata().unwrap().len(), 8 * MIB);
+    }
+
+    #[test]
+    fn unaligned_size_is_refused() {
+        assert!(matches!(GuestRam::new(4097), Err(Error::Unaligned(4097))));
+        assert!(matches!(GuestRam::new(0), Err(Error::Unaligned(0))));
+    }
+}

@@ -1,0 +1,181 @@
+//! The vCPU run loop: one thread per vCPU, serving port I/O and MMIO exits
+//! from the buses until the VM ends.
+//!
+//! A host-initiated stop must get a vCPU out of `KVM_RUN` even while the
+//! guest idles in HLT inside the kernel: the stopper sets the stop flag and
+//! signals the thread. The signal handler sets `immediate_exit` in the
+//! thread's `kvm_run`, so a signal that lands just before `KVM_RUN` is
+//! entered still makes it return at once (with EINTR) instead of being lost.
+
+use std::cell::Cell;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Once};
+use std::time::Instant;
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::devices::bus::Bus;
+use crate::exit::ExitState;
+use crate::ExitReason;
+
+thread_local! {
+    /// This thread's `kvm_run` mapping, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The real-time signal that kicks vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only async-signal-safe work: one volatile store into this thread's
+    // own kvm_run page.
+    let run = KVM_RUN.with(|r| r.get());
+    if !run.is_null() {
+        // SAFETY: the pointer was set by this very thread from its VcpuFd's
+        // kvm_run mapping, which outlives the run loop (it is cleared before
+        // the VcpuFd drops); `immediate_exit` is a plain u8 KVM reads on entry.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// Installs the kick handler, once per process.
+pub fn install_kick_handler() -> Result<(), kvm_ioctls::Error> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick);
+    });
+    result
+}
+
+/// Buses shared by every vCPU.
+pub struct Buses {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
+
+/// One vCPU and what its thread needs.
+pub struct Vcpu {
+    pub id: u8,
+    pub fd: VcpuFd,
+    pub buses: Arc<Buses>,
+    pub exit: Arc<ExitState>,
+    /// The boot vCPU reports the instant of its first `KVM_RUN`.
+    pub first_run: Option<Sender<Instant>>,
+}
+
+impl Vcpu {
+    /// Runs until the VM ends; records a crash or a guest shutdown in the
+    /// exit state.
+    pub fn run(mut self) {
+        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN.with(|r| r.set(run_ptr));
+        // Unblock the kick signal in case the creating thread had it blocked.
+        let _ = vmm_sys_util::signal::unblock_signal(kick_signal());
+
+        if let Some(tx) = self.first_run.take() {
+            let _ = tx.send(Instant::now());
+        }
+        while !self.exit.should_stop() {
+            if let Some(reason) = self.run_once() {
+                self.exit.finish(reason);
+                break;
+            }
+        }
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+        tracing::debug!(vcpu = self.id, "vcpu thread done");
+    }
+
+    /// One `KVM_RUN` and the handling of its exit; `Some` ends the VM.
+    fn run_once(&mut self) -> Option<ExitReason> {
+        let buses = &self.buses;
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !buses.pio.read(port as u64, data) {
+                    data.fill(0xff);
+                }
+                None
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                buses.pio.write(port as u64, data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !buses.mmio.read(addr, data) {
+                    tracing::debug!(addr, "mmio read outside any device");
+                    data.fill(0xff);
+                }
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !buses.mmio.write(addr, data) {
+                    tracing::debug!(addr, "mmio write outside any device");
+                }
+                None
+            }
+            Ok(VcpuExit::Hlt) => {
+                // Only without an in-kernel irqchip; ours has one.
+                None
+            }
+            Ok(VcpuExit::Shutdown) => Some(ExitReason::Crashed(format!(
+                "vcpu {}: triple fault (kvm shutdown exit)",
+                self.id
+            ))),
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN | kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                    Some(ExitReason::GuestShutdown)
+                }
+                other => Some(ExitReason::Crashed(format!(
+                    "vcpu {}: kvm system event {other}",
+                    self.id
+                ))),
+            },
+            Ok(VcpuExit::InternalError) => Some(ExitReason::Crashed(self.internal_error())),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(ExitReason::Crashed(format!(
+                "vcpu {}: kvm entry failed, hardware reason {reason:#x} on cpu {cpu}",
+                self.id
+            ))),
+            Ok(VcpuExit::Intr) => None,
+            Ok(other) => {
+                tracing::debug!(vcpu = self.id, exit = ?other, "unhandled vcpu exit");
+                None
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                None
+            }
+            Err(e) => Some(ExitReason::Crashed(format!(
+                "vcpu {}: KVM_RUN failed: {e}",
+                self.id
+            ))),
+        }
+    }
+
+    /// "KVM internal error" with its suberror and where the guest was.
+    fn internal_error(&mut self) -> String {
+        // SAFETY: after KVM_EXIT_INTERNAL_ERROR, `internal` is the union
+        // member KVM filled in.
+        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+        let rip = self
+            .fd
+            .get_regs()
+            .map(|r| format!("{:#x}", r.rip))
+            .unwrap_or_else(|_| "?".into());
+        let ndata = (internal.ndata as usize).min(internal.data.len());
+        let suberror = match internal.suberror {
+            1 => " (emulation failure)".to_string(),
+            2 => " (simultaneous exception)".to_string(),
+            3 => " (delivery event failure)".to_string(),
+            _ => String::new(),
+        };
+        format!(
+            "vcpu {}: kvm internal error, suberror {}{suberror}, rip {rip}, data {:x?}",
+            self.id,
+            internal.suberror,
+            &internal.data[..ndata]
+        )
+    }
+}

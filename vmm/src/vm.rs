@@ -1,0 +1,567 @@
+//! Building a VM from a [`VmConfig`] and tearing it down again.
+//!
+//! Order of [`build`]: validate (no KVM needed), KVM (VM, irqchip, PIT),
+//! memory, kernel and boot data, devices, vCPUs, then the threads: the
+//! event loop and one per vCPU. Until the threads start, every resource is
+//! owned by a local and released by `Drop` on any error.
+
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use event_manager::MutEventSubscriber;
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::{self, cmdline::MmioSlot};
+use crate::devices::bus::Bus;
+use crate::devices::i8042::{self, I8042};
+use crate::devices::serial::{self, ConsoleLog, SerialDevice};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::{blk, vsock, VirtioDevice};
+use crate::event_loop::{EventLoop, EventLoopHandle, Subscriber};
+use crate::exit::ExitState;
+use crate::memory::{GuestRam, KVM_TSS_ADDR, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::vcpu::{self, Buses, Vcpu};
+use crate::{
+    cpu, BootTimings, Error, ExitReason, VmConfig, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB,
+};
+
+/// First GSI of the virtio-mmio devices (0-4 are the PIT, keyboard,
+/// cascade, COM2 and COM1).
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
+/// IO-APIC pins 5..=23 are free for virtio devices.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// How long `start` waits for the boot vCPU thread to reach `KVM_RUN`.
+const FIRST_RUN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What `validate` settled on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub vcpus: u8,
+    pub kvm_pvm: bool,
+    pub memory_bytes: u64,
+}
+
+/// Checks a config without touching KVM: every user mistake gets its named
+/// error here, before any resource is allocated.
+pub fn validate(config: &VmConfig, kvm_pvm: bool) -> Result<Plan, Error> {
+    if config.vcpus == 0 {
+        return Err(Error::ZeroVcpus);
+    }
+    if config.vcpus > MAX_VCPUS {
+        return Err(Error::TooManyVcpus {
+            vcpus: config.vcpus,
+            max: MAX_VCPUS,
+        });
+    }
+    if config.memory_mib < MIN_MEMORY_MIB {
+        return Err(Error::MemoryTooSmall {
+            mib: config.memory_mib,
+            min_mib: MIN_MEMORY_MIB,
+        });
+    }
+    if config.memory_mib > MAX_MEMORY_MIB {
+        return Err(Error::MemoryTooLarge {
+            mib: config.memory_mib,
+            max_mib: MAX_MEMORY_MIB,
+        });
+    }
+    if !config.kernel.is_file() {
+        return Err(Error::KernelNotFound {
+            path: config.kernel.clone(),
+        });
+    }
+    if let Some(initramfs) = &config.initramfs {
+        if !initramfs.is_file() {
+            return Err(Error::InitramfsNotFound {
+                path: initramfs.clone(),
+            });
+        }
+    }
+    let devices = config.disks.len() + config.vsock.is_some() as usize;
+    if devices > MAX_VIRTIO_DEVICES {
+        return Err(Error::Device {
+            name: "virtio".into(),
+            reason: format!("{devices} devices requested, at most {MAX_VIRTIO_DEVICES}"),
+        });
+    }
+    if let Some(v) = &config.vsock {
+        if v.guest_cid < 3 {
+            return Err(Error::Device {
+                name: "vsock".into(),
+                reason: format!("guest cid {} is reserved; use 3 or above", v.guest_cid),
+            });
+        }
+    }
+    let mut vcpus = config.vcpus;
+    if kvm_pvm && vcpus > 1 {
+        tracing::warn!(
+            requested = vcpus,
+            "kvm_pvm host: running 1 vcpu, since a second one hangs the guest at bring-up"
+        );
+        vcpus = 1;
+    }
+    Ok(Plan {
+        vcpus,
+        kvm_pvm,
+        memory_bytes: config.memory_mib as u64 * 1024 * 1024,
+    })
+}
+
+/// The virtio-mmio slots, disks first (so the first disk is `/dev/vda`),
+/// then the vsock device.
+pub fn mmio_slots(config: &VmConfig) -> Vec<MmioSlot> {
+    let count = config.disks.len() + config.vsock.is_some() as usize;
+    (0..count)
+        .map(|i| MmioSlot {
+            base: VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE,
+            size: VIRTIO_MMIO_SIZE,
+            irq: VIRTIO_FIRST_IRQ + i as u32,
+        })
+        .collect()
+}
+
+/// Everything a running VM owns. Field order is drop order: threads first
+/// (joined in [`Running::stop`]), then devices, memory and the VM fd.
+pub struct Running {
+    pub exit: Arc<ExitState>,
+    vcpu_threads: Vec<JoinHandle<()>>,
+    event_loop: Option<EventLoopHandle>,
+    _buses: Arc<Buses>,
+    _vm_fd: VmFd,
+    _ram: GuestRam,
+    _kvm: Kvm,
+}
+
+impl Running {
+    /// Stops every thread and releases every resource; returns how the VM
+    /// ended.
+    pub fn stop(mut self) -> ExitReason {
+        self.exit.finish(ExitReason::HostStop);
+        self.exit.forget_vcpu_threads();
+        for t in self.vcpu_threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("a vcpu thread panicked");
+            }
+        }
+        if let Some(mut el) = self.event_loop.take() {
+            el.stop();
+        }
+        self.exit.reason().unwrap_or(ExitReason::HostStop)
+    }
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { op, source }
+}
+
+fn device_err(name: &str, e: impl std::fmt::Display) -> Error {
+    Error::Device {
+        name: name.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn map_boot_err(e: boot::Error) -> Error {
+    match e {
+        boot::Error::KernelNotFound(path) => Error::KernelNotFound { path },
+        boot::Error::KernelInvalid { path, reason } => Error::KernelInvalid { path, reason },
+        boot::Error::KernelRead { path, source } => Error::Io {
+            what: format!("cannot read kernel {}", path.display()),
+            source,
+        },
+        boot::Error::InitramfsNotFound(path) => Error::InitramfsNotFound { path },
+        boot::Error::InitramfsRead { path, source } => Error::Io {
+            what: format!("cannot read initramfs {}", path.display()),
+            source,
+        },
+        boot::Error::InitramfsTooLarge { path, size } => Error::InitramfsTooLarge { path, size },
+        other => Error::BootData(other.to_string()),
+    }
+}
+
+/// A virtio device as both the transport and the event loop hold it.
+struct SharedDevice {
+    name: String,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    subscriber: Subscriber,
+}
+
+fn share<D>(name: String, device: D) -> SharedDevice
+where
+    D: VirtioDevice + MutEventSubscriber + Send + 'static,
+{
+    let arc = Arc::new(Mutex::new(device));
+    SharedDevice {
+        name,
+        device: arc.clone(),
+        subscriber: arc,
+    }
+}
+
+/// The configured virtio devices, in slot order.
+fn create_virtio_devices(config: &VmConfig) -> Result<Vec<SharedDevice>, Error> {
+    let mut devices = Vec::new();
+    for (i, disk) in config.disks.iter().enumerate() {
+        let name = format!("virtio-blk {} ({})", i, disk.path.display());
+        let block = blk::Block::new(disk).map_err(|e| device_err(&name, e))?;
+        devices.push(share(name, block));
+    }
+    if let Some(v) = &config.vsock {
+        let name = "virtio-vsock".to_string();
+        let dev =
+            vsock::Vsock::new(v.guest_cid as u64, &v.uds_path).map_err(|e| device_err(&name, e))?;
+        devices.push(share(name, dev));
+    }
+    Ok(devices)
+}
+
+fn open_console_log(path: &Path) -> Result<File, Error> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| Error::Io {
+            what: format!("cannot open console log {}", path.display()),
+            source,
+        })
+}
+
+/// Builds and starts the VM described by `config`.
+pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
+    let t_start = Instant::now();
+    let plan = validate(config, crate::is_kvm_pvm_host())?;
+    let mut timings = BootTimings::default();
+
+    // KVM: the VM, the in-kernel irqchip (PIC, IO-APIC, LAPICs) and PIT.
+    let kvm = Kvm::new().map_err(|source| Error::KvmUnavailable { source })?;
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::Kvm {
+                op: name,
+                source: kvm_ioctls::Error::new(libc::ENOTSUP),
+            });
+        }
+    }
+    let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm_fd
+        .set_tss_address(KVM_TSS_ADDR as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    let supported_cpuid = cpu::supported_cpuid(&kvm).map_err(|e| device_err("cpuid", e))?;
+    let mut t = Instant::now();
+    timings.kvm = t - t_start;
+
+    // Memory.
+    let ram = GuestRam::new(plan.memory_bytes).map_err(|e| Error::Memory(e.to_string()))?;
+    ram.register(&vm_fd)
+        .map_err(|e| Error::Memory(e.to_string()))?;
+    let mem = ram.memory().clone();
+    timings.memory = t.elapsed();
+    t = Instant::now();
+
+    // Kernel, initramfs, command line, MP table, PVH start info.
+    let kernel = boot::load_kernel(&mem, &config.kernel).map_err(map_boot_err)?;
+    let initramfs = match &config.initramfs {
+        Some(path) => Some(boot::load_initramfs(&mem, path, kernel.end).map_err(map_boot_err)?),
+        None => None,
+    };
+    let slots = mmio_slots(config);
+    let cmdline = boot::cmdline::build(plan.kvm_pvm, &slots, &config.cmdline)
+        .map_err(|e| Error::Cmdline(e.to_string()))?;
+    boot::write_boot_data(&mem, &cmdline, plan.vcpus, initramfs).map_err(map_boot_err)?;
+    timings.kernel_load = t.elapsed();
+    t = Instant::now();
+
+    // Devices: COM1 on its irqfd, the i8042, the virtio-mmio transports.
+    let exit = Arc::new(ExitState::new());
+    let console = match &config.console_log {
+        Some(path) => Some(open_console_log(path)?),
+        None => None,
+    };
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Io {
+        what: "cannot create the serial irqfd".into(),
+        source,
+    })?;
+    vm_fd
+        .register_irqfd(&serial_irq, serial::COM1_IRQ)
+        .map_err(kvm_err("KVM_IRQFD"))?;
+    let serial = SerialDevice::new(serial_irq, ConsoleLog::new(console, exit.clone()));
+    let mut pio = Bus::new();
+    let bus_err = |e| device_err("bus", e);
+    pio.insert(
+        Arc::new(Mutex::new(serial)),
+        serial::COM1_BASE,
+        serial::COM1_LEN,
+    )
+    .map_err(bus_err)?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        i8042::PORT_BASE,
+        i8042::PORT_LEN,
+    )
+    .map_err(bus_err)?;
+
+    let mut event_loop = EventLoop::new().map_err(|e| device_err("event loop", e))?;
+    let mut mmio = Bus::new();
+    for (dev, slot) in create_virtio_devices(config)?.into_iter().zip(&slots) {
+        let transport =
+            MmioTransport::attach(&vm_fd, dev.device.clone(), mem.clone(), slot.base, slot.irq)
+                .map_err(|e| device_err(&dev.name, e))?;
+        mmio.insert(Arc::new(Mutex::new(transport)), slot.base, slot.size)
+            .map_err(bus_err)?;
+        event_loop.add(dev.subscriber);
+    }
+    let buses = Arc::new(Buses { pio, mmio });
+    timings.devices = t.elapsed();
+    t = Instant::now();
+
+    // vCPUs.
+    let mut vcpu_fds = Vec::with_capacity(plan.vcpus as usize);
+    for id in 0..plan.vcpus {
+        let fd = vm_fd
+            .create_vcpu(id as u64)
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        cpu::configure(
+            &fd,
+            id,
+            plan.vcpus,
+            &supported_cpuid,
+            kernel.entry,
+            plan.kvm_pvm,
+        )
+        .map_err(|e| device_err("vcpu", e))?;
+        vcpu_fds.push(fd);
+    }
+    vcpu::install_kick_handler().map_err(kvm_err("sigaction"))?;
+    timings.vcpus = t.elapsed();
+    t = Instant::now();
+
+    // Threads. From here on, a failure must stop what already runs.
+    let event_loop = event_loop
+        .spawn()
+        .map_err(|e| device_err("event loop", e))?;
+    let mut running = Running {
+        exit: exit.clone(),
+        vcpu_threads: Vec::new(),
+        event_loop: Some(event_loop),
+        _buses: buses.clone(),
+        _vm_fd: vm_fd,
+        _ram: ram,
+        _kvm: kvm,
+    };
+    let (first_tx, first_rx) = mpsc::channel();
+    for (id, fd) in vcpu_fds.into_iter().enumerate() {
+        let vcpu = Vcpu {
+            id: id as u8,
+            fd,
+            buses: buses.clone(),
+            exit: exit.clone(),
+            first_run: (id == 0).then(|| first_tx.clone()),
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("smol-vcpu{id}"))
+            .spawn(move || vcpu.run());
+        match spawned {
+            Ok(handle) => {
+                use std::os::unix::thread::JoinHandleExt;
+                exit.add_vcpu_thread(handle.as_pthread_t());
+                running.vcpu_threads.push(handle);
+            }
+            Err(source) => {
+                running.stop();
+                return Err(Error::Io {
+                    what: format!("cannot start vcpu thread {id}"),
+                    source,
+                });
+            }
+        }
+    }
+    drop(first_tx);
+    match first_rx.recv_timeout(FIRST_RUN_TIMEOUT) {
+        Ok(at) => {
+            timings.first_run = at.saturating_duration_since(t);
+            timings.total = at.saturating_duration_since(t_start);
+        }
+        Err(_) => {
+            // The boot vCPU ended before its first run, or is stuck.
+            let reason = running.stop();
+            return Err(device_err(
+                "vcpu",
+                format!("boot vcpu never ran: {reason:?}"),
+            ));
+        }
+    }
+    Ok((running, timings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DiskConfig, VsockConfig};
+    use std::path::PathBuf;
+
+    fn config(kernel: PathBuf) -> VmConfig {
+        VmConfig {
+            kernel,
+            initramfs: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            memory_mib: 128,
+            console_log: None,
+            vsock: None,
+            disks: Vec::new(),
+        }
+    }
+
+    fn some_file() -> tempfile::NamedTempFile {
+        tempfile::NamedTempFile::new().unwrap()
+    }
+
+    #[test]
+    fn zero_vcpus() {
+        let k = some_file();
+        let mut c = config(k.path().into());
+        c.vcpus = 0;
+        assert!(matches!(validate(&c, false), Err(Error::ZeroVcpus)));
+        c.vcpus = 255;
+        assert!(matches!(
+            validate(&c, false),
+            Err(Error::TooManyVcpus { vcpus: 255, .. })
+        ));
+    }
+
+    #[test]
+    fn memory_bounds() {
+        let k = some_file();
+        let mut c = config(k.path().into());
+        c.memory_mib = MIN_MEMORY_MIB - 1;
+        let err = validate(&c, false).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::MemoryTooSmall {
+                    mib: 63,
+                    min_mib: 64
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "guest memory of 63 MiB is below the 64 MiB needed to boot"
+        );
+        c.memory_mib = MAX_MEMORY_MIB + 1;
+        assert!(matches!(
+            validate(&c, false),
+            Err(Error::MemoryTooLarge { .. })
+        ));
+        c.memory_mib = MIN_MEMORY_MIB;
+        assert_eq!(validate(&c, false).unwrap().memory_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn missing_files() {
+        let c = config("/nonexistent/vmlinux".into());
+        assert!(matches!(
+            validate(&c, false),
+            Err(Error::KernelNotFound { .. })
+        ));
+        let k = some_file();
+        let mut c = config(k.path().into());
+        c.initramfs = Some("/nonexistent/initramfs.cpio".into());
+        assert!(matches!(
+            validate(&c, false),
+            Err(Error::InitramfsNotFound { .. })
+        ));
+        // A directory is not a kernel.
+        let c = config(std::env::temp_dir());
+        assert!(matches!(
+            validate(&c, false),
+            Err(Error::KernelNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn kvm_pvm_clamps_vcpus() {
+        let k = some_file();
+        let mut c = config(k.path().into());
+        c.vcpus = 4;
+        assert_eq!(validate(&c, true).unwrap().vcpus, 1);
+        assert_eq!(validate(&c, false).unwrap().vcpus, 4);
+    }
+
+    #[test]
+    fn vsock_cid_and_device_count() {
+        let k = some_file();
+        let mut c = config(k.path().into());
+        c.vsock = Some(VsockConfig {
+            guest_cid: 2,
+            uds_path: "/tmp/x.sock".into(),
+        });
+        assert!(matches!(validate(&c, false), Err(Error::Device { .. })));
+        c.vsock = None;
+        c.disks = vec![
+            DiskConfig {
+                path: "/tmp/d".into(),
+                read_only: false,
+                id: "d".into(),
+            };
+            MAX_VIRTIO_DEVICES + 1
+        ];
+        assert!(matches!(validate(&c, false), Err(Error::Device { .. })));
+    }
+
+    #[test]
+    fn slots_are_disks_then_vsock() {
+        let mut c = config("/k".into());
+        c.disks = vec![
+            DiskConfig {
+                path: "/tmp/d".into(),
+                read_only: false,
+                id: "d".into(),
+            };
+            2
+        ];
+        c.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: "/tmp/x.sock".into(),
+        });
+        let slots = mmio_slots(&c);
+        assert_eq!(slots.len(), 3);
+        assert_eq!(
+            slots[0],
+            MmioSlot {
+                base: 0xd000_0000,
+                size: 0x1000,
+                irq: 5
+            }
+        );
+        assert_eq!(
+            slots[2],
+            MmioSlot {
+                base: 0xd000_2000,
+                size: 0x1000,
+                irq: 7
+            }
+        );
+    }
+}
