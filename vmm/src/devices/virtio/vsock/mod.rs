@@ -1,1 +1,280 @@
-//! placeholder; replaced by its owner
+//! virtio-vsock (device type 19) in userspace; its host side is a Unix socket.
+//!
+//! A host process connects to the device's Unix socket, writes
+//! `CONNECT <port>\n` and, once the guest accepts, reads `OK <local_port>\n`;
+//! from then on the stream carries bytes to and from guest port `<port>`.
+//! A guest connection to host port P goes to the Unix socket `<uds_path>_P`.
+//!
+//! - `mod.rs`: the device (config, features, activation) and its event-loop
+//!   glue (`MutEventSubscriber`).
+//! - `queues.rs`: moves packets between the virtqueues and the muxer.
+//! - `muxer.rs`: the connection table and the Unix listener.
+//! - `connection.rs`: one stream's state and credit flow control.
+//! - `unix.rs`: the handshake and host-side socket helpers.
+//! - `packet.rs`: header fields and constants.
+
+mod connection;
+mod muxer;
+mod packet;
+mod queues;
+mod unix;
+
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use self::queues::{VsockQueues, NUM_QUEUES};
+use super::{
+    ActivateError, ActivatedQueue, GuestMemory, Interrupt, VirtioDevice, TYPE_VSOCK,
+    VIRTIO_F_VERSION_1,
+};
+
+pub use self::connection::CONN_BUF_ALLOC;
+pub use self::muxer::{VsockMuxer, MAX_CONNECTIONS};
+pub use self::unix::MAX_HANDSHAKE_LEN;
+
+/// Size of each of the three queues.
+pub const QUEUE_SIZE: u16 = 256;
+
+// Event tokens (the `data` of our registered events).
+const EVT_ACTIVATE: u32 = 0;
+const EVT_RX: u32 = 1;
+const EVT_TX: u32 = 2;
+const EVT_EVENT: u32 = 3;
+const EVT_MUXER: u32 = 4;
+
+/// Why the vsock device cannot be created.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("vsock guest cid {0} is reserved (use 3 to 4294967294)")]
+    BadCid(u64),
+    #[error("{} exists and is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    #[error("cannot remove stale socket {}", .0.display())]
+    RemoveStale(PathBuf, #[source] io::Error),
+    #[error("cannot bind vsock socket {}", .0.display())]
+    Bind(PathBuf, #[source] io::Error),
+    #[error("cannot set up the vsock listener")]
+    Listener(#[source] io::Error),
+    #[error("cannot create the vsock epoll fd")]
+    Epoll(#[source] io::Error),
+    #[error("cannot create the vsock activation eventfd")]
+    EventFd(#[source] io::Error),
+}
+
+/// The virtio-vsock device.
+#[derive(Debug)]
+pub struct Vsock {
+    guest_cid: u64,
+    muxer: VsockMuxer,
+    acked_features: u64,
+    /// Written by `activate` and `reset` (vCPU threads) so that the event
+    /// loop (re)registers the queue fds.
+    activate_evt: EventFd,
+    queues: Option<VsockQueues>,
+    /// Queue notification fds registered with the event loop.
+    registered: Vec<EventFd>,
+    muxer_registered: bool,
+}
+
+impl Vsock {
+    /// A vsock device for guest `guest_cid` whose host side listens on
+    /// `uds_path` (a stale socket file there is replaced; the file is removed
+    /// when the device is dropped).
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Vsock, Error> {
+        if !(3..u64::from(u32::MAX)).contains(&guest_cid) {
+            return Err(Error::BadCid(guest_cid));
+        }
+        let activate_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let muxer = VsockMuxer::new(guest_cid, uds_path)?;
+        Ok(Vsock {
+            guest_cid,
+            muxer,
+            acked_features: 0,
+            activate_evt,
+            queues: None,
+            registered: Vec::new(),
+            muxer_registered: false,
+        })
+    }
+
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    pub fn uds_path(&self) -> &Path {
+        self.muxer.uds_path()
+    }
+
+    /// Open vsock streams, for tests and diagnostics.
+    pub fn connection_count(&self) -> usize {
+        self.muxer.connection_count()
+    }
+
+    /// Brings the event-loop registrations in line with the activation state.
+    fn sync_registration(&mut self, ops: &mut EventOps) {
+        if self.queues.is_none() {
+            for fd in self.registered.drain(..) {
+                if let Err(e) = ops.remove(Events::empty(&fd)) {
+                    tracing::warn!("vsock: cannot unregister queue fd: {e:?}");
+                }
+            }
+            return;
+        }
+        if !self.muxer_registered {
+            match ops.add(Events::with_data(&self.muxer, EVT_MUXER, EventSet::IN)) {
+                Ok(()) => self.muxer_registered = true,
+                Err(e) => tracing::error!("vsock: cannot register the muxer: {e:?}"),
+            }
+        }
+        if !self.registered.is_empty() {
+            return;
+        }
+        let Some(q) = &self.queues else { return };
+        for (queue, token) in [(&q.rx, EVT_RX), (&q.tx, EVT_TX), (&q.event, EVT_EVENT)] {
+            let fd = match queue.notify.try_clone() {
+                Ok(fd) => fd,
+                Err(e) => {
+                    tracing::error!("vsock: cannot clone queue fd: {e}");
+                    continue;
+                }
+            };
+            match ops.add(Events::with_data(&fd, token, EventSet::IN)) {
+                Ok(()) => self.registered.push(fd),
+                Err(e) => tracing::error!("vsock: cannot register queue fd: {e:?}"),
+            }
+        }
+    }
+
+    /// Runs the queue work for one event token.
+    fn handle(&mut self, token: u32) {
+        let Some(q) = self.queues.as_mut() else {
+            if token == EVT_MUXER {
+                // Not active: let host streams queue up in the muxer.
+                self.muxer.process_host_events();
+            }
+            return;
+        };
+        let mut used = false;
+        match token {
+            EVT_RX => {
+                let _ = q.rx.notify.read();
+                used |= q.process_rx(&mut self.muxer);
+            }
+            EVT_TX => {
+                let _ = q.tx.notify.read();
+                used |= q.process_tx(&mut self.muxer);
+                used |= q.process_rx(&mut self.muxer);
+            }
+            EVT_EVENT => {
+                let _ = q.event.notify.read();
+            }
+            EVT_MUXER => {
+                self.muxer.process_host_events();
+                used |= q.process_rx(&mut self.muxer);
+            }
+            _ => {}
+        }
+        if used {
+            q.signal_used();
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; NUM_QUEUES]
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.guest_cid.to_le_bytes();
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if let Some(src) = start
+            .checked_add(data.len())
+            .and_then(|end| config.get(start..end))
+        {
+            data.copy_from_slice(src);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!(
+            "vsock: ignoring {}-byte config write at {offset}",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Interrupt,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<(), ActivateError> {
+        let got = queues.len();
+        let queues =
+            VsockQueues::new(mem, interrupt, queues).map_err(|_| ActivateError::QueueCount {
+                expected: NUM_QUEUES,
+                got,
+            })?;
+        self.queues = Some(queues);
+        self.activate_evt.write(1).map_err(ActivateError::Wake)
+    }
+
+    fn reset(&mut self) -> bool {
+        self.queues = None;
+        self.muxer.reset();
+        if let Err(e) = self.activate_evt.write(1) {
+            tracing::warn!("vsock: cannot wake the event loop on reset: {e}");
+        }
+        true
+    }
+
+    fn is_activated(&self) -> bool {
+        self.queues.is_some()
+    }
+}
+
+impl MutEventSubscriber for Vsock {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.activate_evt,
+            EVT_ACTIVATE,
+            EventSet::IN,
+        )) {
+            tracing::error!("vsock: cannot register the activation fd: {e:?}");
+        }
+        self.sync_registration(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            EVT_ACTIVATE => {
+                let _ = self.activate_evt.read();
+                self.sync_registration(ops);
+                // Host streams that arrived before activation may be waiting.
+                self.handle(EVT_MUXER);
+            }
+            token => self.handle(token),
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The queue side of the device: moves packets between the virtqueues and
+//! the muxer. It does not know how it is notified; the event-loop glue in
+//! `mod.rs` calls it, and tests call it with plain guest memory.
+
+use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_vsock::packet::VsockPacket;
+
+use super::muxer::VsockMuxer;
+use super::packet::MAX_PKT_DATA;
+use crate::devices::virtio::{ActivatedQueue, GuestMemory, Interrupt};
+
+pub const NUM_QUEUES: usize = 3;
+
+/// What the driver handed over at activation.
+#[derive(Debug)]
+pub struct VsockQueues {
+    pub mem: GuestMemory,
+    pub interrupt: Interrupt,
+    pub rx: ActivatedQueue,
+    pub tx: ActivatedQueue,
+    /// Transport events (used on snapshot restore); we post none.
+    pub event: ActivatedQueue,
+}
+
+impl VsockQueues {
+    /// Splits the queues the transport hands over, in rx, tx, event order.
+    pub fn new(
+        mem: GuestMemory,
+        interrupt: Interrupt,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<Self, Vec<ActivatedQueue>> {
+        if queues.len() != NUM_QUEUES {
+            return Err(queues);
+        }
+        let mut it = queues.into_iter();
+        let (Some(rx), Some(tx), Some(event)) = (it.next(), it.next(), it.next()) else {
+            unreachable!("length checked above");
+        };
+        Ok(VsockQueues {
+            mem,
+            interrupt,
+            rx,
+            tx,
+            event,
+        })
+    }
+
+    /// Hands every packet on the TX queue to the muxer. Malformed chains are
+    /// returned to the driver unread. Returns whether the used ring changed.
+    pub fn process_tx(&mut self, muxer: &mut VsockMuxer) -> bool {
+        let mem = &self.mem;
+        let queue = &mut self.tx.queue;
+        let mut used = false;
+        while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+                Ok(pkt) => muxer.recv_from_guest(&pkt),
+                Err(e) => tracing::debug!("vsock: dropping tx chain {head}: {e}"),
+            }
+            if let Err(e) = queue.add_used(mem, head, 0) {
+                tracing::debug!("vsock: tx add_used: {e}");
+            }
+            used = true;
+        }
+        used
+    }
+
+    /// Fills RX buffers while the muxer has packets for the guest. Returns
+    /// whether the used ring changed.
+    pub fn process_rx(&mut self, muxer: &mut VsockMuxer) -> bool {
+        let mem = &self.mem;
+        let queue = &mut self.rx.queue;
+        let mut used = false;
+        while muxer.has_pending_to_guest() {
+            let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let len = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+                Ok(mut pkt) => match muxer.fill_to_guest(&mut pkt) {
+                    Some(len) => len,
+                    None => {
+                        // Nothing was ready after all: keep the buffer.
+                        queue.go_to_previous_position();
+                        break;
+                    }
+                },
+                Err(e) => {
+                    tracing::debug!("vsock: dropping rx chain {head}: {e}");
+                    0
+                }
+            };
+            if let Err(e) = queue.add_used(mem, head, len) {
+                tracing::debug!("vsock: rx add_used: {e}");
+            }
+            used = true;
+        }
+        used
+    }
+
+    /// Raises the interrupt if the driver wants to hear about used buffers.
+    pub fn signal_used(&mut self) {
+        let mut notify = false;
+        for q in [&mut self.rx.queue, &mut self.tx.queue] {
+            notify |= q.needs_notification(&self.mem).unwrap_or(true);
+        }
+        if notify {
+            if let Err(e) = self.interrupt.signal_used_queue() {
+                tracing::warn!("vsock: cannot signal used queue: {e}");
+            }
+        }
+    }
+}
