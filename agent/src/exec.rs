@@ -1,13 +1,576 @@
-//! Exec requests (written next).
-use std::io::Write;
+//! Exec requests: run a program (argv straight to execve, no shell) in its
+//! own session and process group, stream its output as it is produced, and
+//! report how it ended.
+//!
+//! Output is read with poll in chunks of at most [`DATA_CHUNK`] and written
+//! to the host with blocking writes: when the host does not read, we stop
+//! reading the pipes and the program blocks on a full pipe (backpressure).
+//! A timeout, or the host closing the connection, kills the whole process
+//! group. Statuses come from the [`Reaper`], which owns all waiting.
 
-use crate::protocol::{AgentError, ErrorKind, ExecRequest};
-use crate::server::{send_error, ServeError};
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-pub fn serve<S: Write>(s: &mut S, _req: ExecRequest) -> Result<(), ServeError> {
-    send_error(
-        s,
-        &AgentError::new(ErrorKind::Unsupported, "exec is not available yet"),
-    )?;
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::{fork, pipe2, ForkResult, Pid};
+
+use crate::protocol::{
+    read_frame, write_frame, AgentError, ErrorKind, ExecRequest, ExitStatus, Frame, FrameKind,
+    Response, DATA_CHUNK,
+};
+use crate::reaper::{ChildExit, Reaper, Waiter};
+use crate::server::{send_error, send_response, Duplex, ServeError};
+use crate::system::DEFAULT_PATH;
+
+/// After the program exits, output still arriving within this gap is sent;
+/// then the exit is reported even if a background child holds the pipes.
+const DRAIN_IDLE: Duration = Duration::from_millis(100);
+
+/// The environment every program starts with, before the request's own.
+pub fn default_env() -> Vec<(String, String)> {
+    vec![
+        ("PATH".into(), DEFAULT_PATH.into()),
+        ("HOME".into(), "/root".into()),
+    ]
+}
+
+fn invalid(msg: String) -> AgentError {
+    AgentError::new(ErrorKind::InvalidArgument, msg)
+}
+
+/// Everything execve needs, built before the fork (the child of a
+/// multi-threaded process must not allocate).
+struct Prepared {
+    program: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    workdir: CString,
+    /// For error messages.
+    argv0: String,
+    workdir_text: String,
+}
+
+/// Checks the request and resolves the program. Errors name the bad value.
+fn prepare(req: &ExecRequest) -> Result<Prepared, AgentError> {
+    let Some(argv0) = req.argv.first() else {
+        return Err(invalid("argv is empty".into()));
+    };
+    if argv0.is_empty() {
+        return Err(invalid("argv[0] is empty".into()));
+    }
+    let mut argv = Vec::with_capacity(req.argv.len());
+    for (i, a) in req.argv.iter().enumerate() {
+        argv.push(
+            CString::new(a.as_str())
+                .map_err(|_| invalid(format!("argv[{i}] contains a NUL byte: {a:?}")))?,
+        );
+    }
+
+    let mut env = default_env();
+    for (k, v) in &req.env {
+        if k.is_empty() {
+            return Err(invalid("empty environment variable name".into()));
+        }
+        if k.contains('=') || k.contains('\0') {
+            return Err(invalid(format!("invalid environment variable name {k:?}")));
+        }
+        if v.contains('\0') {
+            return Err(invalid(format!(
+                "environment variable {k} has a NUL byte in its value"
+            )));
+        }
+        match env.iter_mut().find(|(ek, _)| ek == k) {
+            Some(slot) => slot.1 = v.clone(),
+            None => env.push((k.clone(), v.clone())),
+        }
+    }
+    // Checked above: no NUL anywhere.
+    let envp = env
+        .iter()
+        .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
+        .collect();
+
+    let workdir_text = req.workdir.clone().unwrap_or_else(|| "/".into());
+    if workdir_text.is_empty() {
+        return Err(invalid("workdir is empty".into()));
+    }
+    let workdir = CString::new(workdir_text.as_str())
+        .map_err(|_| invalid(format!("workdir contains a NUL byte: {workdir_text:?}")))?;
+    match std::fs::metadata(&workdir_text) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(AgentError::new(
+                ErrorKind::NotADirectory,
+                format!("workdir is not a directory: {workdir_text}"),
+            ))
+        }
+        Err(e) => return Err(io_error(&e, &format!("workdir {workdir_text}"))),
+    }
+
+    let path_var = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("");
+    let program = resolve_program(argv0, path_var, Path::new(&workdir_text))?;
+    let program = CString::new(program.into_os_string().into_encoded_bytes())
+        .map_err(|_| invalid(format!("program path contains a NUL byte: {argv0:?}")))?;
+
+    if req.timeout_ms == Some(0) {
+        return Err(invalid("timeout_ms must be positive, got 0".into()));
+    }
+    Ok(Prepared {
+        program,
+        argv,
+        envp,
+        workdir,
+        argv0: argv0.clone(),
+        workdir_text,
+    })
+}
+
+fn is_executable_file(p: &Path) -> bool {
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// The file execve should run: `argv0` itself when it has a `/` (relative to
+/// `workdir`), else the first executable match on `path_var`.
+pub fn resolve_program(argv0: &str, path_var: &str, workdir: &Path) -> Result<PathBuf, AgentError> {
+    if argv0.contains('/') {
+        let p = workdir.join(argv0);
+        if std::fs::symlink_metadata(&p).is_err() && std::fs::metadata(&p).is_err() {
+            return Err(AgentError::new(
+                ErrorKind::NotFound,
+                format!("executable not found: {argv0}"),
+            ));
+        }
+        // Other problems (not executable, a directory) come back from execve.
+        return Ok(PathBuf::from(argv0));
+    }
+    for dir in path_var.split(':') {
+        let dir = if dir.is_empty() { "." } else { dir };
+        let candidate = workdir.join(dir).join(argv0);
+        if is_executable_file(&candidate) {
+            return Ok(candidate);
+        }
+    }
+    Err(AgentError::new(
+        ErrorKind::NotFound,
+        format!("executable not found in PATH: {argv0}"),
+    ))
+}
+
+/// Maps an I/O error about `what` to the protocol's error.
+pub fn io_error(e: &io::Error, what: &str) -> AgentError {
+    errno_error(
+        e.raw_os_error().map(Errno::from_raw).unwrap_or(Errno::EIO),
+        what,
+    )
+}
+
+pub fn errno_error(e: Errno, what: &str) -> AgentError {
+    let (kind, text) = match e {
+        Errno::ENOENT => (ErrorKind::NotFound, "not found"),
+        Errno::EACCES | Errno::EPERM => (ErrorKind::PermissionDenied, "permission denied"),
+        Errno::EROFS => (ErrorKind::PermissionDenied, "read-only filesystem"),
+        Errno::ENOTDIR => (ErrorKind::NotADirectory, "not a directory"),
+        Errno::EISDIR => (ErrorKind::IsADirectory, "is a directory"),
+        Errno::ENOSPC | Errno::EDQUOT => (ErrorKind::NoSpace, "no space left on device"),
+        Errno::ENOEXEC => (ErrorKind::InvalidArgument, "exec format error"),
+        Errno::EINVAL | Errno::ENAMETOOLONG | Errno::ELOOP => {
+            (ErrorKind::InvalidArgument, e.desc())
+        }
+        _ => (ErrorKind::Io, e.desc()),
+    };
+    AgentError::new(kind, format!("{what}: {}", text.to_lowercase()))
+}
+
+/// Where the child failed, sent back over the close-on-exec error pipe.
+#[derive(Clone, Copy)]
+#[repr(u32)]
+enum ChildStage {
+    Setup = 1,
+    Chdir = 2,
+    Exec = 3,
+}
+
+/// Runs in the forked child: only async-signal-safe calls, no allocation.
+fn child_exec(
+    p: &Prepared,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+    fds: [i32; 3],
+    err_fd: i32,
+) -> ! {
+    let fail = |stage: ChildStage| -> ! {
+        let errno = Errno::last_raw();
+        let mut msg = [0u8; 8];
+        msg[..4].copy_from_slice(&(stage as u32).to_le_bytes());
+        msg[4..].copy_from_slice(&errno.to_le_bytes());
+        // SAFETY: writing a stack buffer to our own pipe, then exiting
+        // without running any destructor or atexit handler.
+        unsafe {
+            libc::write(err_fd, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127)
+        }
+    };
+    // SAFETY: all of these are async-signal-safe syscalls on values prepared
+    // before the fork; none allocates or takes a lock.
+    unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        // The agent blocks SIGTERM and ignores SIGPIPE; programs expect neither.
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        if libc::setsid() < 0 {
+            fail(ChildStage::Setup);
+        }
+        for (target, fd) in fds.iter().enumerate() {
+            // The agent keeps 0..=2 open, so pipe fds are never 0..=2 and
+            // dup2 always clears close-on-exec on the copy.
+            if libc::dup2(*fd, target as i32) < 0 {
+                fail(ChildStage::Setup);
+            }
+        }
+        if libc::chdir(p.workdir.as_ptr()) < 0 {
+            fail(ChildStage::Chdir);
+        }
+        libc::execve(p.program.as_ptr(), argv.as_ptr(), envp.as_ptr());
+    }
+    fail(ChildStage::Exec)
+}
+
+fn null_terminated(v: &[CString]) -> Vec<*const libc::c_char> {
+    v.iter()
+        .map(|c| c.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
+/// A started program.
+struct Running {
+    pid: Pid,
+    waiter: Arc<Waiter>,
+    stdout: File,
+    stderr: File,
+    /// Write end of the program's stdin when the host feeds it.
+    stdin: Option<File>,
+}
+
+/// Forks and execs; returns once execve succeeded (or failed, as an error).
+fn start(p: &Prepared, want_stdin: bool) -> Result<Running, AgentError> {
+    let sys = |e: Errno| errno_error(e, "cannot start the program");
+    let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys)?;
+    let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys)?;
+    let (in_r, in_w): (OwnedFd, Option<OwnedFd>) = if want_stdin {
+        let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(sys)?;
+        (r, Some(w))
+    } else {
+        let null = File::open("/dev/null").map_err(|e| io_error(&e, "/dev/null"))?;
+        (null.into(), None)
+    };
+    let (status_r, status_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys)?;
+    let argv = null_terminated(&p.argv);
+    let envp = null_terminated(&p.envp);
+    let fds = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+    let status_fd = status_w.as_raw_fd();
+
+    let (pid, waiter) = Reaper::get()
+        .spawn(|| {
+            // SAFETY: the child runs only child_exec, which is
+            // async-signal-safe and never returns.
+            match unsafe { fork() }? {
+                ForkResult::Child => child_exec(p, &argv, &envp, fds, status_fd),
+                ForkResult::Parent { child } => Ok::<Pid, Errno>(child),
+            }
+        })
+        .map_err(sys)?;
+    drop((in_r, out_w, err_w, status_w));
+
+    // EOF on the status pipe means execve closed it: the program runs.
+    let mut msg = [0u8; 8];
+    let mut status_file = File::from(status_r);
+    let mut got = 0;
+    while got < msg.len() {
+        match status_file.read(&mut msg[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(&e, "cannot start the program")),
+        }
+    }
+    if got == 0 {
+        return Ok(Running {
+            pid,
+            waiter,
+            stdout: File::from(out_r),
+            stderr: File::from(err_r),
+            stdin: in_w.map(File::from),
+        });
+    }
+    // The child reported a failure and exits with 127; the reaper collects it.
+    let stage = u32::from_le_bytes([msg[0], msg[1], msg[2], msg[3]]);
+    let errno = Errno::from_raw(i32::from_le_bytes([msg[4], msg[5], msg[6], msg[7]]));
+    Err(match stage {
+        s if s == ChildStage::Chdir as u32 => {
+            errno_error(errno, &format!("workdir {}", p.workdir_text))
+        }
+        s if s == ChildStage::Exec as u32 => {
+            errno_error(errno, &format!("cannot execute {}", p.argv0))
+        }
+        _ => errno_error(errno, "cannot set up the program"),
+    })
+}
+
+/// Shared between the output loop, the timeout watchdog and the reader of
+/// the host's frames.
+struct Control {
+    pgid: Pid,
+    finished: Mutex<bool>,
+    cv: Condvar,
+    timed_out: AtomicBool,
+    /// Set once the exit status has been collected; later kills would hit
+    /// whatever reuses the pid.
+    reaped: AtomicBool,
+}
+
+impl Control {
+    fn kill_group(&self) {
+        if !self.reaped.load(Ordering::SeqCst) {
+            let _ = killpg(self.pgid, Signal::SIGKILL);
+        }
+    }
+
+    fn finish(&self) {
+        *self.finished.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_all();
+    }
+}
+
+/// Kills the process group when `timeout` passes before the program ends.
+fn watchdog(ctl: Arc<Control>, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let mut done = ctl.finished.lock().unwrap_or_else(|e| e.into_inner());
+    while !*done {
+        let now = Instant::now();
+        if now >= deadline {
+            ctl.timed_out.store(true, Ordering::SeqCst);
+            ctl.kill_group();
+            return;
+        }
+        done = ctl
+            .cv
+            .wait_timeout(done, deadline - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
+/// Reads the host's frames during an exec: Stdin data to the program, Eof
+/// closes its stdin; the host closing the connection cancels the exec.
+fn host_reader<S: Duplex>(mut conn: S, mut stdin: Option<File>, ctl: Arc<Control>) {
+    loop {
+        match read_frame(&mut conn) {
+            Ok(Some(Frame {
+                kind: FrameKind::Stdin,
+                payload,
+            })) => {
+                if let Some(w) = stdin.as_mut() {
+                    if w.write_all(&payload).is_err() {
+                        // The program closed its stdin; drop the rest.
+                        stdin = None;
+                    }
+                }
+            }
+            Ok(Some(Frame {
+                kind: FrameKind::Eof,
+                ..
+            })) => stdin = None,
+            Ok(Some(_)) => {} // nothing else is meaningful mid-exec
+            Ok(None) | Err(_) => {
+                if !*ctl.finished.lock().unwrap_or_else(|e| e.into_inner()) {
+                    ctl.kill_group();
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Serves an `Exec` request on `conn` (the request frame already read).
+pub fn serve<S: Duplex>(conn: &mut S, req: ExecRequest) -> Result<(), ServeError> {
+    let prepared = match prepare(&req) {
+        Ok(p) => p,
+        Err(e) => {
+            send_error(conn, &e)?;
+            return Ok(());
+        }
+    };
+    let running = match start(&prepared, req.stdin) {
+        Ok(r) => r,
+        Err(e) => {
+            send_error(conn, &e)?;
+            return Ok(());
+        }
+    };
+    let Running {
+        pid,
+        waiter,
+        stdout,
+        stderr,
+        stdin,
+    } = running;
+    let ctl = Arc::new(Control {
+        pgid: pid,
+        finished: Mutex::new(false),
+        cv: Condvar::new(),
+        timed_out: AtomicBool::new(false),
+        reaped: AtomicBool::new(false),
+    });
+    if let Some(ms) = req.timeout_ms {
+        let c = ctl.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name("exec-timeout".into())
+            .spawn(move || watchdog(c, Duration::from_millis(ms)))
+        {
+            ctl.kill_group();
+            return Err(e.into());
+        }
+    }
+    let reader = conn.try_clone().and_then(|r| {
+        let c = ctl.clone();
+        std::thread::Builder::new()
+            .name("exec-input".into())
+            .spawn(move || host_reader(r, stdin, c))
+    });
+    if let Err(e) = reader {
+        ctl.kill_group();
+        return Err(e.into());
+    }
+
+    let result = send_response(
+        conn,
+        &Response::Started {
+            pid: pid.as_raw() as u32,
+        },
+    )
+    .map_err(ServeError::from)
+    .and_then(|()| pump_output(conn, &stdout, &stderr, &waiter));
+    if result.is_err() {
+        // The host is gone: nobody will read the output.
+        ctl.kill_group();
+    }
+    let exit = waiter.wait(None);
+    ctl.reaped.store(true, Ordering::SeqCst);
+    ctl.finish();
+    result?;
+    let status = match exit {
+        Some(ChildExit::Exited(code)) => ExitStatus {
+            code: Some(code),
+            signal: None,
+            timed_out: false,
+        },
+        Some(ChildExit::Signaled(sig)) => ExitStatus {
+            code: None,
+            signal: Some(sig),
+            timed_out: false,
+        },
+        None => ExitStatus {
+            code: None,
+            signal: None,
+            timed_out: false,
+        },
+    };
+    let status = ExitStatus {
+        timed_out: ctl.timed_out.load(Ordering::SeqCst),
+        ..status
+    };
+    let f = Frame::json(FrameKind::Exit, &status);
+    write_frame(conn, f.kind, &f.payload)?;
+    conn.flush()?;
+    // Ends the reader thread (it holds a clone of the connection).
+    conn.shutdown_both();
     Ok(())
 }
+
+/// Sends stdout and stderr as they come until both are closed and the
+/// program has exited (or has exited and the pipes stay quiet).
+fn pump_output<W: Write>(
+    conn: &mut W,
+    stdout: &File,
+    stderr: &File,
+    waiter: &Waiter,
+) -> Result<(), ServeError> {
+    let mut buf = vec![0u8; DATA_CHUNK];
+    let mut open = [true, true];
+    let pipes = [(stdout, FrameKind::Stdout), (stderr, FrameKind::Stderr)];
+    let mut exited = waiter.status().is_some();
+    loop {
+        if exited && !open[0] && !open[1] {
+            return Ok(());
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: if open[0] { stdout.as_raw_fd() } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if open[1] { stderr.as_raw_fd() } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if exited { -1 } else { waiter.fd().as_raw_fd() },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let timeout = if exited {
+            DRAIN_IDLE.as_millis() as i32
+        } else {
+            -1
+        };
+        // SAFETY: a valid array of pollfds for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n < 0 {
+            if Errno::last() == Errno::EINTR {
+                continue;
+            }
+            return Err(io::Error::last_os_error().into());
+        }
+        if n == 0 {
+            // Exited and quiet: a background child may hold the pipes open.
+            return Ok(());
+        }
+        if fds[2].revents != 0 {
+            exited = true;
+        }
+        for (i, (pipe, kind)) in pipes.iter().enumerate() {
+            if fds[i].revents == 0 {
+                continue;
+            }
+            let mut reader: &File = pipe;
+            match reader.read(&mut buf) {
+                Ok(0) => open[i] = false,
+                Ok(k) => write_frame(conn, *kind, &buf[..k])?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => open[i] = false,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -69,6 +69,7 @@ fn run() -> ! {
     let (stop_tx, stop_rx) = mpsc::channel();
     watch_signals(stop_tx.clone());
     system::mount_early();
+    system::ensure_std_fds();
     let cmdline = system::read_cmdline();
     system::set_hostname(&cmdline);
     system::loopback_up();

@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
@@ -15,8 +16,15 @@ use crate::protocol::{
 };
 
 /// A bidirectional byte stream whose halves can be used from two threads.
-pub trait Duplex: Read + Write + Send + Sized + 'static {
+pub trait Duplex: Read + Write + AsFd + Send + Sized + 'static {
     fn try_clone(&self) -> io::Result<Self>;
+
+    /// Closes both directions (also for clones held by other threads).
+    fn shutdown_both(&self) {
+        // SAFETY: shutdown(2) on a valid borrowed fd; harmless on a
+        // non-socket (ENOTSOCK is ignored).
+        unsafe { libc::shutdown(self.as_fd().as_raw_fd(), libc::SHUT_RDWR) };
+    }
 }
 
 impl Duplex for UnixStream {
@@ -118,4 +126,164 @@ pub fn send_response<W: Write>(w: &mut W, r: &Response) -> Result<(), ProtocolEr
 pub fn send_error<W: Write>(w: &mut W, e: &AgentError) -> Result<(), ProtocolError> {
     let f = Frame::json(FrameKind::Error, e);
     write_frame(w, f.kind, &f.payload)
+}
+
+/// A host-side client over a Unix socket pair, for the tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::protocol::{ExecRequest, ExitStatus};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    pub static SHUTDOWNS: AtomicUsize = AtomicUsize::new(0);
+
+    pub struct Client {
+        pub conn: UnixStream,
+    }
+
+    /// Starts an agent connection on its own thread, like the vsock loop.
+    pub fn connect() -> Client {
+        static SUBREAPER: std::sync::Once = std::sync::Once::new();
+        // Orphans of our exec children come back to this process (as they
+        // would to PID 1), so the reaper collects them.
+        SUBREAPER.call_once(|| nix::sys::prctl::set_child_subreaper(true).unwrap());
+        let (host, guest) = UnixStream::pair().unwrap();
+        let agent = Agent::new(|| {
+            SHUTDOWNS.fetch_add(1, Ordering::SeqCst);
+        });
+        std::thread::spawn(move || agent.serve(guest));
+        Client { conn: host }
+    }
+
+    /// What an exec produced.
+    #[derive(Debug, Default)]
+    pub struct Outcome {
+        pub pid: Option<u32>,
+        pub stdout: Vec<u8>,
+        pub stderr: Vec<u8>,
+        pub exit: Option<ExitStatus>,
+        pub error: Option<AgentError>,
+    }
+
+    impl Outcome {
+        pub fn out(&self) -> String {
+            String::from_utf8_lossy(&self.stdout).into_owned()
+        }
+        pub fn err(&self) -> String {
+            String::from_utf8_lossy(&self.stderr).into_owned()
+        }
+    }
+
+    impl Client {
+        pub fn send(&mut self, req: &Request) {
+            let f = Frame::json(FrameKind::Request, req);
+            write_frame(&mut self.conn, f.kind, &f.payload).unwrap();
+        }
+
+        pub fn frame(&mut self) -> Option<Frame> {
+            read_frame(&mut self.conn).unwrap()
+        }
+
+        pub fn response(&mut self) -> Result<Response, AgentError> {
+            let f = self.frame().expect("a frame");
+            match f.kind {
+                FrameKind::Response => Ok(f.parse("response").unwrap()),
+                FrameKind::Error => Err(f.parse("error").unwrap()),
+                k => panic!("unexpected frame {k:?}"),
+            }
+        }
+
+        /// Collects frames until the connection ends.
+        pub fn collect(&mut self) -> Outcome {
+            let mut o = Outcome::default();
+            while let Some(f) = self.frame() {
+                match f.kind {
+                    FrameKind::Response => match f.parse("response").unwrap() {
+                        Response::Started { pid } => o.pid = Some(pid),
+                        r => panic!("unexpected response {r:?}"),
+                    },
+                    FrameKind::Stdout => o.stdout.extend_from_slice(&f.payload),
+                    FrameKind::Stderr => o.stderr.extend_from_slice(&f.payload),
+                    FrameKind::Exit => o.exit = Some(f.parse("exit").unwrap()),
+                    FrameKind::Error => {
+                        o.error = Some(f.parse("error").unwrap());
+                        break;
+                    }
+                    k => panic!("unexpected frame {k:?}"),
+                }
+            }
+            o
+        }
+    }
+
+    pub fn exec_req(argv: &[&str]) -> ExecRequest {
+        ExecRequest {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Runs one exec on a fresh connection and collects everything.
+    pub fn run(req: ExecRequest) -> Outcome {
+        let mut c = connect();
+        c.send(&Request::Exec(req));
+        c.collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn hello_answers_version() {
+        let mut c = connect();
+        c.send(&Request::Hello {
+            version: PROTOCOL_VERSION,
+        });
+        match c.response().unwrap() {
+            Response::Hello { version, agent } => {
+                assert_eq!(version, PROTOCOL_VERSION);
+                assert!(agent.starts_with("smol-agent "));
+            }
+            r => panic!("{r:?}"),
+        }
+        assert!(c.frame().is_none(), "one request per connection");
+    }
+
+    #[test]
+    fn shutdown_is_answered_then_triggered() {
+        let before = SHUTDOWNS.load(Ordering::SeqCst);
+        let mut c = connect();
+        c.send(&Request::Shutdown);
+        assert_eq!(c.response().unwrap(), Response::Ok);
+        assert!(c.frame().is_none());
+        assert!(SHUTDOWNS.load(Ordering::SeqCst) > before);
+    }
+
+    #[test]
+    fn garbage_gets_a_protocol_error() {
+        for bytes in [
+            &b"\xee\0\0\0\0"[..],
+            &b"\x01\x03\0\0\0{x}"[..],
+            &b"\x06\0\0\0\0"[..],
+        ] {
+            let mut c = connect();
+            c.conn.write_all(bytes).unwrap();
+            let e = c.response().unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Protocol, "{bytes:?}");
+        }
+        // An oversized header is refused without allocating it.
+        let mut c = connect();
+        c.conn.write_all(&[1, 0xff, 0xff, 0xff, 0xff]).unwrap();
+        assert!(c.response().unwrap_err().message.contains("exceeds"));
+    }
+
+    #[test]
+    fn silent_close_is_fine() {
+        let c = connect();
+        drop(c);
+    }
 }

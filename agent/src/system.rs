@@ -143,6 +143,26 @@ pub fn mount_early() {
     }
 }
 
+/// Makes sure fds 0, 1 and 2 are open (the console, else /dev/null): the
+/// kernel leaves them closed when it could not open /dev/console, and exec
+/// relies on new pipes never landing on them.
+pub fn ensure_std_fds() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only queries the descriptor.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
+            continue;
+        }
+        for path in [c"/dev/console", c"/dev/null"] {
+            // SAFETY: open with a valid C string; the lowest free fd is `fd`,
+            // since all below it are open. It is kept for the process' life.
+            let got = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY) };
+            if got >= 0 {
+                break;
+            }
+        }
+    }
+}
+
 /// Sets the hostname from `smol.hostname=` on the command line, else from
 /// /etc/hostname.
 pub fn set_hostname(cmdline: &str) {
