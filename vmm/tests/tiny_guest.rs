@@ -1,0 +1,288 @@
+//! The monitor end to end with hand-written guests: a few bytes of 32-bit
+//! code behind a PVH note, booted in milliseconds. They exercise start,
+//! the serial console, the i8042 reset, MMIO dispatch to a virtio-mmio
+//! window, crash reporting, and a host stop that must pull a halted vCPU
+//! out of KVM_RUN and release every fd.
+//!
+//! Needs /dev/kvm; fails (does not skip) without it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use smol_vmm::{DiskConfig, ExitReason, Vm, VmConfig};
+
+const ENTRY: u32 = 0x10_0000;
+
+/// A minimal x86-64 ELF: one PT_LOAD of `code` at 1 MiB and a Xen PVH
+/// entry note pointing at it.
+fn pvh_elf(code: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; 0x1000 + code.len()];
+    f[0..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2; // 64-bit
+    f[5] = 1; // little endian
+    f[6] = 1; // version
+    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    f[20..24].copy_from_slice(&1u32.to_le_bytes());
+    f[24..32].copy_from_slice(&(ENTRY as u64).to_le_bytes());
+    f[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+    f[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+    f[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+    f[56..58].copy_from_slice(&2u16.to_le_bytes()); // phnum
+
+    let phdr = |f: &mut [u8], at: usize, kind: u32, off: u64, addr: u64, size: u64, align: u64| {
+        f[at..at + 4].copy_from_slice(&kind.to_le_bytes());
+        f[at + 4..at + 8].copy_from_slice(&5u32.to_le_bytes());
+        f[at + 8..at + 16].copy_from_slice(&off.to_le_bytes());
+        f[at + 16..at + 24].copy_from_slice(&addr.to_le_bytes());
+        f[at + 24..at + 32].copy_from_slice(&addr.to_le_bytes());
+        f[at + 32..at + 40].copy_from_slice(&size.to_le_bytes());
+        f[at + 40..at + 48].copy_from_slice(&size.to_le_bytes());
+        f[at + 48..at + 56].copy_from_slice(&align.to_le_bytes());
+    };
+    phdr(
+        &mut f,
+        64,
+        1,
+        0x1000,
+        ENTRY as u64,
+        code.len() as u64,
+        0x1000,
+    );
+    phdr(&mut f, 120, 4, 0x200, 0, 20, 4);
+
+    // XEN_ELFNOTE_PHYS32_ENTRY.
+    f[0x200..0x204].copy_from_slice(&4u32.to_le_bytes());
+    f[0x204..0x208].copy_from_slice(&4u32.to_le_bytes());
+    f[0x208..0x20c].copy_from_slice(&18u32.to_le_bytes());
+    f[0x20c..0x210].copy_from_slice(b"Xen\0");
+    f[0x210..0x214].copy_from_slice(&ENTRY.to_le_bytes());
+
+    f[0x1000..].copy_from_slice(code);
+    f
+}
+
+// 32-bit code fragments.
+const MOV_DX_COM1: [u8; 4] = [0x66, 0xba, 0xf8, 0x03];
+const OUT_DX_AL: u8 = 0xee;
+const RESET: [u8; 4] = [0xb0, 0xfe, 0xe6, 0x64]; // mov al, 0xfe; out 0x64, al
+const HANG: [u8; 3] = [0xf4, 0xeb, 0xfd]; // hlt; jmp back to hlt
+
+fn print(text: &[u8]) -> Vec<u8> {
+    let mut code = MOV_DX_COM1.to_vec();
+    for &b in text {
+        code.extend_from_slice(&[0xb0, b, OUT_DX_AL]);
+    }
+    code
+}
+
+struct Guest {
+    dir: tempfile::TempDir,
+}
+
+impl Guest {
+    fn new(code: &[u8]) -> Guest {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vmlinux"), pvh_elf(code)).unwrap();
+        Guest { dir }
+    }
+
+    fn config(&self) -> VmConfig {
+        VmConfig {
+            kernel: self.dir.path().join("vmlinux"),
+            initramfs: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            memory_mib: 64,
+            console_log: Some(self.console()),
+            vsock: None,
+            disks: Vec::new(),
+        }
+    }
+
+    fn console(&self) -> PathBuf {
+        self.dir.path().join("console.log")
+    }
+
+    fn console_text(&self) -> String {
+        std::fs::read_to_string(self.console()).unwrap_or_default()
+    }
+}
+
+fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("these tests need /dev/kvm: {e}");
+    }
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+/// One test function, so fd and thread counts are not disturbed by other
+/// tests running in parallel.
+#[test]
+fn tiny_guests() {
+    require_kvm();
+    let fds_before = open_fds();
+    let threads_before = thread_count();
+
+    prints_and_shuts_down();
+    host_stop_pulls_a_halted_vcpu_out();
+    mmio_reaches_the_virtio_window();
+    triple_fault_is_a_crash();
+    bad_configs_are_named_errors();
+    many_start_stop_cycles();
+
+    assert_eq!(open_fds(), fds_before, "an fd leaked");
+    assert_eq!(thread_count(), threads_before, "a thread leaked");
+}
+
+fn prints_and_shuts_down() {
+    let mut code = print(b"hello from a tiny guest\n");
+    code.extend_from_slice(&RESET);
+    code.extend_from_slice(&HANG);
+    let g = Guest::new(&code);
+    let mut vm = Vm::start(g.config()).unwrap();
+    assert_eq!(
+        vm.wait(Some(Duration::from_secs(20))),
+        Some(ExitReason::GuestShutdown)
+    );
+    assert_eq!(vm.try_exit(), Some(ExitReason::GuestShutdown));
+    assert_eq!(vm.stop(), ExitReason::GuestShutdown);
+    assert_eq!(vm.stop(), ExitReason::GuestShutdown, "stop is idempotent");
+    assert_eq!(g.console_text(), "hello from a tiny guest\n");
+    let t = vm.timings();
+    assert!(t.total > Duration::ZERO && t.total >= t.memory + t.kernel_load);
+    assert_eq!(vm.console_log(), Some(g.console().as_path()));
+    assert_eq!(vm.vsock_uds_path(), None);
+}
+
+fn host_stop_pulls_a_halted_vcpu_out() {
+    // cli; hlt: with the in-kernel irqchip the vCPU sleeps inside KVM_RUN
+    // and nothing but the kick gets it out.
+    let mut code = print(b"halting\n");
+    code.extend_from_slice(&[0xfa, 0xf4, 0xeb, 0xfd]);
+    let g = Guest::new(&code);
+    let mut vm = Vm::start(g.config()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !g.console_text().contains("halting") {
+        assert!(Instant::now() < deadline, "guest never printed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(vm.try_exit(), None);
+    assert_eq!(vm.wait(Some(Duration::from_millis(50))), None);
+    let t0 = Instant::now();
+    assert_eq!(vm.stop(), ExitReason::HostStop);
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "stop took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(vm.wait(None), Some(ExitReason::HostStop));
+
+    // A spinning guest (no HLT) stops as well, and so does a dropped Vm.
+    let g = Guest::new(&[0xeb, 0xfe]);
+    let vm = Vm::start(g.config()).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    drop(vm);
+}
+
+fn mmio_reaches_the_virtio_window() {
+    // mov eax, [0xd0000000]; print its four bytes; reset.
+    let mut code = vec![0xa1, 0x00, 0x00, 0x00, 0xd0];
+    code.extend_from_slice(&MOV_DX_COM1);
+    for _ in 0..4 {
+        code.push(OUT_DX_AL);
+        code.extend_from_slice(&[0xc1, 0xe8, 0x08]); // shr eax, 8
+    }
+    // Then a read outside any device: all ones.
+    code.extend_from_slice(&[0xa1, 0x00, 0x00, 0xf0, 0xd0]); // mov eax, [0xd0f00000]
+    code.push(OUT_DX_AL);
+    code.extend_from_slice(&[0xb0, b'\n', OUT_DX_AL]);
+    code.extend_from_slice(&RESET);
+    code.extend_from_slice(&HANG);
+    let g = Guest::new(&code);
+    let disk = g.dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut config = g.config();
+    config.disks.push(DiskConfig {
+        path: disk,
+        read_only: false,
+        id: "tiny".into(),
+    });
+    let mut vm = Vm::start(config).unwrap();
+    assert_eq!(
+        vm.wait(Some(Duration::from_secs(20))),
+        Some(ExitReason::GuestShutdown)
+    );
+    vm.stop();
+    let text = std::fs::read(g.console()).unwrap_or_default();
+    assert_eq!(text, b"virt\xff\n", "{:?}", String::from_utf8_lossy(&text));
+}
+
+fn triple_fault_is_a_crash() {
+    // ud2 with no IDT: #UD, then #DF, then a triple fault.
+    let g = Guest::new(&[0x0f, 0x0b]);
+    let mut vm = Vm::start(g.config()).unwrap();
+    match vm.wait(Some(Duration::from_secs(20))) {
+        Some(ExitReason::Crashed(why)) => assert!(why.contains("vcpu 0"), "{why}"),
+        other => panic!("expected a crash, got {other:?}"),
+    }
+    assert!(matches!(vm.stop(), ExitReason::Crashed(_)));
+}
+
+fn bad_configs_are_named_errors() {
+    use smol_vmm::Error;
+    let g = Guest::new(&HANG);
+
+    let mut c = g.config();
+    c.kernel = Path::new("/nonexistent/vmlinux").into();
+    assert!(matches!(Vm::start(c), Err(Error::KernelNotFound { .. })));
+
+    let corrupt = g.dir.path().join("corrupt");
+    std::fs::write(
+        &corrupt,
+        b"this is not a kernel, just some bytes long enough to be read as a header........",
+    )
+    .unwrap();
+    let mut c = g.config();
+    c.kernel = corrupt;
+    let err = Vm::start(c).err().unwrap();
+    assert!(matches!(err, Error::KernelInvalid { .. }), "{err}");
+
+    let mut c = g.config();
+    c.memory_mib = 16;
+    assert!(matches!(
+        Vm::start(c),
+        Err(Error::MemoryTooSmall { mib: 16, .. })
+    ));
+
+    let mut c = g.config();
+    c.vcpus = 0;
+    assert!(matches!(Vm::start(c), Err(Error::ZeroVcpus)));
+
+    let mut c = g.config();
+    c.initramfs = Some(g.dir.path().join("missing.cpio"));
+    assert!(matches!(Vm::start(c), Err(Error::InitramfsNotFound { .. })));
+
+    let mut c = g.config();
+    c.cmdline = "bad\ncmdline".into();
+    assert!(matches!(Vm::start(c), Err(Error::Cmdline(_))));
+}
+
+fn many_start_stop_cycles() {
+    let g = Guest::new(&HANG);
+    for _ in 0..20 {
+        let mut vm = Vm::start(g.config()).unwrap();
+        assert_eq!(vm.stop(), ExitReason::HostStop);
+    }
+}
