@@ -1,0 +1,467 @@
+//! The machine actor: one tokio task per open machine, owning its VM, its
+//! store lock and its state. [`Machine`](crate::Machine) handles talk to it
+//! over a bounded channel, each request carrying a oneshot for the answer.
+//!
+//! The actor does only the lifecycle (boot, stop, delete) and hands out the
+//! vsock socket path; execs and file transfers open their own connections,
+//! so they run concurrently and never queue behind one another.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use smol_agent::protocol::{Request, Response, PROTOCOL_VERSION};
+use smol_vmm::{DiskConfig, ExitReason, Vm, VmConfig, VsockConfig};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::agent_conn::{unexpected, AgentConnection};
+use crate::assets::GuestAssets;
+use crate::disk::{DISK_CMDLINE, DISK_ID};
+use crate::error::{sanitize, Error, Result};
+use crate::machine::{BootTimings, MachineState};
+use crate::store::{MachineLock, MachinePaths, MachineRecord};
+
+/// Requests waiting for the actor; senders wait when it is full.
+pub(crate) const CHANNEL_CAPACITY: usize = 32;
+/// One attempt to reach the agent during boot.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest pause between attempts.
+const MAX_BACKOFF: Duration = Duration::from_millis(100);
+/// Time for the agent to acknowledge `Shutdown`.
+const SHUTDOWN_ASK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for the guest to power off after acknowledging.
+const POWEROFF_TIMEOUT: Duration = Duration::from_secs(30);
+/// Lines of console log quoted in a boot error.
+const CONSOLE_TAIL_LINES: usize = 30;
+
+/// A request to the actor.
+pub(crate) enum Command {
+    /// The vsock socket of the running VM (or NotRunning).
+    Session(oneshot::Sender<Result<PathBuf>>),
+    State(oneshot::Sender<Result<MachineState>>),
+    Timings(oneshot::Sender<Option<BootTimings>>),
+    /// Boot; the duration is the preparation already spent (by `create`).
+    Start(Duration, oneshot::Sender<Result<()>>),
+    Stop(oneshot::Sender<Result<()>>),
+    Delete(oneshot::Sender<Result<()>>),
+}
+
+// The VM moves in and out of blocking tasks.
+const _: () = {
+    const fn send<T: Send>() {}
+    send::<Vm>()
+};
+
+pub(crate) struct MachineActor {
+    name: String,
+    record: MachineRecord,
+    paths: MachinePaths,
+    lock: Option<MachineLock>,
+    vm: Option<Vm>,
+    state: MachineState,
+    deleted: bool,
+    timings: Option<BootTimings>,
+}
+
+impl MachineActor {
+    pub fn new(
+        record: MachineRecord,
+        paths: MachinePaths,
+        lock: MachineLock,
+        state: MachineState,
+    ) -> Self {
+        MachineActor {
+            name: record.name.clone(),
+            record,
+            paths,
+            lock: Some(lock),
+            vm: None,
+            state,
+            deleted: false,
+            timings: None,
+        }
+    }
+
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(cmd) = rx.recv().await {
+            self.handle(cmd).await;
+        }
+        self.last_handle_dropped().await;
+    }
+
+    async fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Session(reply) => {
+                let r = self.session().await;
+                let _ = reply.send(r);
+            }
+            Command::State(reply) => {
+                let r = if self.deleted {
+                    Err(self.not_found())
+                } else {
+                    self.refresh().await;
+                    Ok(self.state)
+                };
+                let _ = reply.send(r);
+            }
+            Command::Timings(reply) => {
+                let _ = reply.send(self.timings);
+            }
+            Command::Start(prepare, reply) => {
+                let r = self.start(prepare).await;
+                let _ = reply.send(r);
+            }
+            Command::Stop(reply) => {
+                let r = if self.deleted {
+                    Err(self.not_found())
+                } else {
+                    self.stop(true).await
+                };
+                let _ = reply.send(r);
+            }
+            Command::Delete(reply) => {
+                let r = self.delete().await;
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    fn not_found(&self) -> Error {
+        Error::NotFound {
+            name: self.name.clone(),
+        }
+    }
+
+    async fn session(&mut self) -> Result<PathBuf> {
+        if self.deleted {
+            return Err(self.not_found());
+        }
+        self.refresh().await;
+        if self.state != MachineState::Running {
+            return Err(Error::NotRunning {
+                name: self.name.clone(),
+                state: self.state,
+            });
+        }
+        Ok(self.paths.vsock.clone())
+    }
+
+    /// Notices a VM that ended on its own (guest poweroff, crash) and
+    /// releases it.
+    async fn refresh(&mut self) {
+        let exited = self.vm.as_ref().and_then(|vm| vm.try_exit());
+        if let Some(reason) = exited {
+            match &reason {
+                ExitReason::Crashed(why) => {
+                    tracing::warn!(machine = %self.name, "the vm crashed: {why}")
+                }
+                other => tracing::info!(machine = %self.name, "the vm exited: {other:?}"),
+            }
+            if let Err(e) = self.release_vm(false).await {
+                tracing::warn!(machine = %self.name, "releasing the vm: {e}");
+            }
+        }
+    }
+
+    async fn start(&mut self, prepare: Duration) -> Result<()> {
+        if self.deleted {
+            return Err(self.not_found());
+        }
+        self.refresh().await;
+        if self.vm.is_some() {
+            return Ok(());
+        }
+        let begin = Instant::now();
+        let assets = GuestAssets::locate()?;
+        // A socket left by an earlier boot would make the bind fail; the
+        // console log holds this boot only.
+        remove_if_exists(&self.paths.vsock)?;
+        remove_if_exists(&self.paths.console_log)?;
+        let r = &self.record.config.resources;
+        let config = VmConfig {
+            kernel: assets.kernel,
+            initramfs: Some(assets.initramfs),
+            cmdline: DISK_CMDLINE.to_string(),
+            // Validated against smol_vmm::MAX_VCPUS at create.
+            vcpus: u8::try_from(r.cpus).unwrap_or(smol_vmm::MAX_VCPUS),
+            memory_mib: r.memory_mb,
+            console_log: Some(self.paths.console_log.clone()),
+            vsock: Some(VsockConfig {
+                guest_cid: self.record.guest_cid,
+                uds_path: self.paths.vsock.clone(),
+            }),
+            disks: vec![DiskConfig {
+                path: self.paths.disk.clone(),
+                read_only: false,
+                id: DISK_ID.to_string(),
+            }],
+        };
+        let vm = tokio::task::spawn_blocking(move || Vm::start(config))
+            .await
+            .map_err(|e| Error::Internal(format!("vm start task: {e}")))?
+            .map_err(|source| Error::Vmm {
+                name: self.name.clone(),
+                source,
+            })?;
+        let vm_setup = begin.elapsed();
+        let vmm = vm.timings();
+        self.vm = Some(vm);
+        let ready_from = Instant::now();
+        match self.wait_for_agent(boot_timeout()).await {
+            Ok(()) => {
+                self.state = MachineState::Running;
+                let agent_ready = ready_from.elapsed();
+                self.timings = Some(BootTimings {
+                    prepare,
+                    vm_setup,
+                    agent_ready,
+                    total: prepare + begin.elapsed(),
+                    vmm,
+                });
+                tracing::info!(machine = %self.name, ?agent_ready, "machine running");
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(stop_err) = self.release_vm(false).await {
+                    tracing::warn!(machine = %self.name, "stopping after a failed boot: {stop_err}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Polls the agent with a Hello until it answers, the VM exits, or the
+    /// deadline passes. No fixed sleeps: a short backoff between attempts.
+    async fn wait_for_agent(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut backoff = Duration::from_millis(2);
+        let mut last = String::from("no attempt made");
+        loop {
+            if let Some(reason) = self.vm.as_ref().and_then(|vm| vm.try_exit()) {
+                return Err(self.boot_error(format!(
+                    "the vm exited before its agent answered ({reason:?})"
+                )));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(self.boot_error(format!(
+                    "the agent did not answer within {timeout:?} (last attempt: {last})"
+                )));
+            }
+            let uds = self.paths.vsock.clone();
+            let name = self.name.clone();
+            let attempt = async move {
+                let mut conn = AgentConnection::open(&uds, &name)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                conn.hello().await.map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(ATTEMPT_TIMEOUT.min(deadline - now), attempt).await {
+                Ok(Ok((version, agent))) if version == PROTOCOL_VERSION => {
+                    tracing::debug!(machine = %self.name, %agent, "agent answered");
+                    return Ok(());
+                }
+                Ok(Ok((version, _))) => {
+                    return Err(Error::Protocol(format!(
+                        "the agent speaks protocol version {version}, this smol speaks {PROTOCOL_VERSION}"
+                    )))
+                }
+                Ok(Err(e)) => last = e,
+                Err(_) => last = format!("no answer within {ATTEMPT_TIMEOUT:?}"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    fn boot_error(&self, reason: String) -> Error {
+        Error::Boot {
+            name: self.name.clone(),
+            reason,
+            console_tail: console_tail(&self.paths.console_log, CONSOLE_TAIL_LINES),
+        }
+    }
+
+    /// Asks the agent for a clean poweroff, waits for it, then (or if that
+    /// fails) stops the VM from the host.
+    async fn stop(&mut self, graceful: bool) -> Result<()> {
+        self.refresh().await;
+        if self.vm.is_none() {
+            if self.state != MachineState::Created {
+                self.state = MachineState::Stopped;
+            }
+            return Ok(());
+        }
+        self.release_vm(graceful).await
+    }
+
+    async fn release_vm(&mut self, graceful: bool) -> Result<()> {
+        let Some(mut vm) = self.vm.take() else {
+            return Ok(());
+        };
+        self.state = MachineState::Stopped;
+        if graceful && vm.try_exit().is_none() {
+            match tokio::time::timeout(SHUTDOWN_ASK_TIMEOUT, self.ask_shutdown()).await {
+                Ok(Ok(())) => {
+                    let (back, exited) = tokio::task::spawn_blocking(move || {
+                        let r = vm.wait(Some(POWEROFF_TIMEOUT));
+                        (vm, r)
+                    })
+                    .await
+                    .map_err(|e| Error::Internal(format!("vm wait task: {e}")))?;
+                    vm = back;
+                    if exited.is_none() {
+                        tracing::warn!(machine = %self.name, "the guest did not power off within {POWEROFF_TIMEOUT:?}; stopping it");
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(machine = %self.name, "asking the agent to shut down: {e}; stopping the vm")
+                }
+                Err(_) => {
+                    tracing::warn!(machine = %self.name, "the agent did not acknowledge shutdown; stopping the vm")
+                }
+            }
+        }
+        let reason = tokio::task::spawn_blocking(move || {
+            let r = vm.stop();
+            drop(vm);
+            r
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("vm stop task: {e}")))?;
+        tracing::debug!(machine = %self.name, ?reason, "vm stopped");
+        remove_if_exists(&self.paths.vsock)?;
+        Ok(())
+    }
+
+    async fn ask_shutdown(&self) -> Result<()> {
+        let mut conn = AgentConnection::open(&self.paths.vsock, &self.name)
+            .await
+            .map_err(|e| Error::Protocol(e.to_string()))?;
+        conn.send(&Request::Shutdown).await?;
+        match conn.response(None).await? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected("shutdown", &other)),
+        }
+    }
+
+    async fn delete(&mut self) -> Result<()> {
+        if self.deleted {
+            return Ok(());
+        }
+        // The disk goes away: no need for a clean guest shutdown.
+        self.release_vm(false).await?;
+        match std::fs::remove_dir_all(&self.paths.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::io(
+                    format!("removing {}", self.paths.dir.display()),
+                    e,
+                ))
+            }
+        }
+        self.lock = None;
+        self.deleted = true;
+        self.state = MachineState::Stopped;
+        tracing::info!(machine = %self.name, "machine deleted");
+        Ok(())
+    }
+
+    /// No handle is left: a persistent machine is shut down cleanly and
+    /// kept, any other is stopped and deleted.
+    async fn last_handle_dropped(&mut self) {
+        if self.deleted {
+            return;
+        }
+        let r = if self.record.config.persistent {
+            self.stop(true).await
+        } else {
+            self.delete().await
+        };
+        if let Err(e) = r {
+            tracing::warn!(machine = %self.name, "cleaning up after the last handle: {e}");
+        }
+    }
+}
+
+impl Drop for MachineActor {
+    /// Runs when the task ends or is cancelled (runtime shut down): the VM
+    /// never outlives the actor, and a non-persistent machine leaves nothing.
+    fn drop(&mut self) {
+        if let Some(mut vm) = self.vm.take() {
+            vm.stop();
+        }
+        if !self.deleted && !self.record.config.persistent {
+            let _ = std::fs::remove_dir_all(&self.paths.dir);
+        } else {
+            let _ = std::fs::remove_file(&self.paths.vsock);
+        }
+    }
+}
+
+fn remove_if_exists(path: &std::path::Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),
+    }
+}
+
+/// `SMOL_BOOT_TIMEOUT_SECS`, else 180 s on kvm_pvm hosts (boots take ~20 s
+/// there, more under load) and 30 s elsewhere.
+fn boot_timeout() -> Duration {
+    if let Some(secs) = std::env::var("SMOL_BOOT_TIMEOUT_SECS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        return Duration::from_secs(secs.max(1));
+    }
+    if smol_vmm::is_kvm_pvm_host() {
+        Duration::from_secs(180)
+    } else {
+        Duration::from_secs(30)
+    }
+}
+
+/// The last `lines` lines of the console log, safe to print.
+pub(crate) fn console_tail(path: &std::path::Path, lines: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    const MAX: u64 = 16 * 1024;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return format!("(no console log at {})", path.display());
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(MAX)));
+    let mut buf = Vec::new();
+    let _ = f.take(MAX).read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let all: Vec<&str> = text.lines().collect();
+    let tail = all[all.len().saturating_sub(lines)..].join("\n");
+    if tail.trim().is_empty() {
+        return "(the console log is empty)".into();
+    }
+    sanitize(&tail.replace('\r', ""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_tail_is_the_end_and_safe() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("console.log");
+        let mut text = String::new();
+        for i in 0..100 {
+            text.push_str(&format!("line {i}\r\n"));
+        }
+        text.push_str("bad \x1b[0m byte\n");
+        std::fs::write(&p, text).unwrap();
+        let tail = console_tail(&p, 3);
+        assert_eq!(tail, "line 98\nline 99\nbad \u{fffd}[0m byte");
+        assert!(console_tail(&t.path().join("none"), 3).contains("no console log"));
+        std::fs::write(&p, "").unwrap();
+        assert!(console_tail(&p, 3).contains("empty"));
+    }
+}

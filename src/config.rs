@@ -1,0 +1,396 @@
+//! What a machine is made of ([`MachineConfig`]) and where it runs
+//! ([`ConnectOptions`]), with the validation that turns bad values into
+//! named errors before anything is created.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Longest machine name (the first character plus 62 more).
+pub const MAX_NAME_LEN: usize = 63;
+/// Smallest machine disk: ext4 with a journal needs a few MiB to be useful.
+pub const MIN_DISK_MB: u64 = 16;
+/// Largest machine disk (16 TiB, ext4's limit with 4 KiB blocks).
+pub const MAX_DISK_MB: u64 = 16 << 20;
+
+/// A machine: its name, resources and behaviour.
+///
+/// ```
+/// let config = smol::MachineConfig::default().name("build-1").memory_mb(256).persistent(true);
+/// assert_eq!(config.resources.memory_mb, 256);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MachineConfig {
+    /// Unique within the store; generated when absent. Allowed:
+    /// `[a-z0-9][a-z0-9-_.]{0,62}`.
+    pub name: Option<String>,
+    /// OCI image to run commands in (not available yet).
+    pub image: Option<String>,
+    /// Host directories shared into the guest (not available yet).
+    pub mounts: Vec<MountSpec>,
+    /// Host ports forwarded to guest ports (not available yet).
+    pub ports: Vec<PortSpec>,
+    pub resources: ResourceSpec,
+    /// Keep the record and disk when the last handle is dropped.
+    pub persistent: bool,
+    /// Stop after this long without requests (not available yet).
+    pub auto_stop_seconds: Option<u64>,
+    /// Delete after this long (not available yet).
+    pub ttl_seconds: Option<u64>,
+    /// Allow live copy-on-write clones (not available yet).
+    pub forkable: bool,
+}
+
+/// A host directory shared into the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSpec {
+    pub source: PathBuf,
+    pub target: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A host port forwarded to a guest port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSpec {
+    pub host: u16,
+    pub guest: u16,
+}
+
+/// CPU, memory, disk and network of a machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ResourceSpec {
+    /// vCPUs (clamped to 1 on kvm_pvm hosts by the monitor).
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mb: u32,
+    /// Size of the machine disk (the persistent root) in MiB; sparse.
+    pub disk_mb: u64,
+    /// Outbound network (not available yet).
+    pub network: bool,
+}
+
+impl Default for ResourceSpec {
+    fn default() -> Self {
+        // Small memory boots faster (early memory set-up is per page).
+        ResourceSpec {
+            cpus: 1,
+            memory_mb: 128,
+            disk_mb: 1024,
+            network: false,
+        }
+    }
+}
+
+impl MachineConfig {
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    pub fn cpus(mut self, cpus: u32) -> Self {
+        self.resources.cpus = cpus;
+        self
+    }
+
+    pub fn memory_mb(mut self, mb: u32) -> Self {
+        self.resources.memory_mb = mb;
+        self
+    }
+
+    pub fn disk_mb(mut self, mb: u64) -> Self {
+        self.resources.disk_mb = mb;
+        self
+    }
+
+    pub fn persistent(mut self, persistent: bool) -> Self {
+        self.persistent = persistent;
+        self
+    }
+
+    /// Checks every field; the first bad one is named in the error.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(name) = &self.name {
+            validate_name(name)?;
+        }
+        let r = &self.resources;
+        if r.cpus == 0 {
+            return Err(invalid("resources.cpus", "must be at least 1"));
+        }
+        if r.cpus > u32::from(smol_vmm::MAX_VCPUS) {
+            return Err(invalid(
+                "resources.cpus",
+                format!("{} is above the {} supported", r.cpus, smol_vmm::MAX_VCPUS),
+            ));
+        }
+        if r.memory_mb < smol_vmm::MIN_MEMORY_MIB {
+            return Err(invalid(
+                "resources.memory_mb",
+                format!(
+                    "{} MiB is below the {} MiB a guest needs to boot",
+                    r.memory_mb,
+                    smol_vmm::MIN_MEMORY_MIB
+                ),
+            ));
+        }
+        if r.memory_mb > smol_vmm::MAX_MEMORY_MIB {
+            return Err(invalid(
+                "resources.memory_mb",
+                format!(
+                    "{} MiB is above the {} MiB supported",
+                    r.memory_mb,
+                    smol_vmm::MAX_MEMORY_MIB
+                ),
+            ));
+        }
+        if !(MIN_DISK_MB..=MAX_DISK_MB).contains(&r.disk_mb) {
+            return Err(invalid(
+                "resources.disk_mb",
+                format!(
+                    "{} MiB is outside {MIN_DISK_MB}..={MAX_DISK_MB} MiB",
+                    r.disk_mb
+                ),
+            ));
+        }
+        // Later features: refuse rather than silently ignore them.
+        let later = [
+            (self.image.is_some(), "images (MachineConfig.image)"),
+            (!self.mounts.is_empty(), "mounts"),
+            (!self.ports.is_empty(), "port forwarding"),
+            (r.network, "outbound network (resources.network)"),
+            (self.forkable, "fork (MachineConfig.forkable)"),
+            (self.auto_stop_seconds.is_some(), "auto_stop_seconds"),
+            (self.ttl_seconds.is_some(), "ttl_seconds"),
+        ];
+        if let Some((_, what)) = later.iter().find(|(set, _)| *set) {
+            return Err(Error::Unsupported(format!(
+                "{what} is not available in this version of smol"
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
+    Error::InvalidConfig {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Machine names: `[a-z0-9][a-z0-9-_.]{0,62}`. They become directory names
+/// and parts of socket paths, hence the strict alphabet.
+pub fn validate_name(name: &str) -> Result<()> {
+    let bad = |reason: &str| {
+        invalid(
+            "name",
+            format!("{name:?} {reason} (allowed: 1 to {MAX_NAME_LEN} of a-z 0-9 - _ . starting with a-z or 0-9)"),
+        )
+    };
+    let mut chars = name.chars();
+    match chars.next() {
+        None => return Err(bad("is empty")),
+        Some(c) if !(c.is_ascii_lowercase() || c.is_ascii_digit()) => {
+            return Err(bad("must start with a lower-case letter or a digit"))
+        }
+        Some(_) => {}
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(bad("is too long"));
+    }
+    if let Some(c) = chars
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(bad(&format!("contains {c:?}")));
+    }
+    Ok(())
+}
+
+/// A fresh name: `smol-` and 8 random hex digits.
+pub(crate) fn generate_name() -> String {
+    format!("smol-{:08x}", rand::random::<u32>())
+}
+
+/// Where machines run: the embedded local engine (the default) or the
+/// cloud. `SMOL_CLOUD_TOKEN` selects the cloud in [`ConnectOptions::from_env`].
+#[derive(Clone, Default)]
+pub struct ConnectOptions {
+    pub(crate) cloud_api_key: Option<String>,
+    pub(crate) home: Option<PathBuf>,
+}
+
+impl ConnectOptions {
+    /// The embedded engine in this process, store under `SMOL_HOME`.
+    pub fn local() -> Self {
+        ConnectOptions::default()
+    }
+
+    /// The remote engine (not available yet: creating a machine with it
+    /// returns [`Error::Unsupported`]).
+    pub fn cloud(api_key: impl Into<String>) -> Self {
+        ConnectOptions {
+            cloud_api_key: Some(api_key.into()),
+            home: None,
+        }
+    }
+
+    /// Cloud when `SMOL_CLOUD_TOKEN` is set and not empty, else local.
+    pub fn from_env() -> Self {
+        match std::env::var("SMOL_CLOUD_TOKEN") {
+            Ok(token) if !token.is_empty() => ConnectOptions::cloud(token),
+            _ => ConnectOptions::local(),
+        }
+    }
+
+    /// The local store's root directory, instead of `SMOL_HOME`
+    /// (default `~/.local/share/smol`).
+    pub fn home(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.home = Some(dir.into());
+        self
+    }
+
+    pub fn is_cloud(&self) -> bool {
+        self.cloud_api_key.is_some()
+    }
+
+    pub(crate) fn require_local(&self) -> Result<()> {
+        if self.is_cloud() {
+            return Err(Error::Unsupported(
+                "the cloud engine is not available yet (unset SMOL_CLOUD_TOKEN or use ConnectOptions::local())"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ConnectOptions {
+    // Never print the API key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("target", &if self.is_cloud() { "cloud" } else { "local" })
+            .field("home", &self.home)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(e: Error) -> &'static str {
+        match e {
+            Error::InvalidConfig { field, .. } => field,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["a", "0", "web-1", "a.b_c-d", &"x".repeat(63)] {
+            validate_name(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "",
+            "-a",
+            ".a",
+            "_a",
+            "A",
+            "aB",
+            "a b",
+            "a/b",
+            "é",
+            &"x".repeat(64),
+            "a\0",
+        ] {
+            let e = validate_name(bad).unwrap_err();
+            assert_eq!(field_of(e), "name", "{bad:?}");
+        }
+        let msg = validate_name("Web").unwrap_err().to_string();
+        assert!(msg.contains("\"Web\""), "{msg}");
+    }
+
+    #[test]
+    fn generated_names_are_valid_and_differ() {
+        let a = generate_name();
+        validate_name(&a).unwrap();
+        assert_ne!(a, generate_name());
+    }
+
+    #[test]
+    fn resources() {
+        MachineConfig::default().validate().unwrap();
+        assert_eq!(
+            field_of(MachineConfig::default().cpus(0).validate().unwrap_err()),
+            "resources.cpus"
+        );
+        assert_eq!(
+            field_of(MachineConfig::default().cpus(1000).validate().unwrap_err()),
+            "resources.cpus"
+        );
+        let e = MachineConfig::default()
+            .memory_mb(8)
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("8 MiB"), "{e}");
+        assert_eq!(field_of(e), "resources.memory_mb");
+        assert_eq!(
+            field_of(MachineConfig::default().disk_mb(1).validate().unwrap_err()),
+            "resources.disk_mb"
+        );
+        assert_eq!(
+            field_of(
+                MachineConfig::default()
+                    .name("Bad!")
+                    .validate()
+                    .unwrap_err()
+            ),
+            "name"
+        );
+    }
+
+    #[test]
+    fn later_features_are_refused_not_ignored() {
+        let c = MachineConfig {
+            image: Some("alpine".into()),
+            ..Default::default()
+        };
+        assert!(matches!(c.validate(), Err(Error::Unsupported(_))));
+        let c = MachineConfig {
+            ports: vec![PortSpec {
+                host: 8080,
+                guest: 80,
+            }],
+            ..Default::default()
+        };
+        assert!(matches!(c.validate(), Err(Error::Unsupported(_))));
+    }
+
+    #[test]
+    fn config_serde_round_trip_and_defaults() {
+        let c = MachineConfig::default()
+            .name("x")
+            .persistent(true)
+            .disk_mb(64);
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<MachineConfig>(&json).unwrap(), c);
+        let partial: MachineConfig =
+            serde_json::from_str(r#"{"name":"y","resources":{"cpus":2}}"#).unwrap();
+        assert_eq!(partial.resources.cpus, 2);
+        assert_eq!(partial.resources.memory_mb, 128);
+    }
+
+    #[test]
+    fn connect_options() {
+        let c = ConnectOptions::cloud("secret-key");
+        assert!(c.is_cloud());
+        assert!(!format!("{c:?}").contains("secret"));
+        assert!(matches!(c.require_local(), Err(Error::Unsupported(_))));
+        ConnectOptions::local().require_local().unwrap();
+    }
+}

@@ -1,0 +1,473 @@
+//! The local machine store: `$SMOL_HOME/machines/<name>/`, one directory per
+//! machine holding its record (`machine.json`), console log, vsock socket
+//! and disk.
+//!
+//! Two `flock`s keep processes apart: `machines/.lock` while a machine is
+//! being reserved or opened (names, guest CIDs), and `<name>/lock` for as
+//! long as a process has the machine open. A directory whose lock nobody
+//! holds and whose record is not persistent is left over from a process that
+//! died: it is swept away.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{generate_name, validate_name, MachineConfig};
+use crate::error::{Error, Result};
+
+/// Bumped when the record format changes incompatibly.
+pub(crate) const RECORD_VERSION: u32 = 1;
+/// The first guest CID (0-2 are reserved by vsock).
+const FIRST_CID: u32 = 3;
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+/// How long `open` waits for an actor of this process that is shutting down
+/// to release the machine.
+const OWN_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// What the store remembers of a machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct MachineRecord {
+    pub version: u32,
+    pub name: String,
+    pub guest_cid: u32,
+    pub created_unix: u64,
+    pub config: MachineConfig,
+}
+
+/// The files of one machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MachinePaths {
+    pub dir: PathBuf,
+    pub record: PathBuf,
+    pub lock: PathBuf,
+    pub console_log: PathBuf,
+    pub vsock: PathBuf,
+    pub disk: PathBuf,
+}
+
+impl MachinePaths {
+    fn new(dir: PathBuf) -> Self {
+        MachinePaths {
+            record: dir.join("machine.json"),
+            lock: dir.join("lock"),
+            console_log: dir.join("console.log"),
+            vsock: dir.join("vsock.sock"),
+            disk: dir.join("disk.img"),
+            dir,
+        }
+    }
+}
+
+/// Held for as long as this process has the machine open.
+#[derive(Debug)]
+pub(crate) struct MachineLock {
+    _lock: Flock<File>,
+}
+
+impl MachineLock {
+    /// Takes the machine's lock without waiting; `Err(Some(pid))` /
+    /// `Err(None)` when another open file holds it.
+    fn try_take(path: &Path) -> Result<std::result::Result<Self, Option<u32>>> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => {
+                let _ = lock.set_len(0);
+                let _ = lock.write_all_at(std::process::id().to_string().as_bytes(), 0);
+                Ok(Ok(MachineLock { _lock: lock }))
+            }
+            Err((_, Errno::EWOULDBLOCK)) => Ok(Err(holder.trim().parse().ok())),
+            Err((_, errno)) => Err(Error::io(
+                format!("locking {}", path.display()),
+                errno.into(),
+            )),
+        }
+    }
+}
+
+/// Held while reserving or opening a machine.
+struct StoreLock {
+    _lock: Flock<File>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct MachineStore {
+    machines: PathBuf,
+}
+
+impl MachineStore {
+    /// Opens (creating if needed) the store under `home`, else `SMOL_HOME`,
+    /// else `$XDG_DATA_HOME/smol`, else `~/.local/share/smol`.
+    pub fn open(home: Option<&Path>) -> Result<Self> {
+        let root = match home {
+            Some(h) => h.to_path_buf(),
+            None => default_home(&|k| std::env::var_os(k).filter(|v| !v.is_empty())),
+        };
+        let machines = root.join("machines");
+        fs::create_dir_all(&machines)
+            .map_err(|e| Error::io(format!("creating {}", machines.display()), e))?;
+        Ok(MachineStore { machines })
+    }
+
+    pub fn paths(&self, name: &str) -> MachinePaths {
+        MachinePaths::new(self.machines.join(name))
+    }
+
+    fn lock_store(&self) -> Result<StoreLock> {
+        let path = self.machines.join(".lock");
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| Error::io(format!("locking {}", path.display()), errno.into()))?;
+        Ok(StoreLock { _lock: lock })
+    }
+
+    /// Creates a new machine's directory, lock and record: a unique name
+    /// (generated when the config has none) and a unique guest CID.
+    pub fn reserve(
+        &self,
+        config: &MachineConfig,
+    ) -> Result<(MachineRecord, MachinePaths, MachineLock)> {
+        let _store = self.lock_store()?;
+        self.sweep_stale();
+        let name = match &config.name {
+            Some(n) => {
+                validate_name(n)?;
+                n.clone()
+            }
+            None => loop {
+                let n = generate_name();
+                if !self.paths(&n).dir.exists() {
+                    break n;
+                }
+            },
+        };
+        let paths = self.paths(&name);
+        let sock_len = paths.vsock.as_os_str().len();
+        if sock_len > MAX_SOCKET_PATH {
+            return Err(Error::InvalidConfig {
+                field: "name",
+                reason: format!(
+                    "the socket path {} is {sock_len} bytes, over the {MAX_SOCKET_PATH} a unix socket allows; use a shorter name or SMOL_HOME",
+                    paths.vsock.display()
+                ),
+            });
+        }
+        match fs::create_dir(&paths.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(Error::AlreadyExists { name })
+            }
+            Err(e) => return Err(Error::io(format!("creating {}", paths.dir.display()), e)),
+        }
+        let created = (|| {
+            set_private(&paths.dir)?;
+            let lock = match MachineLock::try_take(&paths.lock)? {
+                Ok(l) => l,
+                Err(_) => return Err(Error::AlreadyExists { name: name.clone() }),
+            };
+            let record = MachineRecord {
+                version: RECORD_VERSION,
+                name: name.clone(),
+                guest_cid: self.free_cid(),
+                created_unix: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                config: MachineConfig {
+                    name: Some(name.clone()),
+                    ..config.clone()
+                },
+            };
+            write_record(&paths.record, &record)?;
+            Ok((record, lock))
+        })();
+        match created {
+            Ok((record, lock)) => Ok((record, paths, lock)),
+            Err(e) => {
+                let _ = fs::remove_dir_all(&paths.dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens an existing machine for this process. A machine another
+    /// process has open is [`Error::InUse`]; a leftover non-persistent
+    /// machine is swept and reported as [`Error::NotFound`].
+    pub fn open_machine(&self, name: &str) -> Result<(MachineRecord, MachinePaths, MachineLock)> {
+        validate_name(name)?;
+        let paths = self.paths(name);
+        let deadline = Instant::now() + OWN_LOCK_WAIT;
+        loop {
+            {
+                let _store = self.lock_store()?;
+                if !paths.dir.is_dir() {
+                    return Err(Error::NotFound { name: name.into() });
+                }
+                match MachineLock::try_take(&paths.lock)? {
+                    Ok(lock) => {
+                        let record = read_record(&paths.record)?;
+                        if !record.config.persistent {
+                            drop(lock);
+                            let _ = fs::remove_dir_all(&paths.dir);
+                            return Err(Error::NotFound { name: name.into() });
+                        }
+                        return Ok((record, paths, lock));
+                    }
+                    // One of our own actors is shutting down: it lets go soon.
+                    Err(Some(pid)) if pid == std::process::id() && Instant::now() < deadline => {}
+                    Err(pid) => {
+                        return Err(Error::InUse {
+                            name: name.into(),
+                            pid,
+                        })
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every readable record, in name order.
+    pub fn records(&self) -> Vec<MachineRecord> {
+        let mut out: Vec<MachineRecord> = fs::read_dir(&self.machines)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| read_record(&e.path().join("machine.json")).ok())
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    fn free_cid(&self) -> u32 {
+        let used: std::collections::BTreeSet<u32> =
+            self.records().iter().map(|r| r.guest_cid).collect();
+        (FIRST_CID..)
+            .find(|c| !used.contains(c))
+            .unwrap_or(FIRST_CID)
+    }
+
+    /// Removes directories of non-persistent machines that no process has
+    /// open (their owner died). Called with the store lock held.
+    fn sweep_stale(&self) {
+        let Ok(entries) = fs::read_dir(&self.machines) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            let paths = MachinePaths::new(dir.clone());
+            let persistent = read_record(&paths.record)
+                .map(|r| r.config.persistent)
+                .unwrap_or(false);
+            if persistent {
+                continue;
+            }
+            if let Ok(Ok(lock)) = MachineLock::try_take(&paths.lock) {
+                tracing::warn!(dir = %dir.display(), "removing a machine left over by a process that ended");
+                let _ = fs::remove_dir_all(&dir);
+                drop(lock);
+            }
+        }
+    }
+}
+
+/// `SMOL_HOME`, else `$XDG_DATA_HOME/smol`, else `~/.local/share/smol`.
+fn default_home(env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
+    if let Some(h) = env("SMOL_HOME") {
+        return PathBuf::from(h);
+    }
+    if let Some(d) = env("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("smol");
+    }
+    crate::assets::home(env)
+        .join(".local")
+        .join("share")
+        .join("smol")
+}
+
+fn set_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(format!("restricting {}", dir.display()), e))
+}
+
+/// Writes the record atomically (temporary file, then rename).
+pub(crate) fn write_record(path: &Path, record: &MachineRecord) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let json = serde_json::to_vec_pretty(record).map_err(|e| Error::Store {
+        path: path.to_path_buf(),
+        reason: format!("encoding the record: {e}"),
+    })?;
+    fs::write(&tmp, json).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    fs::rename(&tmp, path)
+        .map_err(|e| Error::io(format!("renaming {} into place", tmp.display()), e))
+}
+
+pub(crate) fn read_record(path: &Path) -> Result<MachineRecord> {
+    let bytes = fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let record: MachineRecord = serde_json::from_slice(&bytes).map_err(|e| Error::Store {
+        path: path.to_path_buf(),
+        reason: format!("unreadable record: {e}"),
+    })?;
+    if record.version != RECORD_VERSION {
+        return Err(Error::Store {
+            path: path.to_path_buf(),
+            reason: format!(
+                "record version {} (this smol reads {RECORD_VERSION})",
+                record.version
+            ),
+        });
+    }
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, MachineStore) {
+        let t = tempfile::tempdir().unwrap();
+        let s = MachineStore::open(Some(t.path())).unwrap();
+        (t, s)
+    }
+
+    #[test]
+    fn home_rules() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.into())
+        };
+        assert_eq!(
+            default_home(&env(&[("SMOL_HOME", "/s"), ("HOME", "/h")])),
+            PathBuf::from("/s")
+        );
+        assert_eq!(
+            default_home(&env(&[("XDG_DATA_HOME", "/x"), ("HOME", "/h")])),
+            PathBuf::from("/x/smol")
+        );
+        assert_eq!(
+            default_home(&env(&[("HOME", "/h")])),
+            PathBuf::from("/h/.local/share/smol")
+        );
+    }
+
+    #[test]
+    fn reserve_names_cids_and_records() {
+        let (_t, s) = store();
+        let (a, pa, _la) = s
+            .reserve(&MachineConfig::default().name("a").persistent(true))
+            .unwrap();
+        assert_eq!(a.guest_cid, 3);
+        assert_eq!(read_record(&pa.record).unwrap(), a);
+        let (b, _pb, _lb) = s.reserve(&MachineConfig::default()).unwrap();
+        assert!(b.name.starts_with("smol-"));
+        assert_eq!(b.config.name.as_deref(), Some(b.name.as_str()));
+        assert_eq!(b.guest_cid, 4);
+        let e = s.reserve(&MachineConfig::default().name("a")).unwrap_err();
+        assert!(
+            matches!(&e, Error::AlreadyExists { name } if name == "a"),
+            "{e}"
+        );
+        assert_eq!(s.records().len(), 2);
+    }
+
+    #[test]
+    fn open_and_in_use() {
+        let (_t, s) = store();
+        assert!(matches!(
+            s.open_machine("nope"),
+            Err(Error::NotFound { .. })
+        ));
+        let (_r, _p, lock) = s
+            .reserve(&MachineConfig::default().name("p").persistent(true))
+            .unwrap();
+        drop(lock);
+        let (r, _p, lock) = s.open_machine("p").unwrap();
+        assert_eq!(r.name, "p");
+        // A second opener in another process would get InUse; within the
+        // process the holder's pid is ours, so this waits, then gives up.
+        let s2 = s.clone();
+        let h = std::thread::spawn(move || s2.open_machine("p").map(|_| ()));
+        std::thread::sleep(Duration::from_millis(100));
+        drop(lock);
+        h.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn stale_non_persistent_machines_are_swept() {
+        let (_t, s) = store();
+        let (_r, p, lock) = s.reserve(&MachineConfig::default().name("gone")).unwrap();
+        // Still locked: kept, and its name is taken.
+        assert!(matches!(
+            s.reserve(&MachineConfig::default().name("gone")),
+            Err(Error::AlreadyExists { .. })
+        ));
+        drop(lock);
+        let (_r2, p2, _l2) = s.reserve(&MachineConfig::default().name("other")).unwrap();
+        assert!(!p.dir.exists(), "stale machine not swept");
+        assert!(p2.dir.exists());
+        // A persistent one whose owner is gone stays.
+        let (_r3, p3, l3) = s
+            .reserve(&MachineConfig::default().name("kept").persistent(true))
+            .unwrap();
+        drop(l3);
+        s.reserve(&MachineConfig::default().name("x")).unwrap();
+        assert!(p3.dir.exists());
+    }
+
+    #[test]
+    fn bad_records_are_named_errors() {
+        let (t, _s) = store();
+        let p = t.path().join("r.json");
+        fs::write(&p, b"{nope").unwrap();
+        assert!(matches!(read_record(&p), Err(Error::Store { .. })));
+        let mut r = MachineRecord {
+            version: 99,
+            name: "a".into(),
+            guest_cid: 3,
+            created_unix: 0,
+            config: MachineConfig::default(),
+        };
+        fs::write(&p, serde_json::to_vec(&r).unwrap()).unwrap();
+        assert!(read_record(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("version 99"));
+        r.version = RECORD_VERSION;
+        write_record(&p, &r).unwrap();
+        assert_eq!(read_record(&p).unwrap(), r);
+    }
+
+    #[test]
+    fn socket_path_too_long() {
+        let t = tempfile::tempdir().unwrap();
+        let deep = t.path().join("d".repeat(60));
+        let s = MachineStore::open(Some(&deep)).unwrap();
+        let e = s
+            .reserve(&MachineConfig::default().name("n".repeat(60)))
+            .unwrap_err();
+        assert!(e.to_string().contains("unix socket"), "{e}");
+        assert!(s.records().is_empty());
+    }
+}
