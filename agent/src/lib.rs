@@ -4,6 +4,7 @@
 
 pub mod exec;
 pub mod files;
+pub mod image;
 pub mod protocol;
 pub mod reaper;
 pub mod server;
