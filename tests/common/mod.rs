@@ -1,0 +1,177 @@
+//! Shared helpers of the integration tests that boot real guests.
+//!
+//! Guests boot slowly on kvm_pvm hosts (~20 s), so a test boots one machine
+//! and runs many named checks on it; each check is reported as it ends
+//! (straight to stderr, past the test harness's capture) and the test fails
+//! at the end listing every failed check.
+
+#![allow(dead_code)]
+
+use std::fmt::Display;
+use std::future::Future;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// Prints a line to the terminal even when the harness captures output.
+#[macro_export]
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// Fails a check with a formatted message unless `cond` holds.
+#[macro_export]
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)*) => {
+        if !$cond {
+            return Err(format!($($arg)*));
+        }
+    };
+}
+
+pub type CheckResult = Result<(), String>;
+
+/// Adds context to any error, turning it into a check failure message.
+pub trait Ctx<T> {
+    fn ctx(self, what: &str) -> Result<T, String>;
+}
+
+impl<T, E: Display> Ctx<T> for Result<T, E> {
+    fn ctx(self, what: &str) -> Result<T, String> {
+        self.map_err(|e| format!("{what}: {e}"))
+    }
+}
+
+/// Named checks run in sequence; failures are collected, not fatal.
+pub struct Checks {
+    suite: &'static str,
+    passed: Vec<String>,
+    failed: Vec<String>,
+}
+
+impl Checks {
+    pub fn new(suite: &'static str) -> Self {
+        Checks {
+            suite,
+            passed: Vec::new(),
+            failed: Vec::new(),
+        }
+    }
+
+    pub async fn run<F: Future<Output = CheckResult>>(&mut self, name: &str, check: F) -> bool {
+        let t = Instant::now();
+        let r = check.await;
+        let took = t.elapsed();
+        match r {
+            Ok(()) => {
+                report!("[{}] ok     {name} ({took:.2?})", self.suite);
+                self.passed.push(name.to_string());
+                true
+            }
+            Err(e) => {
+                report!("[{}] FAILED {name} ({took:.2?}): {e}", self.suite);
+                self.failed.push(format!("{name}: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Panics with every failure if any check failed.
+    pub fn finish(self) {
+        report!(
+            "[{}] {} checks passed, {} failed",
+            self.suite,
+            self.passed.len(),
+            self.failed.len()
+        );
+        if !self.failed.is_empty() {
+            panic!(
+                "{} failed checks:\n  {}",
+                self.failed.len(),
+                self.failed.join("\n  ")
+            );
+        }
+    }
+}
+
+/// A multi-threaded runtime whose idle blocking threads end quickly, so
+/// thread counts settle soon after a machine is gone.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_keep_alive(Duration::from_millis(300))
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+pub fn sha256(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// Deterministic pseudo-random bytes (xorshift), cheap for large sizes.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn count_dir(path: &str) -> usize {
+    std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Threads and open fds of this process.
+pub fn threads_and_fds() -> (usize, usize) {
+    (count_dir("/proc/self/task"), count_dir("/proc/self/fd"))
+}
+
+/// Child processes of this process (all threads).
+pub fn children() -> Vec<String> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(c.split_whitespace().map(str::to_string));
+        }
+    }
+    out
+}
+
+/// Polls `cond` until it holds or `within` passes.
+pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Nothing of a machine directory remains.
+pub fn gone(dir: &Path) -> bool {
+    !dir.exists()
+}
+
+/// Flushes stderr (reports are unbuffered, this is for symmetry).
+pub fn flush() {
+    let _ = std::io::stderr().flush();
+}

@@ -1,0 +1,789 @@
+//! The Machine API against real guests: boot, exec, streams, files,
+//! stop/start, persistence, delete and drop clean-up.
+//!
+//! Guest boots cost ~20 s on kvm_pvm hosts, so this boots three guests in
+//! all: machine A (persistent) serves nearly every check, is stopped,
+//! re-opened with `connect` and started again (boot 2), then deleted;
+//! machine B only proves that dropping the last handle cleans up. Data-heavy
+//! checks run at small sizes on kvm_pvm hosts and say so.
+//!
+//! Missing guest assets fail the test loudly: run `cargo xtask assets`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{CheckResult, Checks, Ctx};
+use futures::StreamExt;
+use smol::{
+    ConnectOptions, Error, ExecEvent, ExecOptions, GuestErrorKind, Machine, MachineConfig,
+    MachineState,
+};
+
+const MIB: usize = 1 << 20;
+
+fn opts(home: &std::path::Path) -> ConnectOptions {
+    ConnectOptions::local().home(home)
+}
+
+fn pvm() -> bool {
+    smol::is_kvm_pvm_host()
+}
+
+#[test]
+fn config_errors_need_no_boot() {
+    let home = tempfile::Builder::new()
+        .prefix("smol-cfg")
+        .tempdir_in("/tmp")
+        .unwrap();
+    common::runtime().block_on(async {
+        let mut c = Checks::new("config");
+        let o = opts(home.path());
+        c.run("zero cpus", async {
+            let e = Machine::create_with(MachineConfig::default().cpus(0), o.clone())
+                .await
+                .unwrap_err();
+            ensure!(
+                matches!(
+                    e,
+                    Error::InvalidConfig {
+                        field: "resources.cpus",
+                        ..
+                    }
+                ),
+                "got {e}"
+            );
+            Ok(())
+        })
+        .await;
+        c.run("memory below the minimum", async {
+            let e = Machine::create_with(MachineConfig::default().memory_mb(16), o.clone())
+                .await
+                .unwrap_err();
+            ensure!(
+                matches!(
+                    e,
+                    Error::InvalidConfig {
+                        field: "resources.memory_mb",
+                        ..
+                    }
+                ),
+                "got {e}"
+            );
+            ensure!(
+                e.to_string().contains("16 MiB"),
+                "message does not name the value: {e}"
+            );
+            Ok(())
+        })
+        .await;
+        c.run("bad names", async {
+            for bad in [
+                "",
+                "Upper",
+                "-dash",
+                "has space",
+                "slash/x",
+                &"x".repeat(64),
+            ] {
+                let e = Machine::create_with(MachineConfig::default().name(bad), o.clone())
+                    .await
+                    .unwrap_err();
+                ensure!(
+                    matches!(e, Error::InvalidConfig { field: "name", .. }),
+                    "{bad:?}: got {e}"
+                );
+            }
+            Ok(())
+        })
+        .await;
+        c.run("disk too small", async {
+            let e = Machine::create_with(MachineConfig::default().disk_mb(1), o.clone())
+                .await
+                .unwrap_err();
+            ensure!(
+                matches!(
+                    e,
+                    Error::InvalidConfig {
+                        field: "resources.disk_mb",
+                        ..
+                    }
+                ),
+                "got {e}"
+            );
+            Ok(())
+        })
+        .await;
+        c.run("cloud target is unsupported, not faked", async {
+            let e = Machine::create_with(MachineConfig::default(), ConnectOptions::cloud("key"))
+                .await
+                .unwrap_err();
+            ensure!(matches!(e, Error::Unsupported(_)), "got {e}");
+            Ok(())
+        })
+        .await;
+        c.run("connect to an unknown machine", async {
+            let e = Machine::connect_with("nobody", o.clone())
+                .await
+                .unwrap_err();
+            ensure!(
+                matches!(&e, Error::NotFound { name } if name == "nobody"),
+                "got {e}"
+            );
+            Ok(())
+        })
+        .await;
+        c.run("nothing was created", async {
+            let n = std::fs::read_dir(home.path().join("machines"))
+                .map(|d| {
+                    d.filter(|e| e.as_ref().is_ok_and(|e| e.path().is_dir()))
+                        .count()
+                })
+                .unwrap_or(0);
+            ensure!(n == 0, "{n} machine directories left behind");
+            Ok(())
+        })
+        .await;
+        c.finish();
+    });
+}
+
+#[test]
+fn machine_end_to_end() {
+    // A short home: the vsock socket path must fit in sun_path.
+    let home = tempfile::Builder::new()
+        .prefix("smol-e2e")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let rt = common::runtime();
+    rt.block_on(end_to_end(home.path()));
+}
+
+async fn end_to_end(home: &std::path::Path) {
+    let o = opts(home);
+    let (threads0, fds0) = common::threads_and_fds();
+    report!(
+        "[e2e] host: {}; baseline {threads0} threads, {fds0} fds",
+        if pvm() {
+            "kvm_pvm (data-heavy checks run at small sizes)"
+        } else {
+            "real KVM"
+        }
+    );
+    let disk_mb = 256;
+    let config = MachineConfig::default()
+        .name("e2e-a")
+        .persistent(true)
+        .disk_mb(disk_mb);
+    let t = Instant::now();
+    let a = match Machine::create_with(config.clone(), o.clone()).await {
+        Ok(m) => m,
+        Err(e) => panic!(
+            "creating the test machine failed (assets missing? run `cargo xtask assets`):\n{e}"
+        ),
+    };
+    report!("[e2e] machine {} booted in {:.1?}", a.name(), t.elapsed());
+    if let Ok(Some(tm)) = a.boot_timings().await {
+        report!("[e2e] timings: {tm:?}");
+    }
+    let mut c = Checks::new("e2e");
+
+    c.run("state is running", async {
+        let s = a.state().await.ctx("state")?;
+        ensure!(s == MachineState::Running, "state {s}");
+        Ok(())
+    })
+    .await;
+
+    c.run("a second machine of the same name is refused", async {
+        let e = Machine::create_with(config.clone(), o.clone())
+            .await
+            .unwrap_err();
+        ensure!(
+            matches!(&e, Error::AlreadyExists { name } if name == "e2e-a"),
+            "got {e}"
+        );
+        Ok(())
+    })
+    .await;
+
+    c.run("argv with spaces and quotes passes untouched", async {
+        let args = [
+            "a b",
+            "'single'",
+            "\"double\"",
+            "$HOME",
+            "*",
+            "",
+            "back\\slash",
+            "semi;colon",
+        ];
+        let mut argv = vec!["printf", "[%s]"];
+        argv.extend(args);
+        let r = a.exec(&argv).await.ctx("exec printf")?;
+        let want: String = args.iter().map(|s| format!("[{s}]")).collect();
+        ensure!(
+            r.exit_code == 0,
+            "exit {} stderr {:?}",
+            r.exit_code,
+            r.stderr_lossy()
+        );
+        ensure!(
+            r.stdout_lossy() == want,
+            "stdout {:?}, want {want:?}",
+            r.stdout_lossy()
+        );
+        Ok(())
+    })
+    .await;
+
+    c.run("exit code", async {
+        let r = a.exec(["sh", "-c", "exit 3"]).await.ctx("exec")?;
+        ensure!(
+            r.exit_code == 3 && r.signal.is_none() && !r.success(),
+            "{r:?}"
+        );
+        Ok(())
+    })
+    .await;
+
+    c.run("killed by a signal", async {
+        let r = a.exec(["sh", "-c", "kill -9 $$"]).await.ctx("exec")?;
+        ensure!(r.signal == Some(9) && r.exit_code == 137, "{r:?}");
+        Ok(())
+    })
+    .await;
+
+    c.run("stdout and stderr kept apart", async {
+        let r = a
+            .exec(["sh", "-c", "echo out; echo err >&2; echo out2"])
+            .await
+            .ctx("exec")?;
+        ensure!(
+            r.stdout_lossy() == "out\nout2\n",
+            "stdout {:?}",
+            r.stdout_lossy()
+        );
+        ensure!(r.stderr_lossy() == "err\n", "stderr {:?}", r.stderr_lossy());
+        Ok(())
+    })
+    .await;
+
+    c.run("env and workdir", async {
+        let r = a
+            .exec_with(
+                ["sh", "-c", "echo \"$FOO|$BAR\"; pwd"],
+                ExecOptions::default()
+                    .env("FOO", "a b")
+                    .env("BAR", "x=y")
+                    .workdir("/tmp"),
+            )
+            .await
+            .ctx("exec")?;
+        ensure!(
+            r.stdout_lossy() == "a b|x=y\n/tmp\n",
+            "stdout {:?} stderr {:?}",
+            r.stdout_lossy(),
+            r.stderr_lossy()
+        );
+        Ok(())
+    })
+    .await;
+
+    c.run("missing program and bad workdir are named errors", async {
+        let e = a.exec(["/no/such/program"]).await.unwrap_err();
+        ensure!(
+            matches!(
+                e,
+                Error::Guest {
+                    kind: GuestErrorKind::NotFound,
+                    ..
+                }
+            ),
+            "missing program: {e}"
+        );
+        ensure!(
+            e.to_string().contains("/no/such/program"),
+            "message does not name it: {e}"
+        );
+        let e = a
+            .exec_with(["true"], ExecOptions::default().workdir("/no/such/dir"))
+            .await
+            .unwrap_err();
+        ensure!(matches!(e, Error::Guest { .. }), "bad workdir: {e}");
+        ensure!(
+            e.to_string().contains("/no/such/dir"),
+            "message does not name it: {e}"
+        );
+        Ok(())
+    })
+    .await;
+
+    c.run("a timeout kills the command and its children", async {
+        let t = Instant::now();
+        let r = a
+            .exec_with(
+                ["sh", "-c", "sleep 600 & sleep 600"],
+                ExecOptions::default().timeout(Duration::from_secs(2)),
+            )
+            .await
+            .ctx("exec")?;
+        let took = t.elapsed();
+        ensure!(r.timed_out, "not reported as timed out: {r:?}");
+        ensure!(r.signal.is_some() && r.exit_code > 128, "{r:?}");
+        ensure!(took < Duration::from_secs(30), "took {took:?}");
+        // Killed as a group: no sleep may survive (the agent reaps them).
+        let mut left = String::new();
+        for _ in 0..50 {
+            let ps = a.exec(["ps", "-o", "pid,args"]).await.ctx("ps")?;
+            left = ps
+                .stdout_lossy()
+                .lines()
+                .filter(|l| l.contains("sleep 600"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            if left.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        ensure!(left.is_empty(), "still running: {left}");
+        Ok(())
+    })
+    .await;
+
+    c.run("8 concurrent execs: a sleeper does not delay the others", async {
+        // Size the sleeper from one measured exec, so that it dominates even
+        // where every fork+exec costs half a second (kvm_pvm).
+        let t = Instant::now();
+        a.exec(["true"]).await.ctx("exec true")?;
+        let one = t.elapsed();
+        let sleep_s = (one.as_secs_f64() * 10.0).ceil().max(3.0) as u64;
+        report!("[e2e]   one exec of `true`: {one:.2?}; the sleeper sleeps {sleep_s} s");
+        let start = Instant::now();
+        let sleeper = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                let r = a.exec(["sleep", &sleep_s.to_string()]).await;
+                (r, start.elapsed())
+            })
+        };
+        let mut fast = Vec::new();
+        for i in 0..7 {
+            let a = a.clone();
+            fast.push(tokio::spawn(async move {
+                let r = a.exec(["echo", &i.to_string()]).await;
+                (i, r, start.elapsed())
+            }));
+        }
+        let mut slowest = Duration::ZERO;
+        for f in fast {
+            let (i, r, took) = f.await.ctx("join")?;
+            let r = r.ctx("fast exec")?;
+            ensure!(r.stdout_lossy() == format!("{i}\n"), "exec {i} printed {:?}", r.stdout_lossy());
+            slowest = slowest.max(took);
+        }
+        let (r, sleeper_took) = sleeper.await.ctx("join")?;
+        r.ctx("sleeper")?;
+        report!("[e2e]   7 fast execs done after {slowest:.2?}; the sleeper after {sleeper_took:.2?}");
+        ensure!(
+            slowest + Duration::from_millis(500) < sleeper_took,
+            "the fast execs ({slowest:?}) did not finish well before the sleeper ({sleeper_took:?})"
+        );
+        Ok(())
+    })
+    .await;
+
+    c.run("exec_stream: large output arrives complete", async {
+        let target = if pvm() { MIB } else { 64 * MIB };
+        // `seq` runs in guest user mode (fast everywhere) and its output is
+        // known here: byte count and checksum are checked exactly.
+        let mut n = 0u64;
+        let mut expected = Vec::with_capacity(target + 64);
+        while expected.len() < target {
+            n += 1;
+            expected.extend_from_slice(format!("{n}\n").as_bytes());
+        }
+        report!(
+            "[e2e]   streaming {} bytes (`seq 1 {n}`){}",
+            expected.len(),
+            if pvm() {
+                "; 1 MiB on this kvm_pvm host, 64 MiB on real KVM"
+            } else {
+                ""
+            }
+        );
+        let t = Instant::now();
+        let mut s = a
+            .exec_stream(["seq", "1", &n.to_string()])
+            .await
+            .ctx("exec_stream")?;
+        let mut got = Vec::with_capacity(expected.len());
+        let mut chunks = 0;
+        let mut exit = None;
+        while let Some(ev) = s.next().await {
+            match ev.ctx("stream")? {
+                ExecEvent::Stdout(b) => {
+                    chunks += 1;
+                    got.extend_from_slice(&b);
+                }
+                ExecEvent::Stderr(b) => {
+                    return Err(format!("stderr: {:?}", String::from_utf8_lossy(&b)))
+                }
+                ExecEvent::Exit(code) => exit = Some(code),
+                ExecEvent::Error(e) => return Err(format!("error event: {e}")),
+            }
+        }
+        let took = t.elapsed();
+        ensure!(exit == Some(0), "exit {exit:?}");
+        ensure!(
+            got.len() == expected.len(),
+            "got {} bytes, want {}",
+            got.len(),
+            expected.len()
+        );
+        ensure!(
+            common::sha256(&got) == common::sha256(&expected),
+            "checksum differs"
+        );
+        report!(
+            "[e2e]   {} bytes in {chunks} chunks, {took:.2?} ({:.2} MB/s)",
+            got.len(),
+            got.len() as f64 / took.as_secs_f64() / 1e6
+        );
+        Ok(())
+    })
+    .await;
+
+    c.run("exec_stream: events arrive live", async {
+        let t = Instant::now();
+        let mut s = a
+            .exec_stream(["sh", "-c", "echo first; sleep 2; echo second"])
+            .await
+            .ctx("exec_stream")?;
+        let mut first_at = None;
+        let mut events = Vec::new();
+        while let Some(ev) = s.next().await {
+            let ev = ev.ctx("stream")?;
+            if first_at.is_none() && matches!(ev, ExecEvent::Stdout(_)) {
+                first_at = Some(t.elapsed());
+            }
+            events.push(ev);
+        }
+        let total = t.elapsed();
+        let first_at = first_at.ok_or("no stdout event")?;
+        ensure!(
+            matches!(events.last(), Some(ExecEvent::Exit(0))),
+            "last event {:?}",
+            events.last()
+        );
+        ensure!(
+            first_at + Duration::from_millis(1500) < total,
+            "first output at {first_at:?}, end at {total:?}: not live"
+        );
+        Ok(())
+    })
+    .await;
+
+    let sizes: Vec<usize> = if pvm() {
+        vec![0, 1, MIB]
+    } else {
+        vec![0, 1, 10 * MIB, 256 * MIB]
+    };
+    c.run("write_file/read_file round trips", async {
+        if pvm() {
+            report!("[e2e]   sizes 0 B, 1 B, 1 MiB on this kvm_pvm host (10 MiB and 256 MiB on real KVM)");
+        }
+        for (i, &size) in sizes.iter().enumerate() {
+            let data = common::random_bytes(size, 0x5eed + i as u64);
+            let path = format!("/root/rt-{size}.bin");
+            let t = Instant::now();
+            a.write_file(&path, data.clone(), None).await.ctx(&format!("write {size} B"))?;
+            let wrote = t.elapsed();
+            let t = Instant::now();
+            let back = a.read_file(&path).await.ctx(&format!("read {size} B"))?;
+            let read = t.elapsed();
+            ensure!(back.len() == size, "{path}: read {} bytes back, wrote {size}", back.len());
+            ensure!(common::sha256(&back) == common::sha256(&data), "{path}: checksum differs");
+            let sum = a.exec(["sha256sum", &path]).await.ctx("sha256sum")?;
+            ensure!(
+                sum.stdout_lossy().starts_with(&common::sha256(&data)),
+                "{path}: the guest's sha256sum says {:?}",
+                sum.stdout_lossy()
+            );
+            report!("[e2e]   {size} B: write {wrote:.2?}, read {read:.2?}");
+        }
+        Ok(())
+    })
+    .await;
+
+    c.run(
+        "streaming file forms and exec_stream of binary data",
+        async {
+            let data = common::random_bytes(300_000, 7);
+            let n = a
+                .write_file_from("/root/streamed.bin", &data[..], Some(0o600))
+                .await
+                .ctx("write_file_from")?;
+            ensure!(n == data.len() as u64, "wrote {n}");
+            let s = a
+                .read_file_stream("/root/streamed.bin")
+                .await
+                .ctx("read_file_stream")?;
+            ensure!(s.size() == data.len() as u64, "size {}", s.size());
+            ensure!(s.mode() & 0o7777 == 0o600, "mode {:o}", s.mode());
+            let mut back = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut s.into_reader(), &mut back)
+                .await
+                .ctx("reader")?;
+            ensure!(back == data, "streamed read differs");
+            let mut st = a
+                .exec_stream(["cat", "/root/streamed.bin"])
+                .await
+                .ctx("cat")?;
+            let mut out = Vec::new();
+            while let Some(ev) = st.next().await {
+                if let ExecEvent::Stdout(b) = ev.ctx("stream")? {
+                    out.extend_from_slice(&b);
+                }
+            }
+            ensure!(
+                out == data,
+                "cat through exec_stream differs ({} bytes)",
+                out.len()
+            );
+            Ok(())
+        },
+    )
+    .await;
+
+    c.run("mode shows in stat", async {
+        a.write_file("/root/run.sh", "#!/bin/sh\necho hi\n", Some(0o755))
+            .await
+            .ctx("write")?;
+        let r = a
+            .exec(["stat", "-c", "%a", "/root/run.sh"])
+            .await
+            .ctx("stat")?;
+        ensure!(
+            r.stdout_lossy().trim() == "755",
+            "stat says {:?}",
+            r.stdout_lossy()
+        );
+        let r = a.exec(["/root/run.sh"]).await.ctx("run it")?;
+        ensure!(r.stdout_lossy() == "hi\n", "{r:?}");
+        a.write_file("/root/plain", "x", None).await.ctx("write")?;
+        let r = a
+            .exec(["stat", "-c", "%a", "/root/plain"])
+            .await
+            .ctx("stat")?;
+        ensure!(
+            r.stdout_lossy().trim() == "644",
+            "default mode {:?}",
+            r.stdout_lossy()
+        );
+        Ok(())
+    })
+    .await;
+
+    c.run("file error cases name the path", async {
+        let e = a.write_file("/no/such/dir/f", "x", None).await.unwrap_err();
+        ensure!(
+            matches!(&e, Error::FileNotFound { path } if path == "/no/such/dir/f"),
+            "missing parent: {e}"
+        );
+        let e = a.write_file("/tmp", "x", None).await.unwrap_err();
+        ensure!(
+            matches!(&e, Error::IsADirectory { path } if path == "/tmp"),
+            "directory: {e}"
+        );
+        let e = a.read_file("/no/such/file").await.unwrap_err();
+        ensure!(
+            matches!(&e, Error::FileNotFound { path } if path == "/no/such/file"),
+            "missing file: {e}"
+        );
+        let e = a.read_file("/tmp").await.unwrap_err();
+        ensure!(
+            matches!(&e, Error::IsADirectory { .. }),
+            "read a directory: {e}"
+        );
+        let e = a.read_file("relative").await.unwrap_err();
+        ensure!(
+            matches!(e, Error::InvalidArgument { what: "path", .. }),
+            "relative path: {e}"
+        );
+        Ok(())
+    })
+    .await;
+
+    c.run("df shows the requested disk size", async {
+        let r = a.exec(["df", "-k"]).await.ctx("df")?;
+        let want_kib = disk_mb * 1024;
+        let found = r.stdout_lossy().lines().skip(1).any(|l| {
+            let total: u64 = l
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            total > want_kib * 85 / 100 && total <= want_kib
+        });
+        ensure!(
+            found,
+            "no filesystem of ~{disk_mb} MiB in:\n{}",
+            r.stdout_lossy()
+        );
+        Ok(())
+    })
+    .await;
+
+    // Written before the stop, checked after the start.
+    let keep = common::random_bytes(100_000, 42);
+    c.run("write the files that must survive a restart", async {
+        a.write_file("/root/keep.bin", keep.clone(), None)
+            .await
+            .ctx("write /root/keep.bin")?;
+        a.write_file("/etc/smol-marker", "still here\n", None)
+            .await
+            .ctx("write /etc/smol-marker")?;
+        Ok(())
+    })
+    .await;
+
+    c.run("connect to an open machine gives the same machine", async {
+        let again = Machine::connect_with("e2e-a", o.clone())
+            .await
+            .ctx("connect")?;
+        ensure!(again.name() == "e2e-a", "name {}", again.name());
+        ensure!(
+            again.state().await.ctx("state")? == MachineState::Running,
+            "not running"
+        );
+        Ok(())
+    })
+    .await;
+
+    c.run("stop: state stopped, exec and files are clear errors", async {
+        let t = Instant::now();
+        a.stop().await.ctx("stop")?;
+        report!("[e2e]   stopped in {:.2?}", t.elapsed());
+        let s = a.state().await.ctx("state")?;
+        ensure!(s == MachineState::Stopped, "state {s}");
+        let e = a.exec(["true"]).await.unwrap_err();
+        ensure!(
+            matches!(&e, Error::NotRunning { name, state: MachineState::Stopped } if name == "e2e-a"),
+            "exec on a stopped machine: {e}"
+        );
+        let e = a.read_file("/etc/hostname").await.unwrap_err();
+        ensure!(matches!(e, Error::NotRunning { .. }), "read_file on a stopped machine: {e}");
+        a.stop().await.ctx("a second stop is a no-op")?;
+        Ok(())
+    })
+    .await;
+
+    // Drop every handle of the persistent machine: its record and disk stay.
+    let dir = a.dir().to_path_buf();
+    drop(a);
+    c.run(
+        "a dropped persistent machine keeps its record and disk",
+        async {
+            ensure!(
+                dir.join("machine.json").is_file() && dir.join("disk.img").is_file(),
+                "record or disk gone"
+            );
+            Ok(())
+        },
+    )
+    .await;
+
+    let mut a2 = None;
+    c.run("connect + start boots it again with its files", async {
+        let m = Machine::connect_with("e2e-a", o.clone())
+            .await
+            .ctx("connect")?;
+        ensure!(
+            m.state().await.ctx("state")? == MachineState::Stopped,
+            "not stopped after connect"
+        );
+        let t = Instant::now();
+        m.start().await.ctx("start")?;
+        report!("[e2e]   started again in {:.1?}", t.elapsed());
+        ensure!(
+            m.state().await.ctx("state")? == MachineState::Running,
+            "not running after start"
+        );
+        let back = m.read_file("/root/keep.bin").await.ctx("read keep.bin")?;
+        ensure!(
+            common::sha256(&back) == common::sha256(&keep),
+            "keep.bin differs after restart"
+        );
+        let marker = m.read_file("/etc/smol-marker").await.ctx("read marker")?;
+        ensure!(&marker[..] == b"still here\n", "marker {:?}", marker);
+        a2 = Some(m);
+        Ok(())
+    })
+    .await;
+
+    if let Some(m) = a2 {
+        c.run(
+            "delete leaves no file, socket, thread, fd or process",
+            async {
+                let dir = m.dir().to_path_buf();
+                m.delete().await.ctx("delete")?;
+                ensure!(common::gone(&dir), "{} still exists", dir.display());
+                let e = m.state().await.unwrap_err();
+                ensure!(
+                    matches!(e, Error::NotFound { .. }),
+                    "state after delete: {e}"
+                );
+                let e = Machine::connect_with("e2e-a", o.clone()).await.unwrap_err();
+                ensure!(
+                    matches!(e, Error::NotFound { .. }),
+                    "connect after delete: {e}"
+                );
+                drop(m);
+                settle(threads0, fds0).await
+            },
+        )
+        .await;
+    }
+
+    c.run(
+        "a dropped non-persistent machine is stopped and removed",
+        async {
+            let b = Machine::create_with(MachineConfig::default().disk_mb(64), o.clone())
+                .await
+                .ctx("create b")?;
+            let r = b.exec(["echo", "b"]).await.ctx("exec")?;
+            ensure!(r.stdout_lossy() == "b\n", "{r:?}");
+            let dir = b.dir().to_path_buf();
+            drop(b);
+            ensure!(
+                common::eventually(Duration::from_secs(30), || common::gone(&dir)).await,
+                "{} still exists 30 s after the drop",
+                dir.display()
+            );
+            settle(threads0, fds0).await
+        },
+    )
+    .await;
+
+    c.finish();
+}
+
+/// Waits for thread and fd counts to come back to the baseline and checks
+/// that no child process remains.
+async fn settle(threads0: usize, fds0: usize) -> CheckResult {
+    let ok = common::eventually(Duration::from_secs(20), || {
+        let (t, f) = common::threads_and_fds();
+        t <= threads0 && f <= fds0
+    })
+    .await;
+    let (t, f) = common::threads_and_fds();
+    ensure!(
+        ok,
+        "threads {t} (baseline {threads0}), fds {f} (baseline {fds0})"
+    );
+    let kids = common::children();
+    ensure!(kids.is_empty(), "child processes left: {kids:?}");
+    Ok(())
+}
