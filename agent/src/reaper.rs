@@ -224,6 +224,7 @@ mod tests {
     fn fork_exit(code: i32) -> Result<Pid, Errno> {
         // SAFETY: the child only calls the async-signal-safe _exit.
         match unsafe { fork() }? {
+            // SAFETY: _exit is async-signal-safe and runs no destructors.
             ForkResult::Child => unsafe { libc::_exit(code) },
             ForkResult::Parent { child } => Ok(child),
         }
@@ -268,6 +269,7 @@ mod tests {
         let (pid, w) = r
             .spawn(|| match unsafe { fork() }? {
                 ForkResult::Child => loop {
+                    // SAFETY: pause only waits for a signal.
                     unsafe { libc::pause() };
                 },
                 ForkResult::Parent { child } => Ok::<_, Errno>(child),

@@ -62,9 +62,28 @@ pub fn build() -> Result<PathBuf, String> {
             applets.len()
         );
     }
+    prune(&cache_dir().join("rootfs"), &key);
     let published = publish(&out, "initramfs.cpio")?;
     println!("rootfs: done in {:.1} s", start.elapsed().as_secs_f64());
     Ok(published)
+}
+
+/// Removes images (and unpacked busybox trees) of other keys: each agent
+/// change makes a new image, and only the current one is published.
+fn prune(dir: &Path, keep: &str) {
+    for sub in [dir.to_path_buf(), dir.join("unpacked")] {
+        let Ok(entries) = std::fs::read_dir(&sub) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            let is_key = name.len() == 32 && name.bytes().all(|b| b.is_ascii_hexdigit());
+            if is_key && name != keep {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
 }
 
 fn size_of(p: &Path) -> String {
