@@ -189,6 +189,41 @@ fn refused_or(e: io::Error, port: u32) -> HandshakeError {
     }
 }
 
+/// A monitor socket served by the real agent request handlers running on
+/// the host (no guest): the SDK's client side against the agent's code.
+#[cfg(test)]
+pub(crate) mod loopback {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+    use std::path::PathBuf;
+
+    /// Serves every connection to `<dir>/vsock.sock` with
+    /// `smol_agent::server::Agent`, after the `CONNECT`/`OK` handshake.
+    pub fn agent_socket(dir: &std::path::Path) -> PathBuf {
+        let path = dir.join("vsock.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let agent = smol_agent::server::Agent::new(|| {});
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { return };
+                let agent = agent.clone();
+                std::thread::spawn(move || {
+                    let mut line = Vec::new();
+                    let mut b = [0u8; 1];
+                    while s.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+                        line.push(b[0]);
+                    }
+                    if line == b"CONNECT 1024" {
+                        s.write_all(b"OK 1024\n").unwrap();
+                        agent.serve(s);
+                    }
+                });
+            }
+        });
+        path
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +287,16 @@ mod tests {
         let (v, agent) = c.hello().await.unwrap();
         assert_eq!(v, PROTOCOL_VERSION);
         assert!(agent.starts_with("fake "));
+    }
+
+    #[tokio::test]
+    async fn hello_against_the_real_agent_handlers() {
+        let t = tempfile::tempdir().unwrap();
+        let path = loopback::agent_socket(t.path());
+        let mut c = AgentConnection::open(&path, "m").await.unwrap();
+        let (v, agent) = c.hello().await.unwrap();
+        assert_eq!(v, PROTOCOL_VERSION);
+        assert!(agent.starts_with("smol-agent"), "{agent}");
     }
 
     #[tokio::test]

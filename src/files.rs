@@ -279,6 +279,67 @@ mod tests {
         assert!(check_mode(Some(0o10000)).is_err());
     }
 
+    /// Uploads and downloads against the agent's real file handlers on the
+    /// host (a temp directory stands for the guest filesystem).
+    #[tokio::test]
+    async fn round_trips_and_errors_against_the_agent() {
+        use crate::agent_conn::{loopback, AgentConnection};
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let sock = loopback::agent_socket(t.path());
+        let conn = || AgentConnection::open(&sock, "m");
+        let root = t.path().join("guest");
+        std::fs::create_dir(&root).unwrap();
+        let p = |name: &str| root.join(name).to_str().unwrap().to_string();
+
+        for size in [0usize, 1, DATA_CHUNK - 1, DATA_CHUNK, 3 * DATA_CHUNK + 17] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+            let path = p(&format!("f{size}"));
+            let n = upload(conn().await.unwrap(), &path, Some(0o640), &data[..])
+                .await
+                .unwrap();
+            assert_eq!(n, size as u64);
+            let m = std::fs::metadata(&path).unwrap();
+            assert_eq!(m.permissions().mode() & 0o7777, 0o640);
+            let s = download(conn().await.unwrap(), &path).await.unwrap();
+            assert_eq!((s.size(), s.mode() & 0o7777), (size as u64, 0o640));
+            assert_eq!(&s.bytes().await.unwrap()[..], &data[..], "size {size}");
+        }
+
+        let missing = p("no/such/file");
+        let e = upload(conn().await.unwrap(), &missing, None, &b"x"[..])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::FileNotFound { path } if *path == missing),
+            "{e}"
+        );
+        // A large upload refused up front still reports the agent's reason.
+        let big = vec![0u8; 4 << 20];
+        let e = upload(conn().await.unwrap(), &missing, None, &big[..])
+            .await
+            .unwrap_err();
+        assert!(matches!(&e, Error::FileNotFound { .. }), "{e}");
+        let dir = root.to_str().unwrap().to_string();
+        let e = upload(conn().await.unwrap(), &dir, None, &b"x"[..])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::IsADirectory { path } if *path == dir),
+            "{e}"
+        );
+        let e = download(conn().await.unwrap(), &missing).await.unwrap_err();
+        assert!(matches!(&e, Error::FileNotFound { .. }), "{e}");
+        let e = download(conn().await.unwrap(), &dir).await.unwrap_err();
+        assert!(matches!(&e, Error::IsADirectory { .. }), "{e}");
+        // Nothing half-written was left next to the targets.
+        let names: Vec<String> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| n.starts_with('f')), "{names:?}");
+    }
+
     #[tokio::test]
     async fn reader_over_chunks() {
         let chunks: Vec<Result<Bytes>> = vec![
