@@ -1,2 +1,98 @@
-//! placeholder until its owner lands it
-fn main() {}
+//! Host-side VM set-up: from `Vm::start` to the boot vCPU's first `KVM_RUN`,
+//! with 256 MiB of guest memory, our kernel and initramfs (what every
+//! machine pays before the guest runs a single instruction).
+//!
+//! Measured with `iter_custom` from the monitor's own `BootTimings`, so the
+//! teardown of each VM (`stop`, outside the measured span) does not count.
+//! Needs the assets and /dev/kvm.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use smol_vmm::{BootTimings, Vm, VmConfig, VsockConfig};
+
+fn asset(env: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("SMOL_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/smol")))
+        .expect("neither SMOL_CACHE_DIR nor HOME is set");
+    cache.join("assets").join(name)
+}
+
+fn config(dir: &Path, vsock: bool) -> VmConfig {
+    let kernel = asset("SMOL_KERNEL", "vmlinux");
+    let initramfs = asset("SMOL_INITRAMFS", "initramfs.cpio");
+    for p in [&kernel, &initramfs] {
+        assert!(
+            p.is_file(),
+            "guest asset {} is missing: run `cargo xtask assets`",
+            p.display()
+        );
+    }
+    VmConfig {
+        kernel,
+        initramfs: Some(initramfs),
+        cmdline: String::new(),
+        vcpus: 1,
+        memory_mib: 256,
+        console_log: None,
+        vsock: vsock.then(|| VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.join("bench.sock"),
+        }),
+        disks: Vec::new(),
+    }
+}
+
+fn start_stop(config: &VmConfig) -> BootTimings {
+    let mut vm = Vm::start(config.clone()).expect("vm starts");
+    let t = vm.timings();
+    vm.stop();
+    t
+}
+
+/// Median of each phase over `n` runs, printed once so the breakdown is
+/// visible next to criterion's total.
+fn print_phases(config: &VmConfig, n: usize) {
+    let runs: Vec<BootTimings> = (0..n).map(|_| start_stop(config)).collect();
+    let median = |f: fn(&BootTimings) -> Duration| {
+        let mut v: Vec<Duration> = runs.iter().map(f).collect();
+        v.sort();
+        v[v.len() / 2]
+    };
+    eprintln!(
+        "vm_setup phases (median of {n}): kvm {:?}, memory {:?}, kernel+initramfs {:?}, \
+         devices {:?}, vcpus {:?}, to first KVM_RUN {:?}; total {:?}",
+        median(|t| t.kvm),
+        median(|t| t.memory),
+        median(|t| t.kernel_load),
+        median(|t| t.devices),
+        median(|t| t.vcpus),
+        median(|t| t.first_run),
+        median(|t| t.total),
+    );
+}
+
+fn vm_setup(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = config(dir.path(), false);
+    let with_vsock = config(dir.path(), true);
+    print_phases(&plain, 31);
+
+    let mut group = c.benchmark_group("vm_setup");
+    group.sample_size(50);
+    group.measurement_time(Duration::from_secs(10));
+    for (name, cfg) in [("256mib", &plain), ("256mib_vsock", &with_vsock)] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| (0..iters).map(|_| start_stop(cfg).total).sum());
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, vm_setup);
+criterion_main!(benches);

@@ -84,11 +84,16 @@ pub enum ExitReason {
 
 /// How long each phase of the host-side set-up took, from the start of
 /// [`Vm::start`] to the first `KVM_RUN` of the boot vCPU.
+///
+/// KVM's part (irqchip, PIT, memory slot registration) runs on a helper
+/// thread while the kernel and initramfs are copied in, so `kvm`, `memory`
+/// and `kernel_load` overlap and the phases can add up to more than
+/// `total`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BootTimings {
-    /// Opening /dev/kvm, creating the VM, irqchip and PIT.
+    /// Opening /dev/kvm, creating the VM, irqchip, PIT and CPUID query.
     pub kvm: Duration,
-    /// Creating and registering guest memory.
+    /// Creating the memfd and its mappings, registering them with KVM.
     pub memory: Duration,
     /// Loading the kernel and initramfs, writing boot structures.
     pub kernel_load: Duration,

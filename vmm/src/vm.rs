@@ -232,6 +232,58 @@ fn open_console_log(path: &Path) -> Result<File, Error> {
         })
 }
 
+/// What the helper thread of [`build`] produced.
+struct KvmSide {
+    cpuid: kvm_bindings::CpuId,
+    /// Irqchip, PIT and CPUID.
+    kvm: Duration,
+    /// Registering the memory slots.
+    memory: Duration,
+}
+
+fn setup_kvm_side(kvm: &Kvm, vm_fd: &VmFd, ram: &GuestRam) -> Result<KvmSide, Error> {
+    let t = Instant::now();
+    vm_fd
+        .set_tss_address(KVM_TSS_ADDR as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    let cpuid = cpu::supported_cpuid(kvm).map_err(|e| device_err("cpuid", e))?;
+    let kvm_time = t.elapsed();
+    ram.register(vm_fd)
+        .map_err(|e| Error::Memory(e.to_string()))?;
+    Ok(KvmSide {
+        cpuid,
+        kvm: kvm_time,
+        memory: t.elapsed() - kvm_time,
+    })
+}
+
+/// Kernel, initramfs, command line, MP table, PVH start info.
+fn load_guest(
+    config: &VmConfig,
+    plan: &Plan,
+    mem: &crate::devices::virtio::GuestMemory,
+    slots: &[MmioSlot],
+) -> Result<(boot::LoadedKernel, Duration), Error> {
+    let t = Instant::now();
+    let kernel = boot::load_kernel(mem, &config.kernel).map_err(map_boot_err)?;
+    let initramfs = match &config.initramfs {
+        Some(path) => Some(boot::load_initramfs(mem, path, kernel.end).map_err(map_boot_err)?),
+        None => None,
+    };
+    let cmdline = boot::cmdline::build(plan.kvm_pvm, slots, &config.cmdline)
+        .map_err(|e| Error::Cmdline(e.to_string()))?;
+    boot::write_boot_data(mem, &cmdline, plan.vcpus, initramfs).map_err(map_boot_err)?;
+    Ok((kernel, t.elapsed()))
+}
+
 /// Builds and starts the VM described by `config`.
 pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
     let t_start = Instant::now();
@@ -255,41 +307,33 @@ pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
         }
     }
     let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    vm_fd
-        .set_tss_address(KVM_TSS_ADDR as usize)
-        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    vm_fd
-        .create_irq_chip()
-        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-    let supported_cpuid = cpu::supported_cpuid(&kvm).map_err(|e| device_err("cpuid", e))?;
-    let mut t = Instant::now();
-    timings.kvm = t - t_start;
-
-    // Memory.
+    let t_mem = Instant::now();
+    timings.kvm = t_mem - t_start;
     let ram = GuestRam::new(plan.memory_bytes).map_err(|e| Error::Memory(e.to_string()))?;
-    ram.register(&vm_fd)
-        .map_err(|e| Error::Memory(e.to_string()))?;
     let mem = ram.memory().clone();
-    timings.memory = t.elapsed();
-    t = Instant::now();
-
-    // Kernel, initramfs, command line, MP table, PVH start info.
-    let kernel = boot::load_kernel(&mem, &config.kernel).map_err(map_boot_err)?;
-    let initramfs = match &config.initramfs {
-        Some(path) => Some(boot::load_initramfs(&mem, path, kernel.end).map_err(map_boot_err)?),
-        None => None,
-    };
     let slots = mmio_slots(config);
-    let cmdline = boot::cmdline::build(plan.kvm_pvm, &slots, &config.cmdline)
-        .map_err(|e| Error::Cmdline(e.to_string()))?;
-    boot::write_boot_data(&mem, &cmdline, plan.vcpus, initramfs).map_err(map_boot_err)?;
-    timings.kernel_load = t.elapsed();
-    t = Instant::now();
+    timings.memory = t_mem.elapsed();
+
+    // Two things overlap here: KVM's side of the set-up (irqchip, PIT and
+    // the memory slot, whose registration waits for an SRCU grace period)
+    // runs on a helper thread while this one copies the kernel and the
+    // initramfs into guest memory.
+    let (kvm_side, kernel) = std::thread::scope(|scope| {
+        let helper = scope.spawn(|| setup_kvm_side(&kvm, &vm_fd, &ram));
+        let kernel = load_guest(config, &plan, &mem, &slots);
+        let kvm_side = helper
+            .join()
+            .unwrap_or_else(|_| Err(device_err("kvm set-up", "the set-up thread panicked")));
+        (kvm_side, kernel)
+    });
+    let kernel = kernel?;
+    let kvm_side = kvm_side?;
+    let supported_cpuid = kvm_side.cpuid;
+    timings.kvm += kvm_side.kvm;
+    timings.memory += kvm_side.memory;
+    timings.kernel_load = kernel.1;
+    let kernel = kernel.0;
+    let mut t = Instant::now();
 
     // Devices: COM1 on its irqfd, the i8042, the virtio-mmio transports.
     let exit = Arc::new(ExitState::new());
