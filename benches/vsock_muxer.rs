@@ -237,14 +237,9 @@ impl Setup {
             .unwrap();
         while s.local == 0 {
             s.em.run_with_timeout(100).unwrap();
-            s.rx_packets(|h| {
-                if h.op == OP_REQUEST {
-                    Some(h.src_port)
-                } else {
-                    None
-                }
-            })
-            .map(|p| s.local = p);
+            if let Some(port) = s.rx_packets(|h| (h.op == OP_REQUEST).then_some(h.src_port)) {
+                s.local = port;
+            }
         }
         s.send(guest_hdr(OP_RESPONSE, s.local));
         s.em.run_with_timeout(100).unwrap();

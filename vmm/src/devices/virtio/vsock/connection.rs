@@ -12,7 +12,7 @@
 //! not read, which pushes back on the host process.
 
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, Read};
 use std::net::Shutdown;
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
@@ -31,6 +31,9 @@ pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
 /// Tell the guest about freed space once it believes less than this is free
 /// (so a sender never waits on us while we have room).
 const CREDIT_UPDATE_LOW_WATER: u32 = CONN_BUF_ALLOC / 2;
+
+/// Most host bytes read at once for RX buffers smaller than this.
+pub const READ_AHEAD: usize = 64 * 1024;
 
 // Control packets a connection owes the guest.
 const PEND_REQUEST: u8 = 1 << 0;
@@ -72,6 +75,10 @@ pub struct Connection {
     host_readable: bool,
     /// The stream returned EOF: the host sends no more.
     host_eof: bool,
+    /// Host bytes read ahead for small RX buffers; `stash[stash_pos..]` is
+    /// still to be delivered.
+    stash: Vec<u8>,
+    stash_pos: usize,
     /// The host peer is gone (HUP, or a write error): nothing can be written.
     host_gone: bool,
     credit_requested: bool,
@@ -89,8 +96,6 @@ pub struct Connection {
 
     /// In the muxer's queue of connections with something for the guest.
     pub queued: bool,
-    /// What the muxer registered with its epoll; `None` once deregistered.
-    pub registered: Option<EventSet>,
 }
 
 impl Connection {
@@ -98,6 +103,9 @@ impl Connection {
     pub fn host_initiated(stream: UnixStream, local_port: u32, peer_port: u32) -> Self {
         let mut c = Self::new(stream, local_port, peer_port, ConnState::Connecting);
         c.pending = PEND_REQUEST;
+        // Bytes may have followed the handshake line before the stream was
+        // registered edge-triggered; a read tells.
+        c.host_readable = true;
         c
     }
 
@@ -128,6 +136,8 @@ impl Connection {
             peer_fwd_cnt: Wrapping(0),
             host_readable: false,
             host_eof: false,
+            stash: Vec::new(),
+            stash_pos: 0,
             host_gone: false,
             credit_requested: false,
             fwd_cnt: Wrapping(0),
@@ -138,7 +148,6 @@ impl Connection {
             guest_shut_send: false,
             host_write_shut: false,
             queued: false,
-            registered: None,
         }
     }
 
@@ -310,7 +319,10 @@ impl Connection {
         self.fwd_cnt += Wrapping((n - ours) as u32);
     }
 
-    /// Handles readiness of the Unix stream.
+    /// Handles readiness of the Unix stream. The muxer registers streams
+    /// edge-triggered, for IN and OUT, once: the connection remembers
+    /// readability until a read would block, and flushes on every OUT edge,
+    /// so interest never has to change with credit or buffer state.
     pub fn on_host_event(&mut self, events: EventSet) {
         if events.contains(EventSet::IN) {
             self.host_readable = true;
@@ -328,39 +340,19 @@ impl Connection {
         self.refresh();
     }
 
-    fn can_read_host(&self) -> bool {
+    /// Whether host bytes may be waiting for the guest (read ahead, or in
+    /// a stream that last reported readable).
+    fn has_data_for_guest(&self) -> bool {
         self.state == ConnState::Established
-            && self.host_readable
-            && !self.host_eof
             && !self.guest_shut_rcv
             && self.end.is_none()
+            && (self.has_stash() || (self.host_readable && !self.host_eof))
     }
 
     /// Whether the connection has a packet for the guest.
     pub fn wants_to_send(&self) -> bool {
         self.end.is_none()
-            && (self.pending != 0 || (self.can_read_host() && self.peer_credit() > 0))
-    }
-
-    /// The epoll interest for the Unix stream; `None` to deregister it (a
-    /// hung-up stream would otherwise report HUP on every wait).
-    pub fn interest(&self) -> Option<EventSet> {
-        if self.host_gone {
-            return None;
-        }
-        let mut set = EventSet::empty();
-        if self.state == ConnState::Established
-            && !self.host_readable
-            && !self.host_eof
-            && !self.guest_shut_rcv
-            && self.peer_credit() > 0
-        {
-            set |= EventSet::IN;
-        }
-        if !self.to_host.is_empty() {
-            set |= EventSet::OUT;
-        }
-        Some(set)
+            && (self.pending != 0 || (self.has_data_for_guest() && self.peer_credit() > 0))
     }
 
     /// Re-derives what the connection owes the guest and whether it is done.
@@ -374,7 +366,7 @@ impl Connection {
             let _ = self.stream.shutdown(Shutdown::Write);
             self.host_write_shut = true;
         }
-        let host_done_sending = self.host_eof || self.guest_shut_rcv;
+        let host_done_sending = (self.host_eof && !self.has_stash()) || self.guest_shut_rcv;
         if self.host_gone && self.state == ConnState::Connecting {
             // The guest never heard of it if the REQUEST is still queued.
             self.end = Some(if self.pending & PEND_REQUEST != 0 {
@@ -398,7 +390,7 @@ impl Connection {
         if unannounced > 0 && guest_view_free < CREDIT_UPDATE_LOW_WATER {
             self.pending |= PEND_CREDIT_UPDATE;
         }
-        if self.can_read_host() && self.peer_credit() == 0 && !self.credit_requested {
+        if self.has_data_for_guest() && self.peer_credit() == 0 && !self.credit_requested {
             self.pending |= PEND_CREDIT_REQUEST;
             self.credit_requested = true;
         }
@@ -450,9 +442,9 @@ impl Connection {
         if self.take(PEND_RESPONSE) {
             return Some(self.header(guest_cid, packet::OP_RESPONSE));
         }
-        if self.can_read_host() && self.peer_credit() > 0 {
+        if self.has_data_for_guest() && self.peer_credit() > 0 {
             if let Some(data) = data {
-                if let Some(n) = self.read_host(data) {
+                if let Some(n) = self.take_host_data(data) {
                     let mut h = self.header(guest_cid, packet::OP_RW);
                     h.len = n;
                     return Some(h);
@@ -479,37 +471,93 @@ impl Connection {
         had
     }
 
-    /// Reads host bytes into an RX data buffer, within the guest's credit.
-    fn read_host<B: BitmapSlice>(&mut self, data: &VolatileSlice<'_, B>) -> Option<u32> {
-        let want = data.len().min(self.peer_credit() as usize);
-        let mut buf = data.subslice(0, want).ok()?;
-        loop {
-            match (&self.stream).read_volatile(&mut buf) {
-                Ok(0) => {
-                    self.host_eof = true;
-                    self.host_readable = false;
-                    if !self.host_gone {
-                        self.pending |= PEND_SHUTDOWN;
-                    }
-                    return None;
-                }
-                Ok(n) => {
-                    self.tx_cnt += Wrapping(n as u32);
-                    return Some(n as u32);
-                }
-                Err(VolatileMemoryError::IOError(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(VolatileMemoryError::IOError(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.host_readable = false;
-                    return None;
-                }
-                Err(e) => {
-                    tracing::debug!("vsock: host read on {}: {e}", self.local_port);
-                    self.host_eof = true;
-                    self.host_gone = true;
-                    self.host_readable = false;
-                    return None;
-                }
+    /// Moves host bytes into an RX data buffer, within the guest's credit.
+    ///
+    /// Linux posts 4 KiB RX buffers; rather than one read per buffer, a
+    /// small buffer is fed from a read-ahead of up to [`READ_AHEAD`] bytes,
+    /// never more than the guest's credit, so nothing is read that the guest
+    /// could not take anyway.
+    fn take_host_data<B: BitmapSlice>(&mut self, data: &VolatileSlice<'_, B>) -> Option<u32> {
+        let credit = self.peer_credit() as usize;
+        let want = data.len().min(credit);
+        if want == 0 {
+            return None;
+        }
+        if !self.has_stash() {
+            if want < READ_AHEAD && credit > want {
+                self.fill_stash(credit.min(READ_AHEAD))?;
+            } else {
+                let mut buf = data.subslice(0, want).ok()?;
+                let res = retry(|| {
+                    (&self.stream).read_volatile(&mut buf).map_err(|e| match e {
+                        VolatileMemoryError::IOError(e) => e,
+                        e => io::Error::other(e.to_string()),
+                    })
+                });
+                let n = self.after_read(res)?;
+                self.tx_cnt += Wrapping(n as u32);
+                return Some(n as u32);
             }
+        }
+        let n = want.min(self.stash.len() - self.stash_pos);
+        let dst = data.subslice(0, n).ok()?;
+        dst.copy_from(&self.stash[self.stash_pos..self.stash_pos + n]);
+        self.stash_pos += n;
+        if self.stash_pos == self.stash.len() {
+            self.stash.clear();
+            self.stash_pos = 0;
+        }
+        self.tx_cnt += Wrapping(n as u32);
+        Some(n as u32)
+    }
+
+    fn has_stash(&self) -> bool {
+        self.stash_pos < self.stash.len()
+    }
+
+    fn fill_stash(&mut self, max: usize) -> Option<()> {
+        self.stash.resize(max, 0);
+        self.stash_pos = 0;
+        let res = retry(|| (&self.stream).read(&mut self.stash));
+        let n = self.after_read(res);
+        self.stash.truncate(n.unwrap_or(0));
+        n.map(|_| ())
+    }
+
+    /// Applies the outcome of a host read: `Some(n)` for data, else EOF,
+    /// nothing for now, or a dead stream, recorded in the flags.
+    fn after_read(&mut self, res: io::Result<usize>) -> Option<usize> {
+        match res {
+            Ok(0) => {
+                self.host_eof = true;
+                self.host_readable = false;
+                if !self.host_gone {
+                    self.pending |= PEND_SHUTDOWN;
+                }
+                None
+            }
+            Ok(n) => Some(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.host_readable = false;
+                None
+            }
+            Err(e) => {
+                tracing::debug!("vsock: host read on {}: {e}", self.local_port);
+                self.host_eof = true;
+                self.host_gone = true;
+                self.host_readable = false;
+                None
+            }
+        }
+    }
+}
+
+/// Retries an I/O call interrupted by a signal.
+fn retry(mut f: impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            res => return res,
         }
     }
 }

@@ -31,9 +31,13 @@ pub const MAX_CONNECTIONS: usize = 1024;
 const MAX_PENDING_RST: usize = 1024;
 /// First local port for host-initiated connections (high, like ephemeral ports).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
-/// Epoll events handled per `process_host_events` call; level-triggered, so
-/// the rest are reported again.
+/// Epoll events handled per `process_host_events` call; the rest stay
+/// queued in the epoll and are reported by the next wait.
 const EVENT_BATCH: usize = 64;
+/// How connection streams are registered (see `Connection::on_host_event`).
+fn stream_events() -> EventSet {
+    EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED
+}
 
 /// (local port, peer port): a stream as the guest addresses it.
 pub type ConnKey = (u32, u32);
@@ -217,11 +221,18 @@ impl VsockMuxer {
             return;
         };
         let stream = hs.into_stream();
+        if let Err(e) = self.epoll.ctl(
+            ControlOperation::Modify,
+            fd,
+            EpollEvent::new(stream_events(), fd as u64),
+        ) {
+            tracing::warn!("vsock: epoll modify: {e}");
+            self.deregister(&stream);
+            return;
+        }
         let local_port = self.alloc_local_port(port);
         let key = (local_port, port);
-        let mut conn = Connection::host_initiated(stream, local_port, port);
-        // Registered with IN until now; the connection decides from here on.
-        conn.registered = Some(EventSet::IN);
+        let conn = Connection::host_initiated(stream, local_port, port);
         tracing::debug!("vsock: host connects to guest port {port} from {local_port}");
         self.fd_keys.insert(fd, key);
         self.conns.insert(key, conn);
@@ -313,13 +324,12 @@ impl VsockMuxer {
                 return;
             }
         };
-        if let Err(e) = self.register(&stream, EventSet::empty()) {
+        if let Err(e) = self.register(&stream, stream_events()) {
             tracing::warn!("vsock: epoll add: {e}");
             self.push_rst(key);
             return;
         }
-        let mut conn = Connection::guest_initiated(stream, hdr);
-        conn.registered = Some(EventSet::empty());
+        let conn = Connection::guest_initiated(stream, hdr);
         self.fd_keys.insert(conn.stream().as_raw_fd(), key);
         self.conns.insert(key, conn);
         self.after_change(key);
@@ -378,8 +388,8 @@ impl VsockMuxer {
         None
     }
 
-    /// Applies what a change to a connection implies: its end, its epoll
-    /// interest, its place in the queue for the guest.
+    /// Applies what a change to a connection implies: its end, its place in
+    /// the queue for the guest.
     fn after_change(&mut self, key: ConnKey) {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
@@ -397,30 +407,6 @@ impl VsockMuxer {
                 return;
             }
             None => {}
-        }
-        let want = conn.interest();
-        if want != conn.registered {
-            let fd = conn.stream().as_raw_fd();
-            let res = match (conn.registered, want) {
-                (Some(_), Some(set)) => self.epoll.ctl(
-                    ControlOperation::Modify,
-                    fd,
-                    EpollEvent::new(set, fd as u64),
-                ),
-                (Some(_), None) => {
-                    self.epoll
-                        .ctl(ControlOperation::Delete, fd, EpollEvent::default())
-                }
-                (None, Some(set)) => {
-                    self.epoll
-                        .ctl(ControlOperation::Add, fd, EpollEvent::new(set, fd as u64))
-                }
-                (None, None) => Ok(()),
-            };
-            match res {
-                Ok(()) => conn.registered = want,
-                Err(e) => tracing::warn!("vsock: epoll update for {}:{}: {e}", key.0, key.1),
-            }
         }
         if conn.wants_to_send() && !conn.queued {
             conn.queued = true;
@@ -445,9 +431,7 @@ impl VsockMuxer {
     /// Forgets a connection and closes its Unix stream.
     fn remove(&mut self, key: ConnKey) {
         if let Some(conn) = self.conns.remove(&key) {
-            if conn.registered.is_some() {
-                self.deregister(conn.stream());
-            }
+            self.deregister(conn.stream());
             self.fd_keys.remove(&conn.stream().as_raw_fd());
             if conn.state() == ConnState::Connecting {
                 tracing::debug!("vsock: guest port {} refused or reset", key.1);

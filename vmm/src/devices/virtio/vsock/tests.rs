@@ -939,3 +939,53 @@ fn device_identity_config_and_errors() {
     drop(dev);
     assert!(!uds.exists(), "socket file removed on drop");
 }
+
+#[test]
+fn host_gives_up_before_the_guest_answers() {
+    let mut h = Harness::new();
+    let s = h.host_connect(1024);
+    let pkts = h.recv();
+    assert_eq!(pkts.len(), 1);
+    let local = pkts[0].hdr.src_port;
+    drop(s);
+    let pkts = h.recv();
+    assert_eq!(pkts.len(), 1);
+    assert_eq!(
+        (pkts[0].hdr.op, pkts[0].hdr.src_port, pkts[0].hdr.dst_port),
+        (OP_RST, local, 1024)
+    );
+    assert_eq!(h.conns(), 0);
+    // A late RESPONSE finds nothing and is answered with RST.
+    h.send(gpkt(OP_RESPONSE, 1024, local));
+    assert_eq!(h.recv()[0].hdr.op, OP_RST);
+}
+
+#[test]
+fn read_ahead_stops_when_the_guest_stops_reading() {
+    let mut h = Harness::new();
+    let (mut s, local) = h.establish(1024, 1 << 20);
+    s.write_all(&pattern(30_000, 2)).unwrap();
+    let first = h.recv();
+    assert_eq!(rw_data(&first, local).len(), 30_000);
+    // The guest will read no more: host bytes are dropped, not delivered.
+    let mut shut = gpkt(OP_SHUTDOWN, 1024, local);
+    shut.hdr.flags = SHUTDOWN_RCV;
+    h.send(shut);
+    s.write_all(&pattern(30_000, 4)).unwrap();
+    assert!(rw_data(&h.recv(), local).is_empty());
+    // It can still send, and its SEND shutdown then ends the stream.
+    let mut p = gpkt(OP_RW, 1024, local);
+    p.data = b"tail".to_vec();
+    h.send(p);
+    let mut shut = gpkt(OP_SHUTDOWN, 1024, local);
+    shut.hdr.flags = SHUTDOWN_SEND;
+    h.send(shut);
+    // Closing a Unix stream with unread bytes resets it (like TCP): the
+    // host may see ECONNRESET after the data.
+    let mut got = [0u8; 4];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"tail");
+    assert!(ends(&mut s));
+    assert_eq!(h.recv().last().unwrap().hdr.op, OP_RST);
+    assert_eq!(h.conns(), 0);
+}
