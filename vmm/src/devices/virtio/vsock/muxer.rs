@@ -11,7 +11,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -56,6 +56,9 @@ pub struct VsockMuxer {
     /// RSTs owed for streams that are gone or never existed.
     rst_queue: VecDeque<ConnKey>,
     next_local_port: u32,
+    /// (device, inode) of the socket file we bound, so that drop removes
+    /// only our own file, not one a newer device bound at the same path.
+    socket_id: Option<(u64, u64)>,
 }
 
 impl VsockMuxer {
@@ -102,6 +105,7 @@ impl VsockMuxer {
             to_guest: VecDeque::new(),
             rst_queue: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            socket_id: file_id(uds_path),
         })
     }
 
@@ -447,8 +451,16 @@ impl AsRawFd for VsockMuxer {
     }
 }
 
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
 impl Drop for VsockMuxer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.uds_path);
+        if self.socket_id.is_some() && file_id(&self.uds_path) == self.socket_id {
+            let _ = std::fs::remove_file(&self.uds_path);
+        }
     }
 }

@@ -29,13 +29,7 @@ impl VsockQueues {
         interrupt: Interrupt,
         queues: Vec<ActivatedQueue>,
     ) -> Result<Self, Vec<ActivatedQueue>> {
-        if queues.len() != NUM_QUEUES {
-            return Err(queues);
-        }
-        let mut it = queues.into_iter();
-        let (Some(rx), Some(tx), Some(event)) = (it.next(), it.next(), it.next()) else {
-            unreachable!("length checked above");
-        };
+        let [rx, tx, event]: [ActivatedQueue; NUM_QUEUES] = queues.try_into()?;
         Ok(VsockQueues {
             mem,
             interrupt,

@@ -938,6 +938,15 @@ fn device_identity_config_and_errors() {
     ));
     drop(dev);
     assert!(!uds.exists(), "socket file removed on drop");
+
+    // A device replaced by a newer one at the same path leaves its file be.
+    let old = Vsock::new(5, &uds).unwrap();
+    let new = Vsock::new(6, &uds).unwrap();
+    drop(old);
+    assert!(uds.exists(), "the newer device's socket survives");
+    UnixStream::connect(&uds).unwrap();
+    drop(new);
+    assert!(!uds.exists());
 }
 
 #[test]
