@@ -42,6 +42,7 @@ mod disk;
 mod error;
 pub mod exec;
 mod files;
+pub mod image;
 mod machine;
 mod store;
 
