@@ -103,6 +103,19 @@ pub(crate) fn import_oci_layout(
             })
         }
         1 => candidates[0].clone(),
+        _ if tag.is_none() && candidates.iter().all(|e| e.platform.is_none()) => {
+            let names: Vec<&str> = candidates
+                .iter()
+                .map(|e| e.ref_name.as_deref().unwrap_or("untagged"))
+                .collect();
+            return Err(src_err(
+                dir,
+                format!(
+                    "the layout holds several images, pick one: {}",
+                    names.join(", ")
+                ),
+            ));
+        }
         _ => select_platform(&label, &candidates)?.clone(),
     };
     let mut descriptor = entry.descriptor;

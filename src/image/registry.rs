@@ -171,9 +171,23 @@ impl ImageResolver {
         let oref = r.to_oci();
         let label = r.to_string();
 
-        let (mut bytes, mut digest) = self
+        let first = self
             .fetch_manifest(&client, &auth, &oref, r.digest.as_ref(), r, stats)
-            .await?;
+            .await;
+        let (mut bytes, mut digest) = match first {
+            Ok(m) => m,
+            // Registries answer MANIFEST_UNKNOWN for an unknown repository
+            // too: the tag list tells the two apart.
+            Err(ImageError::TagNotFound { repository, tag }) => {
+                return Err(match client.list_tags(&oref, &auth, None, None).await {
+                    Ok(_) => ImageError::TagNotFound { repository, tag },
+                    Err(_) => ImageError::NotFound {
+                        reference: r.to_string(),
+                    },
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let mut media_type: Option<String> = None;
         let mut depth = 0;
         let manifest = loop {

@@ -1,0 +1,426 @@
+//! OCI images end to end against a real registry (Debian's docker-registry
+//! on 127.0.0.1) and local sources, with images the suite builds itself.
+//!
+//! The host-side tests need no guest: pulls into the blob store, caching,
+//! concurrent pulls, digest verification, named errors, oci-layout and
+//! docker-save sources.
+
+mod support {
+    pub mod images;
+    pub mod registry;
+}
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+
+use smol::image::{BlobStore, Digest, ImageError, ImageResolver, PullStats};
+use support::images::{self, busybox_image, entrypoint_image, TestImage};
+use support::registry::Registry;
+
+fn resolver(dir: &Path) -> ImageResolver {
+    ImageResolver::new(BlobStore::open(dir.join("images")).expect("store"))
+        .expect("resolver")
+        .with_credentials(Default::default())
+}
+
+fn tmp_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("images/tmp"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn pull_stores_verified_blobs_and_second_pull_fetches_nothing() {
+    let reg = Registry::start();
+    let img = busybox_image();
+    reg.push("smol/busybox", "v1", &img).await;
+    let home = tempfile::tempdir().unwrap();
+    let res = resolver(home.path());
+
+    let first = res
+        .pull(&reg.reference("smol/busybox", "v1"))
+        .await
+        .expect("pull");
+    assert_eq!(
+        first.stats.blobs_fetched, 3,
+        "config and two layers: {:?}",
+        first.stats
+    );
+    assert_eq!(first.stats.manifests_fetched, 1);
+    let i = &first.image;
+    assert_eq!(i.digest.to_string(), img.digest());
+    assert_eq!(i.reference, format!("{}/smol/busybox:v1", reg.addr));
+    assert_eq!(
+        i.layers
+            .iter()
+            .map(|l| l.digest.to_string())
+            .collect::<Vec<_>>(),
+        img.layer_digests()
+    );
+    assert_eq!(i.config.working_dir.as_deref(), Some("/srv/app"));
+    assert!(i
+        .config
+        .env
+        .iter()
+        .any(|e| e == "GREETING=hello from the image config"));
+    assert_eq!(i.config.cmd, vec!["sh"]);
+    assert_eq!(i.created.as_deref(), Some("2024-01-02T03:04:05Z"));
+    let blob_bytes: u64 =
+        img.layers.iter().map(|l| l.blob.len() as u64).sum::<u64>() + img.config.len() as u64;
+    assert_eq!(i.size, blob_bytes);
+    assert_eq!(first.stats.bytes_fetched, blob_bytes);
+    let info = i.info();
+    assert_eq!(
+        (info.layers.len(), info.digest.as_str()),
+        (2, img.digest().as_str())
+    );
+    for (d, bytes) in img.blobs() {
+        let d = Digest::parse(&d).unwrap();
+        assert_eq!(
+            std::fs::read(res.store().path(&d)).unwrap(),
+            bytes,
+            "blob {d}"
+        );
+    }
+    assert!(
+        res.store().contains(&Digest::parse(&img.digest()).unwrap()),
+        "manifest kept"
+    );
+
+    let mtime = |d: &str| {
+        std::fs::metadata(res.store().path(&Digest::parse(d).unwrap()))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let before: Vec<_> = img.layer_digests().iter().map(|d| mtime(d)).collect();
+    let second = res
+        .pull(&reg.reference("smol/busybox", "v1"))
+        .await
+        .expect("second pull");
+    assert_eq!(
+        second.stats,
+        PullStats {
+            blobs_fetched: 0,
+            bytes_fetched: 0,
+            blobs_cached: 3,
+            manifests_fetched: 1
+        }
+    );
+    assert_eq!(second.image, first.image);
+    let after: Vec<_> = img.layer_digests().iter().map(|d| mtime(d)).collect();
+    assert_eq!(before, after, "blobs untouched");
+
+    // By digest with everything cached: no request at all.
+    let by_digest = format!("{}/smol/busybox@{}", reg.addr, img.digest());
+    let third = res.pull(&by_digest).await.expect("pull by digest");
+    assert_eq!(
+        third.stats,
+        PullStats {
+            blobs_fetched: 0,
+            bytes_fetched: 0,
+            blobs_cached: 3,
+            manifests_fetched: 0
+        }
+    );
+    assert_eq!(third.image.digest, first.image.digest);
+    assert_eq!(tmp_files(home.path()), 0);
+}
+
+#[tokio::test]
+async fn concurrent_pulls_fetch_each_blob_once() {
+    let reg = Registry::start();
+    let img = busybox_image();
+    reg.push("smol/busybox", "v1", &img).await;
+    let home = tempfile::tempdir().unwrap();
+    // Two resolvers over one store, as two machines' engines would be.
+    let a = resolver(home.path());
+    let b = resolver(home.path());
+    let r = reg.reference("smol/busybox", "v1");
+    let pulls = futures::future::join_all((0..6).map(|i| {
+        let res = if i % 2 == 0 { &a } else { &b };
+        let r = r.clone();
+        async move { res.pull(&r).await }
+    }))
+    .await;
+    let mut fetched = 0;
+    for p in pulls {
+        let p = p.expect("pull");
+        assert_eq!(p.image.digest.to_string(), img.digest());
+        fetched += p.stats.blobs_fetched;
+    }
+    assert_eq!(fetched, 3, "each of config and two layers fetched once");
+}
+
+#[tokio::test]
+async fn an_index_resolves_to_linux_amd64() {
+    let reg = Registry::start();
+    let amd64 = busybox_image();
+    let arm64 = TestImage::for_platform(
+        serde_json::json!({"Cmd": ["sh"]}),
+        images::busybox_layers(),
+        "arm64",
+    );
+    reg.push("smol/multi", "amd64", &amd64).await;
+    reg.push("smol/multi", "arm64", &arm64).await;
+    reg.push_index(
+        "smol/multi",
+        "latest",
+        &images::index(&[(&arm64, "arm64"), (&amd64, "amd64")]),
+    )
+    .await;
+    reg.push_index(
+        "smol/multi",
+        "armonly",
+        &images::index(&[(&arm64, "arm64")]),
+    )
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let res = resolver(home.path());
+    let p = res
+        .pull(&reg.reference("smol/multi", "latest"))
+        .await
+        .expect("pull index");
+    assert_eq!(p.image.digest.to_string(), amd64.digest());
+    assert_eq!(p.stats.manifests_fetched, 2, "index then manifest");
+    match res.pull(&reg.reference("smol/multi", "armonly")).await {
+        Err(ImageError::NoPlatform { found, .. }) => assert_eq!(found, "linux/arm64"),
+        other => panic!("expected NoPlatform, got {other:?}"),
+    }
+    // A manifest straight to an arm64 config is refused too.
+    assert!(matches!(
+        res.pull(&reg.reference("smol/multi", "arm64")).await,
+        Err(ImageError::NoPlatform { .. })
+    ));
+}
+
+#[tokio::test]
+async fn missing_tags_unknown_images_and_bad_references_are_named() {
+    let reg = Registry::start();
+    reg.push("smol/busybox", "v1", &busybox_image()).await;
+    let home = tempfile::tempdir().unwrap();
+    let res = resolver(home.path());
+
+    let err = res
+        .pull(&reg.reference("smol/busybox", "nope"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ImageError::TagNotFound { tag, .. } if tag == "nope"),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("\"nope\"") && err.to_string().contains("smol/busybox"),
+        "{err}"
+    );
+
+    let err = res
+        .pull(&reg.reference("smol/nothing", "v1"))
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, ImageError::NotFound { .. }), "{err:?}");
+    assert!(err.to_string().contains("smol/nothing"), "{err}");
+
+    let err = res.pull("127.0.0.1:1/smol/busybox:v1").await.unwrap_err();
+    assert!(
+        matches!(&err, ImageError::Network { registry, .. } if registry == "127.0.0.1:1"),
+        "{err:?}"
+    );
+
+    let err = res.pull("Not A Reference").await.unwrap_err();
+    assert!(
+        matches!(&err, ImageError::InvalidReference { reference, .. } if reference == "Not A Reference")
+    );
+    assert_eq!(tmp_files(home.path()), 0);
+}
+
+/// A server that answers every request with `status` and `body`.
+fn refusing_registry(status: &'static str, body: &'static str) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_refusing_registry_gives_status_and_body() {
+    let addr = refusing_registry("503 Service Unavailable", "down for maintenance");
+    let home = tempfile::tempdir().unwrap();
+    let err = resolver(home.path())
+        .pull(&format!("{addr}/smol/x:1"))
+        .await
+        .unwrap_err();
+    match &err {
+        ImageError::Registry { status, body, .. } => {
+            assert_eq!(*status, 503);
+            assert!(body.contains("down for maintenance"), "{body}");
+        }
+        other => panic!("expected Registry, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_corrupted_blob_is_a_digest_mismatch_and_leaves_nothing() {
+    let reg = Registry::start();
+    let img = busybox_image();
+    reg.push("smol/busybox", "v1", &img).await;
+    // Flip bytes of the second layer inside the registry's storage.
+    let d = &img.layer_digests()[1]["sha256:".len()..];
+    let data = reg.storage().join(format!(
+        "docker/registry/v2/blobs/sha256/{}/{d}/data",
+        &d[..2]
+    ));
+    let mut bytes = std::fs::read(&data).expect("registry blob");
+    let n = bytes.len();
+    bytes[n / 2] ^= 0xff;
+    std::fs::write(&data, bytes).unwrap();
+
+    let home = tempfile::tempdir().unwrap();
+    let res = resolver(home.path());
+    let err = res
+        .pull(&reg.reference("smol/busybox", "v1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ImageError::DigestMismatch { expected, .. } if expected == &img.layer_digests()[1]),
+        "{err:?}"
+    );
+    assert!(!res
+        .store()
+        .contains(&Digest::parse(&img.layer_digests()[1]).unwrap()));
+    assert_eq!(tmp_files(home.path()), 0, "no partial blob left");
+}
+
+#[tokio::test]
+async fn oci_layout_directories_are_a_source() {
+    let home = tempfile::tempdir().unwrap();
+    let layout = home.path().join("layout");
+    let bb = busybox_image();
+    let ep = entrypoint_image();
+    images::write_oci_layout(&layout, &[("v1", &bb), ("ep", &ep)]);
+    let res = resolver(home.path());
+
+    let p = res
+        .pull(&format!("oci-layout:{}:v1", layout.display()))
+        .await
+        .expect("layout pull");
+    assert_eq!(p.image.digest.to_string(), bb.digest());
+    assert_eq!(
+        p.stats.blobs_fetched, 4,
+        "manifest, config, two layers imported: {:?}",
+        p.stats
+    );
+    assert_eq!(
+        p.image.reference,
+        format!("oci-layout:{}:v1", layout.display())
+    );
+    let p = res
+        .pull(&format!("oci:{}:ep", layout.display()))
+        .await
+        .expect("layout pull ep");
+    assert_eq!(p.image.config.entrypoint, vec!["/bin/echo", "entry:"]);
+    assert_eq!(p.image.config.user.as_deref(), Some("app"));
+    assert_eq!(
+        p.stats.blobs_fetched, 2,
+        "only its manifest and config are new: {:?}",
+        p.stats
+    );
+
+    let err = res
+        .pull(&format!("oci-layout:{}:nope", layout.display()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ImageError::TagNotFound { .. }), "{err:?}");
+    let err = res
+        .pull(&format!("oci-layout:{}", layout.display()))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("v1, ep"), "{err}");
+    let single = home.path().join("single");
+    images::write_oci_layout(&single, &[("only", &bb)]);
+    let p = res
+        .pull(single.to_str().unwrap())
+        .await
+        .expect("bare path to a layout");
+    assert_eq!(p.image.digest.to_string(), bb.digest());
+    let err = res
+        .pull(&format!("oci-layout:{}", home.path().display()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ImageError::LocalSource { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn docker_save_archives_are_a_source() {
+    let home = tempfile::tempdir().unwrap();
+    let archive = home.path().join("busybox.tar");
+    let img = busybox_image();
+    images::write_docker_archive(&archive, "smol/busybox:saved", &img);
+    let res = resolver(home.path());
+
+    let p = res
+        .pull(&format!("docker-archive:{}", archive.display()))
+        .await
+        .expect("archive pull");
+    let i = &p.image;
+    assert_eq!(i.layers.len(), 2);
+    // docker save layers are plain tars: their digests are the diff ids.
+    let tars: Vec<String> = img.layers.iter().map(|l| images::sha256(&l.tar)).collect();
+    assert_eq!(
+        i.layers
+            .iter()
+            .map(|l| l.digest.to_string())
+            .collect::<Vec<_>>(),
+        tars
+    );
+    assert!(i
+        .layers
+        .iter()
+        .all(|l| l.media_type == "application/vnd.oci.image.layer.v1.tar"));
+    assert_eq!(i.config.working_dir.as_deref(), Some("/srv/app"));
+    assert_eq!(i.config_digest.to_string(), images::sha256(&img.config));
+    assert_eq!(p.stats.blobs_fetched, 2);
+
+    let again = res
+        .pull(&format!(
+            "docker-archive:{}:smol/busybox:saved",
+            archive.display()
+        ))
+        .await
+        .expect("by tag");
+    assert_eq!(
+        again.image.digest, i.digest,
+        "the synthesized manifest is stable"
+    );
+    assert_eq!(again.stats.blobs_fetched, 0);
+    let bare = res
+        .pull(archive.to_str().unwrap())
+        .await
+        .expect("bare path to an archive");
+    assert_eq!(bare.image.digest, i.digest);
+
+    let err = res
+        .pull(&format!("docker-archive:{}:other:tag", archive.display()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ImageError::TagNotFound { .. }), "{err:?}");
+    let not_archive = home.path().join("junk.tar");
+    std::fs::write(&not_archive, b"junk").unwrap();
+    let err = res
+        .pull(&format!("docker-archive:{}", not_archive.display()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ImageError::LocalSource { .. }), "{err:?}");
+}
