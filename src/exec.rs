@@ -102,6 +102,7 @@ impl ExecOptions {
             workdir: self.workdir.clone(),
             timeout_ms,
             stdin: false,
+            container: None,
         })
     }
 }

@@ -25,6 +25,15 @@
 //! - `ReadFile`: the agent answers `Response::FileInfo`, then Data frames and
 //!   an `Eof` (or `Error` at any point).
 //! - `Shutdown`: the agent answers `Response::Ok` and powers the guest off.
+//! - `PutLayer`: the host sends the layer blob in Data frames and an `Eof`;
+//!   the agent verifies its digest while unpacking it into the machine's
+//!   image store and answers `Response::LayerStored` (or `Error`).
+//! - `MissingLayers`: answered by `Response::MissingLayers`.
+//! - `RecordImage`: records an image whose layers are all stored; answered
+//!   by `Response::Image` (the record as kept). `ListImages`: answered by
+//!   `Response::Images`.
+//! - An `Exec` with a `container` runs in a container of that image (see
+//!   `crate::image::container`); everything else is as for any exec.
 //!
 //! Both sides treat the peer's bytes as untrusted: unknown kinds, oversized
 //! frames and bad JSON are errors, never panics.
@@ -250,6 +259,10 @@ pub enum Request {
     WriteFile { path: String, mode: Option<u32> },
     ReadFile { path: String },
     Shutdown,
+    PutLayer { digest: String, size: u64 },
+    MissingLayers { digests: Vec<String> },
+    RecordImage(crate::image::ImageRecord),
+    ListImages,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -264,6 +277,9 @@ pub struct ExecRequest {
     pub timeout_ms: Option<u64>,
     /// Whether the host will send Stdin frames; otherwise stdin is /dev/null.
     pub stdin: bool,
+    /// Run in a container of this image instead of on the machine's root.
+    #[serde(default)]
+    pub container: Option<crate::image::ContainerSpec>,
 }
 
 /// Answers carried in `Response` frames.
@@ -275,6 +291,10 @@ pub enum Response {
     Written { size: u64 },
     FileInfo { size: u64, mode: u32 },
     Ok,
+    LayerStored { digest: String, size: u64, cached: bool },
+    MissingLayers { digests: Vec<String> },
+    Image(crate::image::ImageRecord),
+    Images { images: Vec<crate::image::ImageRecord> },
 }
 
 /// How a process ended: carried in the `Exit` frame.
