@@ -22,6 +22,8 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+pub mod container;
+pub mod serve;
 pub mod unpack;
 
 pub use unpack::{unpack_layer, UnpackStats};
