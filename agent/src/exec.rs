@@ -23,6 +23,7 @@ use nix::fcntl::OFlag;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::{fork, pipe2, ForkResult, Pid};
 
+use crate::image::container::{Container, CONTAINER_STAGE};
 use crate::protocol::{
     read_frame, write_frame, AgentError, ErrorKind, ExecRequest, ExitStatus, Frame, FrameKind,
     Response, DATA_CHUNK,
@@ -59,8 +60,9 @@ struct Prepared {
     workdir_text: String,
 }
 
-/// Checks the request and resolves the program. Errors name the bad value.
-fn prepare(req: &ExecRequest) -> Result<Prepared, AgentError> {
+/// Checks the request and resolves the program (inside the container's
+/// root when there is one). Errors name the bad value.
+fn prepare(req: &ExecRequest, container: Option<&Container>) -> Result<Prepared, AgentError> {
     let Some(argv0) = req.argv.first() else {
         return Err(invalid("argv is empty".into()));
     };
@@ -75,7 +77,7 @@ fn prepare(req: &ExecRequest) -> Result<Prepared, AgentError> {
         );
     }
 
-    let mut env = default_env();
+    let mut env = container.map_or_else(default_env, Container::default_env);
     for (k, v) in &req.env {
         if k.is_empty() {
             return Err(invalid("empty environment variable name".into()));
@@ -105,15 +107,18 @@ fn prepare(req: &ExecRequest) -> Result<Prepared, AgentError> {
     }
     let workdir = CString::new(workdir_text.as_str())
         .map_err(|_| invalid(format!("workdir contains a NUL byte: {workdir_text:?}")))?;
-    match std::fs::metadata(&workdir_text) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            return Err(AgentError::new(
-                ErrorKind::NotADirectory,
-                format!("workdir is not a directory: {workdir_text}"),
-            ))
-        }
-        Err(e) => return Err(io_error(&e, &format!("workdir {workdir_text}"))),
+    match container.map(|c| c.check_workdir(&workdir_text)) {
+        Some(checked) => checked?,
+        None => match std::fs::metadata(&workdir_text) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(AgentError::new(
+                    ErrorKind::NotADirectory,
+                    format!("workdir is not a directory: {workdir_text}"),
+                ))
+            }
+            Err(e) => return Err(io_error(&e, &format!("workdir {workdir_text}"))),
+        },
     }
 
     let path_var = env
@@ -121,7 +126,10 @@ fn prepare(req: &ExecRequest) -> Result<Prepared, AgentError> {
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.as_str())
         .unwrap_or("");
-    let program = resolve_program(argv0, path_var, Path::new(&workdir_text))?;
+    let program = match container {
+        Some(c) => PathBuf::from(c.resolve_program(argv0, path_var, &workdir_text)?),
+        None => resolve_program(argv0, path_var, Path::new(&workdir_text))?,
+    };
     let program = CString::new(program.into_os_string().into_encoded_bytes())
         .map_err(|_| invalid(format!("program path contains a NUL byte: {argv0:?}")))?;
 
@@ -268,8 +276,13 @@ struct Running {
     stdin: Option<File>,
 }
 
-/// Forks and execs; returns once execve succeeded (or failed, as an error).
-fn start(p: &Prepared, want_stdin: bool) -> Result<Running, AgentError> {
+/// Forks (or clones into a container's namespaces) and execs; returns once
+/// execve succeeded (or failed, as an error).
+fn start(
+    p: &Prepared,
+    want_stdin: bool,
+    container: Option<&Container>,
+) -> Result<Running, AgentError> {
     let sys = |e: Errno| errno_error(e, "cannot start the program");
     let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys)?;
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys)?;
@@ -288,10 +301,19 @@ fn start(p: &Prepared, want_stdin: bool) -> Result<Running, AgentError> {
 
     let (pid, waiter) = Reaper::get()
         .spawn(|| {
-            // SAFETY: the child runs only child_exec, which is
-            // async-signal-safe and never returns.
-            match unsafe { fork() }? {
-                ForkResult::Child => child_exec(p, &argv, &envp, fds, status_fd),
+            // SAFETY: the child runs only Container::enter and child_exec,
+            // which are async-signal-safe; child_exec never returns.
+            let forked = match container {
+                Some(c) => unsafe { c.clone_child() },
+                None => unsafe { fork() },
+            }?;
+            match forked {
+                ForkResult::Child => {
+                    if let Some(Err((stage, errno))) = container.map(Container::enter) {
+                        crate::image::container::child_failed(status_fd, stage, errno)
+                    }
+                    child_exec(p, &argv, &envp, fds, status_fd)
+                }
                 ForkResult::Parent { child } => Ok::<Pid, Errno>(child),
             }
         })
@@ -329,6 +351,7 @@ fn start(p: &Prepared, want_stdin: bool) -> Result<Running, AgentError> {
         s if s == ChildStage::Exec as u32 => {
             errno_error(errno, &format!("cannot execute {}", p.argv0))
         }
+        s if s >= CONTAINER_STAGE => errno_error(errno, &crate::image::container::stage_what(s)),
         _ => errno_error(errno, "cannot set up the program"),
     })
 }
@@ -410,14 +433,23 @@ fn host_reader<S: Duplex>(mut conn: S, mut stdin: Option<File>, ctl: Arc<Control
 
 /// Serves an `Exec` request on `conn` (the request frame already read).
 pub fn serve<S: Duplex>(conn: &mut S, req: ExecRequest) -> Result<(), ServeError> {
-    let prepared = match prepare(&req) {
+    // Unmounted and removed when this exec is over (dropped at the end).
+    let container = match req.container.as_ref().map(Container::create) {
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => {
+            send_error(conn, &e)?;
+            return Ok(());
+        }
+        None => None,
+    };
+    let prepared = match prepare(&req, container.as_ref()) {
         Ok(p) => p,
         Err(e) => {
             send_error(conn, &e)?;
             return Ok(());
         }
     };
-    let running = match start(&prepared, req.stdin) {
+    let running = match start(&prepared, req.stdin, container.as_ref()) {
         Ok(r) => r,
         Err(e) => {
             send_error(conn, &e)?;

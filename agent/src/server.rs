@@ -113,6 +113,10 @@ impl Agent {
             Request::Exec(req) => crate::exec::serve(s, req)?,
             Request::WriteFile { path, mode } => crate::files::serve_write(s, &path, mode)?,
             Request::ReadFile { path } => crate::files::serve_read(s, &path)?,
+            Request::PutLayer { digest, size } => crate::image::serve::put_layer(s, &digest, size)?,
+            Request::MissingLayers { digests } => crate::image::serve::missing_layers(s, &digests)?,
+            Request::RecordImage(record) => crate::image::serve::record_image(s, &record)?,
+            Request::ListImages => crate::image::serve::list_images(s)?,
         }
         Ok(())
     }
