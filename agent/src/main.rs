@@ -15,8 +15,11 @@ use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Sigmas
 
 use smol_agent::protocol::{AGENT_PORT, READY_LINE};
 use smol_agent::reaper::Reaper;
+use smol_agent::server::error_chain;
 use smol_agent::server::Agent;
 use smol_agent::{log, system, vsock};
+
+mod root;
 
 /// Why the guest powers off.
 enum Stop {
@@ -71,6 +74,18 @@ fn run() -> ! {
     system::mount_early();
     system::ensure_std_fds();
     let cmdline = system::read_cmdline();
+    match root::disk_device(&cmdline) {
+        None => {}
+        Some(Ok(device)) => match root::switch_to_disk_root(&device) {
+            Ok(()) => log(format_args!("root is an overlay on {device}")),
+            Err(e) => log(format_args!(
+                "{}; the root stays in memory",
+                error_chain(&e)
+            )),
+        },
+        Some(Err(e)) => log(format_args!("{e}; the root stays in memory")),
+    }
+    system::mount_runtime();
     system::set_hostname(&cmdline);
     system::loopback_up();
     Reaper::get();
@@ -92,10 +107,7 @@ fn run() -> ! {
                 log(format_args!("cannot start the vsock thread: {e}"));
             }
         }
-        Err(e) => log(format_args!(
-            "{}; serving no requests",
-            smol_agent::server::error_chain(&e)
-        )),
+        Err(e) => log(format_args!("{}; serving no requests", error_chain(&e))),
     }
 
     let mut out = std::io::stdout().lock();

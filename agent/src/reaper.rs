@@ -202,7 +202,7 @@ impl Reaper {
     }
 
     /// Waits up to `timeout` until no child is left; true if none is.
-    pub fn wait_no_children(timeout: Duration) -> bool {
+    pub fn wait_no_children(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             if Self::has_no_children() {
@@ -211,6 +211,10 @@ impl Reaper {
             if Instant::now() >= deadline {
                 return false;
             }
+            // Orphans adopted while the reaper slept on "no children" only
+            // get reaped once it looks again: wake it.
+            lock(&self.table).generation += 1;
+            self.cv.notify_all();
             std::thread::sleep(Duration::from_millis(50));
         }
     }

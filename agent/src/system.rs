@@ -81,6 +81,10 @@ const EARLY_MOUNTS: &[MountSpec] = &[
         flags: NOSUID_NODEV,
         data: "mode=1777",
     },
+];
+
+/// Mounted after the root is settled (the disk root brings its own /run).
+const RUNTIME_MOUNTS: &[MountSpec] = &[
     MountSpec {
         source: "tmpfs",
         target: "/tmp",
@@ -107,10 +111,8 @@ fn is_mountpoint(path: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Mounts proc, sys, dev, dev/pts, dev/shm, tmp and run. Failures are logged
-/// and skipped: a partly set-up guest is more useful than a dead one.
-pub fn mount_early() {
-    for m in EARLY_MOUNTS {
+fn mount_all(list: &[MountSpec]) {
+    for m in list {
         if let Err(e) = std::fs::create_dir_all(m.target) {
             log(format_args!("cannot create {}: {e}", m.target));
             continue;
@@ -128,6 +130,17 @@ pub fn mount_early() {
             )),
         }
     }
+}
+
+/// Mounts /tmp and /run unless already there.
+pub fn mount_runtime() {
+    mount_all(RUNTIME_MOUNTS);
+}
+
+/// Mounts proc, sys, dev, dev/pts and dev/shm. Failures are logged and
+/// skipped: a partly set-up guest is more useful than a dead one.
+pub fn mount_early() {
+    mount_all(EARLY_MOUNTS);
     // devtmpfs lacks the usual /dev/fd and std* links (shells use /dev/fd).
     for (link, target) in [
         ("/dev/fd", "/proc/self/fd"),
@@ -239,7 +252,7 @@ fn is_persistent_fs(fstype: &str) -> bool {
 
 /// Unmounts (or, when busy or the root, remounts read-only) every
 /// disk-backed filesystem, innermost first.
-fn unmount_persistent() {
+pub fn unmount_persistent() {
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
         return;
     };
@@ -253,7 +266,12 @@ fn unmount_persistent() {
             Some((target, fstype))
         })
         .collect();
-    for (target, fstype) in list.iter().rev() {
+    // The overlay root first: its read-only remount syncs its upper layer;
+    // then the filesystems below it, innermost first.
+    let is_overlay_root = |(t, f): &&(String, String)| t == "/" && f == "overlay";
+    let overlay_root = list.iter().filter(is_overlay_root);
+    let others = list.iter().rev().filter(|m| !is_overlay_root(m));
+    for (target, fstype) in overlay_root.chain(others) {
         if !is_persistent_fs(fstype) {
             continue;
         }
@@ -282,9 +300,9 @@ fn unmount_persistent() {
 pub fn power_off() -> ! {
     log("stopping all processes");
     let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
-    if !Reaper::wait_no_children(Duration::from_secs(2)) {
+    if !Reaper::get().wait_no_children(Duration::from_secs(2)) {
         let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
-        Reaper::wait_no_children(Duration::from_secs(1));
+        Reaper::get().wait_no_children(Duration::from_secs(1));
     }
     nix::unistd::sync();
     unmount_persistent();
