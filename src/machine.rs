@@ -61,16 +61,6 @@ pub struct BootTimings {
     pub vmm: VmSetupTimings,
 }
 
-/// An OCI image in a machine's storage (images arrive in a later version).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageInfo {
-    pub reference: String,
-    pub digest: String,
-    pub size: u64,
-    pub layers: usize,
-    pub created: Option<String>,
-}
-
 struct Shared {
     name: String,
     dir: PathBuf,
@@ -118,6 +108,7 @@ impl Machine {
         options.require_local()?;
         let begin = Instant::now();
         config.validate()?;
+        let image = config.image.clone();
         // Before anything is written: a missing asset fails cleanly.
         GuestAssets::locate()?;
         let home = options.home.clone();
@@ -139,6 +130,13 @@ impl Machine {
             // A machine that never booted leaves nothing behind.
             let _ = machine.ask(Command::Delete).await;
             return Err(e);
+        }
+        // MachineConfig.image: the machine comes up with the image in it.
+        if let Some(image) = image {
+            if let Err(e) = machine.pull_image(&image).await {
+                let _ = machine.ask(Command::Delete).await;
+                return Err(e);
+            }
         }
         Ok(machine)
     }
@@ -353,7 +351,7 @@ impl Machine {
     }
 
     /// A fresh connection to the agent of the running machine.
-    async fn agent(&self) -> Result<AgentConnection> {
+    pub(crate) async fn agent(&self) -> Result<AgentConnection> {
         let uds = self.ask(Command::Session).await??;
         match AgentConnection::open(&uds, self.name()).await {
             Ok(c) => Ok(c),
@@ -362,7 +360,7 @@ impl Machine {
     }
 
     /// A connection that broke usually means the machine went away: say so.
-    async fn explain(&self, e: Error) -> Error {
+    pub(crate) async fn explain(&self, e: Error) -> Error {
         if !matches!(e, Error::Io { .. } | Error::Protocol(_)) {
             return e;
         }
