@@ -103,6 +103,11 @@ pub enum Error {
     /// The machine store holds something unreadable.
     #[error("machine store {}: {reason}", path.display())]
     Store { path: PathBuf, reason: String },
+    /// Pulling, importing or running an OCI image failed: an unknown image,
+    /// a missing tag, a registry refusing, a digest mismatch, a layer that
+    /// is not a tar, no space left for it.
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
     /// Not available (yet) in this engine, e.g. the cloud target.
     #[error("unsupported: {0}")]
     Unsupported(String),
