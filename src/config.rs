@@ -28,7 +28,8 @@ pub struct MachineConfig {
     /// Unique within the store; generated when absent. Allowed:
     /// `[a-z0-9][a-z0-9-_.]{0,62}`.
     pub name: Option<String>,
-    /// OCI image to run commands in (not available yet).
+    /// OCI image pulled into the machine when it is created (see
+    /// [`Machine::pull_image`](crate::Machine::pull_image)).
     pub image: Option<String>,
     /// Host directories shared into the guest (not available yet).
     pub mounts: Vec<MountSpec>,
@@ -157,9 +158,11 @@ impl MachineConfig {
                 ),
             ));
         }
+        if let Some(image) = &self.image {
+            crate::image::ImageSource::parse(image).map_err(|e| invalid("image", e.to_string()))?;
+        }
         // Later features: refuse rather than silently ignore them.
         let later = [
-            (self.image.is_some(), "images (MachineConfig.image)"),
             (!self.mounts.is_empty(), "mounts"),
             (!self.ports.is_empty(), "port forwarding"),
             (r.network, "outbound network (resources.network)"),
@@ -360,7 +363,12 @@ mod tests {
             image: Some("alpine".into()),
             ..Default::default()
         };
-        assert!(matches!(c.validate(), Err(Error::Unsupported(_))));
+        c.validate().unwrap();
+        let c = MachineConfig {
+            image: Some("Not An Image".into()),
+            ..Default::default()
+        };
+        assert_eq!(field_of(c.validate().unwrap_err()), "image");
         let c = MachineConfig {
             ports: vec![PortSpec {
                 host: 8080,
