@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 mod auth;
 mod error;
 mod local;
+mod machine;
 pub mod manifest;
 mod reference;
 mod registry;
