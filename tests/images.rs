@@ -3,8 +3,12 @@
 //!
 //! The host-side tests need no guest: pulls into the blob store, caching,
 //! concurrent pulls, digest verification, named errors, oci-layout and
-//! docker-save sources.
+//! docker-save sources. `images_in_a_guest` boots one machine for many
+//! checks (pull and run, whiteouts, image config, errors, local sources)
+//! and a second one only to show that machines share the blob cache.
 
+#[macro_use]
+mod common;
 mod support {
     pub mod images;
     pub mod registry;
@@ -330,7 +334,7 @@ async fn oci_layout_directories_are_a_source() {
         .pull(&format!("oci:{}:ep", layout.display()))
         .await
         .expect("layout pull ep");
-    assert_eq!(p.image.config.entrypoint, vec!["/bin/echo", "entry:"]);
+    assert_eq!(p.image.config.entrypoint, vec!["/bin/sh", "-c"]);
     assert_eq!(p.image.config.user.as_deref(), Some("app"));
     assert_eq!(
         p.stats.blobs_fetched, 2,
@@ -423,4 +427,428 @@ async fn docker_save_archives_are_a_source() {
         .await
         .unwrap_err();
     assert!(matches!(err, ImageError::LocalSource { .. }), "{err:?}");
+}
+
+/// Blob files of the cache with their modification times.
+fn blob_times(home: &Path) -> Vec<(std::path::PathBuf, std::time::SystemTime)> {
+    let mut v: Vec<_> = std::fs::read_dir(home.join("images/blobs/sha256"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    (
+                        e.path(),
+                        e.metadata().and_then(|m| m.modified()).expect("mtime"),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn images_in_a_guest() {
+    // A short home: the vsock socket path must fit in sun_path.
+    let home = tempfile::Builder::new()
+        .prefix("smol-img")
+        .tempdir_in("/tmp")
+        .unwrap();
+    common::runtime().block_on(guest_checks(home.path()));
+}
+
+async fn guest_checks(home: &Path) {
+    use common::{Checks, Ctx};
+    use futures::StreamExt;
+    use smol::{ConnectOptions, Error, ExecEvent, ExecOptions, Machine, MachineConfig};
+    use std::time::{Duration, Instant};
+
+    let o = ConnectOptions::local().home(home);
+    let reg = Registry::start();
+    let bb = busybox_image();
+    let ep = entrypoint_image();
+    reg.push("smol/busybox", "v1", &bb).await;
+    reg.push("smol/entry", "v1", &ep).await;
+    reg.push("smol/broken", "v1", &images::not_a_tar_image())
+        .await;
+    let busybox = reg.reference("smol/busybox", "v1");
+    let entry = reg.reference("smol/entry", "v1");
+
+    let t = Instant::now();
+    let a = match Machine::create_with(
+        MachineConfig::default().name("img-a").disk_mb(256),
+        o.clone(),
+    )
+    .await
+    {
+        Ok(m) => m,
+        Err(e) => panic!(
+            "creating the test machine failed (assets missing? run `cargo xtask assets`):\n{e}"
+        ),
+    };
+    report!(
+        "[images] machine {} booted in {:.1?}",
+        a.name(),
+        t.elapsed()
+    );
+    let mut c = Checks::new("images");
+
+    c.run("pull_image returns the image's info", async {
+        let t = Instant::now();
+        let info = a.pull_image(&busybox).await.ctx("pull")?;
+        report!("[images] first pull of {busybox} took {:.2?}", t.elapsed());
+        ensure!(info.digest == bb.digest(), "digest {}", info.digest);
+        ensure!(info.reference == busybox, "reference {}", info.reference);
+        ensure!(info.layers.len() == 2, "layers {:?}", info.layers);
+        ensure!(
+            info.created.as_deref() == Some("2024-01-02T03:04:05Z"),
+            "created {:?}",
+            info.created
+        );
+        let blobs: u64 = bb.blobs().iter().map(|(_, b)| b.len() as u64).sum();
+        ensure!(info.size == blobs, "size {} != {blobs}", info.size);
+        Ok(())
+    })
+    .await;
+
+    c.run("run uses the image's env and workdir", async {
+        let r = a
+            .run(&busybox, ["sh", "-c", "echo $GREETING; pwd; cat hello.txt"])
+            .await
+            .ctx("run")?;
+        ensure!(
+            r.exit_code == 0,
+            "exit {} stderr {}",
+            r.exit_code,
+            r.stderr_lossy()
+        );
+        let want = "hello from the image config\n/srv/app\nhello from /srv/app\n";
+        ensure!(r.stdout_lossy() == want, "stdout {:?}", r.stdout_lossy());
+        Ok(())
+    })
+    .await;
+
+    c.run("the whiteout hides the first layer's file", async {
+        let r = a.run(&busybox, ["cat", "/etc/motd"]).await.ctx("run")?;
+        ensure!(
+            r.exit_code != 0,
+            "cat /etc/motd succeeded: {:?}",
+            r.stdout_lossy()
+        );
+        let r = a.run(&busybox, ["ls", "/etc"]).await.ctx("run ls")?;
+        ensure!(
+            !r.stdout_lossy().contains("motd"),
+            "ls /etc: {}",
+            r.stdout_lossy()
+        );
+        ensure!(
+            r.stdout_lossy().contains("layer2"),
+            "ls /etc: {}",
+            r.stdout_lossy()
+        );
+        Ok(())
+    })
+    .await;
+
+    c.run("the container has its own pid, uts and mount namespaces", async {
+        let r = a
+            .run(&busybox, ["sh", "-c", "echo $$; hostname; ls /proc | grep -c '^[0-9]'; test -d /bin/busybox || echo own-root"])
+            .await
+            .ctx("run")?;
+        let out = r.stdout_lossy();
+        let lines: Vec<&str> = out.lines().collect();
+        ensure!(lines.len() == 4 && lines[0] == "1", "stdout {out:?}");
+        ensure!(lines[1].len() == 12 && lines[1] != "smol", "hostname {:?}", lines[1]);
+        ensure!(lines[2].parse::<u32>().is_ok_and(|n| n <= 4), "processes in /proc: {}", lines[2]);
+        let host = a.exec(["hostname"]).await.ctx("exec hostname")?;
+        ensure!(host.stdout_lossy().trim() != lines[1], "the machine's hostname changed");
+        Ok(())
+    })
+    .await;
+
+    c.run(
+        "entrypoint, cmd and user come from the image config",
+        async {
+            let r = a
+                .run(&entry, Vec::<String>::new())
+                .await
+                .ctx("run with the image's cmd")?;
+            ensure!(
+                r.stdout_lossy() == "default cmd as 1000:1000 in / home /home/app\n",
+                "stdout {:?} stderr {:?}",
+                r.stdout_lossy(),
+                r.stderr_lossy()
+            );
+            let r = a
+                .run(&entry, ["echo replaced $(id -un)"])
+                .await
+                .ctx("run with argv")?;
+            ensure!(
+                r.stdout_lossy() == "replaced app\n",
+                "stdout {:?}",
+                r.stdout_lossy()
+            );
+            Ok(())
+        },
+    )
+    .await;
+
+    c.run("run_with: env and workdir override the image's", async {
+        let opts = ExecOptions::default()
+            .env("GREETING", "overridden")
+            .workdir("/tmp");
+        let r = a
+            .run_with(&busybox, ["sh", "-c", "echo $GREETING; pwd"], opts)
+            .await
+            .ctx("run_with")?;
+        ensure!(
+            r.stdout_lossy() == "overridden\n/tmp\n",
+            "stdout {:?}",
+            r.stdout_lossy()
+        );
+        Ok(())
+    })
+    .await;
+
+    c.run(
+        "exit codes, stderr, timeouts and streaming behave as exec",
+        async {
+            let r = a
+                .run(&busybox, ["sh", "-c", "echo out; echo err >&2; exit 7"])
+                .await
+                .ctx("run")?;
+            ensure!(
+                r.exit_code == 7 && r.stdout_lossy() == "out\n" && r.stderr_lossy() == "err\n",
+                "{r:?}"
+            );
+            let opts = ExecOptions::default().timeout(Duration::from_secs(2));
+            let r = a
+                .run_with(&busybox, ["sh", "-c", "sleep 60 & sleep 60"], opts)
+                .await
+                .ctx("timeout")?;
+            ensure!(r.timed_out, "not timed out: {r:?}");
+            let mut s = a
+                .run_stream(&busybox, ["sh", "-c", "echo one; sleep 1; echo two"])
+                .await
+                .ctx("stream")?;
+            let mut out = String::new();
+            let mut exit = None;
+            while let Some(ev) = s.next().await {
+                match ev.ctx("event")? {
+                    ExecEvent::Stdout(b) => out.push_str(&String::from_utf8_lossy(&b)),
+                    ExecEvent::Exit(code) => exit = Some(code),
+                    other => return Err(format!("unexpected event {other:?}")),
+                }
+            }
+            ensure!(
+                out == "one\ntwo\n" && exit == Some(0),
+                "stream {out:?} {exit:?}"
+            );
+            let e = a.run(&busybox, ["no-such-program"]).await.unwrap_err();
+            ensure!(e.to_string().contains("no-such-program"), "{e}");
+            Ok(())
+        },
+    )
+    .await;
+
+    c.run("a container's writes stay in that container", async {
+        let r = a
+            .run(
+                &busybox,
+                [
+                    "sh",
+                    "-c",
+                    "echo scratch > /etc/scratch && cat /etc/scratch",
+                ],
+            )
+            .await
+            .ctx("write")?;
+        ensure!(r.stdout_lossy() == "scratch\n", "{r:?}");
+        let r = a
+            .run(&busybox, ["cat", "/etc/scratch"])
+            .await
+            .ctx("read back")?;
+        ensure!(r.exit_code != 0, "the next container saw it");
+        let r = a.exec(["ls", "/etc/scratch"]).await.ctx("on the machine")?;
+        ensure!(r.exit_code != 0, "the machine's root saw it");
+        Ok(())
+    })
+    .await;
+
+    c.run(
+        "a missing tag and an unknown image are named errors",
+        async {
+            let e = a
+                .pull_image(&reg.reference("smol/busybox", "nope"))
+                .await
+                .unwrap_err();
+            ensure!(
+                matches!(&e, Error::Image(ImageError::TagNotFound { tag, .. }) if tag == "nope"),
+                "{e:?}"
+            );
+            let e = a
+                .run(&reg.reference("smol/ghost", "v1"), ["true"])
+                .await
+                .unwrap_err();
+            ensure!(
+                matches!(&e, Error::Image(ImageError::NotFound { .. })),
+                "{e:?}"
+            );
+            Ok(())
+        },
+    )
+    .await;
+
+    c.run(
+        "a layer that is not a tar is refused and leaves nothing",
+        async {
+            let e = a
+                .pull_image(&reg.reference("smol/broken", "v1"))
+                .await
+                .unwrap_err();
+            ensure!(
+                matches!(&e, Error::Image(ImageError::NotATar { .. })),
+                "{e:?}"
+            );
+            let images = a.list_images().await.ctx("list")?;
+            ensure!(
+                !images.iter().any(|i| i.reference.contains("broken")),
+                "{images:?}"
+            );
+            let r = a
+                .exec([
+                    "sh",
+                    "-c",
+                    "ls -A /run/smol/disk/images/layers | grep -c tmp || true",
+                ])
+                .await
+                .ctx("ls")?;
+            ensure!(
+                r.stdout_lossy().trim() == "0",
+                "half-unpacked layers: {}",
+                r.stdout_lossy()
+            );
+            Ok(())
+        },
+    )
+    .await;
+
+    // From here on the registry is gone: what follows must not need it.
+    drop(reg);
+    let before = blob_times(home);
+
+    c.run("run twice: the second time downloads nothing", async {
+        let t = Instant::now();
+        let r = a
+            .run(&busybox, ["true"])
+            .await
+            .ctx("run without a registry")?;
+        ensure!(r.exit_code == 0, "{r:?}");
+        report!("[images] run of a cached image took {:.2?}", t.elapsed());
+        let t = Instant::now();
+        a.exec(["true"]).await.ctx("exec")?;
+        report!("[images] exec of the same command took {:.2?}", t.elapsed());
+        ensure!(blob_times(home) == before, "the blob cache changed");
+        Ok(())
+    })
+    .await;
+
+    let layout = home.join("layout");
+    images::write_oci_layout(&layout, &[("v2", &images::marked_image("oci-layout"))]);
+    let archive = home.join("saved.tar");
+    images::write_docker_archive(
+        &archive,
+        "smol/saved:v3",
+        &images::marked_image("docker-save"),
+    );
+
+    c.run("an oci-layout directory is a source", async {
+        let src = format!("oci-layout:{}:v2", layout.display());
+        let r = a
+            .run(&src, ["sh", "-c", "echo $SOURCE; cat /etc/layer2"])
+            .await
+            .ctx("run")?;
+        ensure!(r.stdout_lossy() == "oci-layout\nlayer two\n", "{r:?}");
+        Ok(())
+    })
+    .await;
+
+    c.run("a docker save archive is a source", async {
+        let src = format!("docker-archive:{}", archive.display());
+        let t = Instant::now();
+        let info = a.pull_image(&src).await.ctx("pull")?;
+        report!(
+            "[images] docker-save import and send took {:.2?}",
+            t.elapsed()
+        );
+        ensure!(
+            info.layers.iter().all(|l| l.media_type.ends_with(".tar")),
+            "{:?}",
+            info.layers
+        );
+        let r = a
+            .run(&src, ["sh", "-c", "echo $SOURCE; ls /etc"])
+            .await
+            .ctx("run")?;
+        ensure!(r.stdout_lossy().starts_with("docker-save\n"), "{r:?}");
+        ensure!(
+            !r.stdout_lossy().contains("motd"),
+            "whiteout in a plain-tar layer: {r:?}"
+        );
+        Ok(())
+    })
+    .await;
+
+    c.run("list_images shows what the machine has", async {
+        let images = a.list_images().await.ctx("list")?;
+        let refs: Vec<&str> = images.iter().map(|i| i.reference.as_str()).collect();
+        ensure!(images.len() == 4, "{refs:?}");
+        ensure!(
+            refs.contains(&busybox.as_str()) && refs.contains(&entry.as_str()),
+            "{refs:?}"
+        );
+        Ok(())
+    })
+    .await;
+
+    c.run(
+        "a second machine shares the blob cache (MachineConfig.image, registry down)",
+        async {
+            let by_digest = format!(
+                "{}@{}",
+                busybox.rsplit_once(':').map(|(n, _)| n).unwrap_or(&busybox),
+                bb.digest()
+            );
+            let before = blob_times(home);
+            let config = MachineConfig {
+                image: Some(by_digest.clone()),
+                ..MachineConfig::default().name("img-b").disk_mb(128)
+            };
+            let t = Instant::now();
+            let b = Machine::create_with(config, o.clone())
+                .await
+                .ctx("create with an image")?;
+            report!(
+                "[images] machine b booted and got its image in {:.1?}",
+                t.elapsed()
+            );
+            let images = b.list_images().await.ctx("list on b")?;
+            ensure!(
+                images.len() == 1 && images[0].digest == bb.digest(),
+                "{images:?}"
+            );
+            let r = b
+                .run(&by_digest, ["cat", "/srv/app/hello.txt"])
+                .await
+                .ctx("run on b")?;
+            ensure!(r.stdout_lossy() == "hello from /srv/app\n", "{r:?}");
+            ensure!(blob_times(home) == before, "the blob cache changed");
+            b.delete().await.ctx("delete b")?;
+            Ok(())
+        },
+    )
+    .await;
+
+    a.delete().await.expect("delete a");
+    c.finish();
 }

@@ -256,15 +256,37 @@ pub fn busybox_image() -> TestImage {
     )
 }
 
-/// Same layers; Entrypoint `echo entry:` with Cmd `default`, user `app`.
+/// Same layers; Entrypoint `sh -c`, Cmd printing the user id, User `app`.
 pub fn entrypoint_image() -> TestImage {
     TestImage::new(
         json!({
             "Env": ["PATH=/bin"],
             "User": "app",
-            "Entrypoint": ["/bin/echo", "entry:"],
-            "Cmd": ["default", "cmd"],
+            "Entrypoint": ["/bin/sh", "-c"],
+            "Cmd": ["echo default cmd as $(id -u):$(id -g) in $(pwd) home $HOME"],
         }),
+        busybox_layers(),
+    )
+}
+
+/// An image whose only layer is not a tar archive (the host cannot tell;
+/// the guest must refuse it).
+pub fn not_a_tar_image() -> TestImage {
+    let junk = b"this layer is plain text, not a tar archive\n".repeat(40);
+    TestImage::new(
+        json!({"Cmd": ["sh"]}),
+        vec![Layer {
+            tar: junk.clone(),
+            blob: junk,
+            media_type: "application/vnd.oci.image.layer.v1.tar",
+        }],
+    )
+}
+
+/// The busybox layers with a config marking where it came from.
+pub fn marked_image(source: &str) -> TestImage {
+    TestImage::new(
+        json!({"Env": [format!("SOURCE={source}")], "Cmd": ["sh"]}),
         busybox_layers(),
     )
 }
