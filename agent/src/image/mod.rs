@@ -528,6 +528,36 @@ mod tests {
     }
 
     #[test]
+    fn a_full_disk_is_named_and_leaves_nothing() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: mounting a small tmpfs needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=256k"),
+        )
+        .unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let big: Vec<u8> = (0..600_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let blob = tar_with(&[("big.bin", &big)]);
+        let err = store.put_layer(&digest(&blob), &blob[..]).unwrap_err();
+        let layers: Vec<_> = fs::read_dir(dir.path().join("layers"))
+            .unwrap()
+            .flatten()
+            .collect();
+        nix::mount::umount(dir.path()).unwrap();
+        assert!(matches!(err, ImageError::NoSpace(_)), "{err}");
+        assert!(layers.is_empty(), "{layers:?}");
+    }
+
+    #[test]
     fn records_move_tags_and_need_layers() {
         let dir = tempfile::tempdir().unwrap();
         let store = ImageStore::open(dir.path()).unwrap();
