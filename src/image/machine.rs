@@ -21,7 +21,7 @@ use super::{
     ContainerSpec, Descriptor, Digest, ImageError, ImageInfo, ImageRecord, ImageResolver,
     ImageSource,
 };
-use crate::agent_conn::unexpected;
+use crate::agent_conn::{unexpected, AgentConnection};
 use crate::error::{Error, Result};
 use crate::exec::{ExecOptions, ExecResult, ExecStream, RunningExec};
 use crate::machine::Machine;
@@ -51,30 +51,51 @@ fn agent_says(e: &AgentError, prefix: &str) -> bool {
     e.message.starts_with(prefix) || e.message.contains(&format!(": {prefix}"))
 }
 
-impl Machine {
-    /// The blob cache of this machine's store: `<home>/images`, next to
-    /// `<home>/machines/<name>`.
+/// How image calls reach a machine's agent: the [`Machine`] in real use,
+/// a loopback socket to the agent's own handlers in host tests.
+pub(crate) trait AgentLink: Sync {
+    async fn connect(&self) -> Result<AgentConnection>;
+    /// Turns a broken connection into what happened to the machine.
+    async fn explain(&self, e: Error) -> Error;
+    fn label(&self) -> &str;
+    /// The blob cache this machine's images go through.
+    fn images_root(&self) -> PathBuf;
+}
+
+impl AgentLink for Machine {
+    async fn connect(&self) -> Result<AgentConnection> {
+        self.agent().await
+    }
+
+    async fn explain(&self, e: Error) -> Error {
+        Machine::explain(self, e).await
+    }
+
+    fn label(&self) -> &str {
+        self.name()
+    }
+
+    /// `<home>/images`, next to `<home>/machines/<name>`.
     fn images_root(&self) -> PathBuf {
         match self.dir().parent().and_then(Path::parent) {
             Some(home) => home.join("images"),
             None => super::BlobStore::default_root(),
         }
     }
+}
 
+impl Machine {
     /// Pulls `reference` (a registry reference, `oci-layout:<dir>[:<tag>]`,
     /// `docker-archive:<file>[:<tag>]`, or a path to either) into the host's
     /// blob cache when needed, sends the layers this machine lacks, and
     /// records the image in the machine.
     pub async fn pull_image(&self, reference: &str) -> Result<ImageInfo> {
-        let source = ImageSource::parse(reference)?;
-        let record = self.pull_record(&source).await?;
-        Ok(ImageInfo::from(&record))
+        pull_image(self, reference).await
     }
 
     /// The images in this machine's storage.
     pub async fn list_images(&self) -> Result<Vec<ImageInfo>> {
-        Ok(self
-            .image_records()
+        Ok(image_records(self)
             .await?
             .iter()
             .map(ImageInfo::from)
@@ -104,13 +125,7 @@ impl Machine {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let req = self.container_request(image, argv, options).await?;
-        let conn = self.agent().await?;
-        let run = async { RunningExec::start(conn, req).await?.collect().await };
-        match run.await {
-            Ok(r) => Ok(r),
-            Err(e) => Err(self.explain(e).await),
-        }
+        run_collect(self, image, argv, options).await
     }
 
     /// [`Machine::run`] streaming its output, as [`Machine::exec_stream`].
@@ -133,240 +148,267 @@ impl Machine {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let req = self.container_request(image, argv, options).await?;
+        let req = container_request(self, image, argv, options).await?;
         let conn = self.agent().await?;
         match RunningExec::start(conn, req).await {
             Ok(running) => Ok(running.into_stream(self.clone())),
-            Err(e) => Err(self.explain(e).await),
+            Err(e) => Err(Machine::explain(self, e).await),
         }
-    }
-
-    /// The exec request of a `run`: the image's config applied, the
-    /// container target set.
-    async fn container_request<I, S>(
-        &self,
-        image: &str,
-        argv: I,
-        options: ExecOptions,
-    ) -> Result<smol_agent::protocol::ExecRequest>
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        let argv: Vec<String> = argv.into_iter().map(|a| a.as_ref().to_string()).collect();
-        let record = match Digest::parse(image) {
-            // A manifest digest names an image the machine already has.
-            Ok(d) => self
-                .find_record(d.as_str())
-                .await?
-                .ok_or_else(|| ImageError::NotFound {
-                    reference: image.into(),
-                })?,
-            Err(_) => {
-                let source = ImageSource::parse(image)?;
-                match self.find_record(&source.to_string()).await? {
-                    Some(r) => r,
-                    None => self.pull_record(&source).await?,
-                }
-            }
-        };
-        let cmd = record
-            .config
-            .resolve(&argv, &options.env, options.workdir.as_deref())
-            .map_err(|e| Error::InvalidArgument {
-                what: "argv",
-                reason: format!("{e} (image {image})"),
-            })?;
-        let opts = ExecOptions {
-            env: cmd.env,
-            workdir: Some(cmd.workdir),
-            ..options
-        };
-        let mut req = opts.request(cmd.argv)?;
-        req.container = Some(ContainerSpec {
-            image: record.digest.clone(),
-            user: cmd.user,
-            hostname: None,
-        });
-        Ok(req)
-    }
-
-    async fn image_records(&self) -> Result<Vec<ImageRecord>> {
-        let mut conn = self.agent().await?;
-        let asked = async {
-            conn.send(&Request::ListImages).await?;
-            match conn.response(None).await? {
-                Response::Images { images } => Ok(images),
-                other => Err(unexpected("list images", &other)),
-            }
-        };
-        match asked.await {
-            Ok(images) => Ok(images),
-            Err(e) => Err(self.explain(e).await),
-        }
-    }
-
-    /// The machine's record of `key` (a canonical reference or a digest).
-    async fn find_record(&self, key: &str) -> Result<Option<ImageRecord>> {
-        Ok(self
-            .image_records()
-            .await?
-            .into_iter()
-            .find(|r| r.digest == key || r.references.iter().any(|x| x == key)))
-    }
-
-    async fn pull_record(&self, source: &ImageSource) -> Result<ImageRecord> {
-        let begin = Instant::now();
-        let resolver = resolver_for(&self.images_root())?;
-        let pulled = resolver.pull_source(source).await?;
-        let image = pulled.image;
-        let digests: Vec<String> = image.layers.iter().map(|l| l.digest.to_string()).collect();
-        let missing = self.missing_layers(&digests).await?;
-        let to_send: Vec<&Descriptor> = image
-            .layers
-            .iter()
-            .filter(|l| missing.contains(&l.digest.to_string()))
-            .collect();
-        tracing::info!(
-            target: "smol::image",
-            machine = self.name(),
-            image = %image.reference,
-            fetched = pulled.stats.blobs_fetched,
-            sending = to_send.len(),
-            "pulled into the blob cache"
-        );
-        let store = resolver.store().clone();
-        futures::stream::iter(to_send)
-            .map(|l| {
-                let path = store.path(&l.digest);
-                async move { self.send_layer(l, &path).await }
-            })
-            .buffer_unordered(CONCURRENT_SENDS)
-            .try_collect::<Vec<()>>()
-            .await?;
-
-        let mut conn = self.agent().await?;
-        let recorded = async {
-            conn.send(&Request::RecordImage(image.record())).await?;
-            match conn.response(None).await? {
-                Response::Image(r) => Ok(r),
-                other => Err(unexpected("record image", &other)),
-            }
-        };
-        let record = match recorded.await {
-            Ok(r) => r,
-            Err(e) => return Err(self.explain(e).await),
-        };
-        tracing::info!(
-            target: "smol::image",
-            machine = self.name(),
-            image = %image.reference,
-            digest = %image.digest,
-            elapsed_ms = begin.elapsed().as_millis() as u64,
-            "image ready"
-        );
-        Ok(record)
-    }
-
-    async fn missing_layers(&self, digests: &[String]) -> Result<Vec<String>> {
-        let mut conn = self.agent().await?;
-        let asked = async {
-            conn.send(&Request::MissingLayers {
-                digests: digests.to_vec(),
-            })
-            .await?;
-            match conn.response(None).await? {
-                Response::MissingLayers { digests } => Ok(digests),
-                other => Err(unexpected("missing layers", &other)),
-            }
-        };
-        match asked.await {
-            Ok(d) => Ok(d),
-            Err(e) => Err(self.explain(e).await),
-        }
-    }
-
-    /// Streams one layer blob from the cache into the machine.
-    async fn send_layer(&self, layer: &Descriptor, path: &Path) -> Result<()> {
-        let begin = Instant::now();
-        let digest = layer.digest.to_string();
-        let mut file = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| Error::io(format!("opening cached blob {}", path.display()), e))?;
-        let mut conn = self.agent().await?;
-        let sent = async {
-            conn.send(&Request::PutLayer {
-                digest: digest.clone(),
-                size: layer.size,
-            })
-            .await?;
-            let mut buf = vec![0u8; DATA_CHUNK];
-            loop {
-                let n = file
-                    .read(&mut buf)
-                    .await
-                    .map_err(|e| Error::io(format!("reading cached blob {}", path.display()), e))?;
-                if n == 0 {
-                    break;
-                }
-                conn.write(FrameKind::Data, &buf[..n]).await?;
-            }
-            conn.write(FrameKind::Eof, &[]).await?;
-            // Read the answer raw: image errors get their own names.
-            let f = conn.next().await?;
-            match f.kind {
-                FrameKind::Response => {
-                    match crate::agent_conn::parse::<Response>(&f, "response")? {
-                        Response::LayerStored { .. } => Ok(()),
-                        other => Err(unexpected("put layer", &other)),
-                    }
-                }
-                FrameKind::Error => {
-                    Err(self.layer_error(&digest, crate::agent_conn::parse(&f, "error")?))
-                }
-                other => Err(Error::Protocol(format!(
-                    "expected a response frame, got {other:?}"
-                ))),
-            }
-        };
-        match sent.await {
-            Ok(()) => {
-                tracing::info!(
-                    target: "smol::image",
-                    machine = self.name(),
-                    digest = %digest,
-                    bytes = layer.size,
-                    elapsed_ms = begin.elapsed().as_millis() as u64,
-                    "layer sent"
-                );
-                Ok(())
-            }
-            Err(e) => Err(self.explain(e).await),
-        }
-    }
-
-    fn layer_error(&self, digest: &str, e: AgentError) -> Error {
-        let reason = crate::error::sanitize(&e.message);
-        if e.kind == GuestErrorKind::NoSpace {
-            return ImageError::NoSpace {
-                what: format!("layer {digest} in machine {:?}", self.name()),
-            }
-            .into();
-        }
-        if agent_says(&e, "not a tar archive") {
-            return ImageError::NotATar {
-                digest: digest.to_string(),
-                reason,
-            }
-            .into();
-        }
-        if agent_says(&e, "digest mismatch") {
-            return ImageError::DigestMismatch {
-                expected: digest.to_string(),
-                actual: reason,
-            }
-            .into();
-        }
-        Error::from_agent(e, None)
     }
 }
+
+pub(crate) async fn pull_image<L: AgentLink>(link: &L, reference: &str) -> Result<ImageInfo> {
+    let source = ImageSource::parse(reference)?;
+    let record = pull_record(link, &source).await?;
+    Ok(ImageInfo::from(&record))
+}
+
+pub(crate) async fn run_collect<L: AgentLink, I, S>(
+    link: &L,
+    image: &str,
+    argv: I,
+    options: ExecOptions,
+) -> Result<ExecResult>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let req = container_request(link, image, argv, options).await?;
+    let conn = link.connect().await?;
+    let run = async { RunningExec::start(conn, req).await?.collect().await };
+    match run.await {
+        Ok(r) => Ok(r),
+        Err(e) => Err(link.explain(e).await),
+    }
+}
+
+/// The exec request of a `run`: the image's config applied, the container
+/// target set. An image the machine has is used as it is.
+async fn container_request<L: AgentLink, I, S>(
+    link: &L,
+    image: &str,
+    argv: I,
+    options: ExecOptions,
+) -> Result<smol_agent::protocol::ExecRequest>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let argv: Vec<String> = argv.into_iter().map(|a| a.as_ref().to_string()).collect();
+    let record = match Digest::parse(image) {
+        // A manifest digest names an image the machine already has.
+        Ok(d) => find_record(link, d.as_str())
+            .await?
+            .ok_or_else(|| ImageError::NotFound {
+                reference: image.into(),
+            })?,
+        Err(_) => {
+            let source = ImageSource::parse(image)?;
+            match find_record(link, &source.to_string()).await? {
+                Some(r) => r,
+                None => pull_record(link, &source).await?,
+            }
+        }
+    };
+    let cmd = record
+        .config
+        .resolve(&argv, &options.env, options.workdir.as_deref())
+        .map_err(|e| Error::InvalidArgument {
+            what: "argv",
+            reason: format!("{e} (image {image})"),
+        })?;
+    let opts = ExecOptions {
+        env: cmd.env,
+        workdir: Some(cmd.workdir),
+        ..options
+    };
+    let mut req = opts.request(cmd.argv)?;
+    req.container = Some(ContainerSpec {
+        image: record.digest.clone(),
+        user: cmd.user,
+        hostname: None,
+    });
+    Ok(req)
+}
+
+/// One request, one answer, on a fresh connection.
+async fn ask<L: AgentLink, T>(
+    link: &L,
+    req: Request,
+    what: &str,
+    pick: impl FnOnce(Response) -> std::result::Result<T, Box<Response>>,
+) -> Result<T> {
+    let mut conn = link.connect().await?;
+    let asked = async {
+        conn.send(&req).await?;
+        pick(conn.response(None).await?).map_err(|other| unexpected(what, &other))
+    };
+    match asked.await {
+        Ok(t) => Ok(t),
+        Err(e) => Err(link.explain(e).await),
+    }
+}
+
+pub(crate) async fn image_records<L: AgentLink>(link: &L) -> Result<Vec<ImageRecord>> {
+    ask(link, Request::ListImages, "list images", |r| match r {
+        Response::Images { images } => Ok(images),
+        other => Err(Box::new(other)),
+    })
+    .await
+}
+
+/// The machine's record of `key` (a canonical reference or a digest).
+async fn find_record<L: AgentLink>(link: &L, key: &str) -> Result<Option<ImageRecord>> {
+    Ok(image_records(link)
+        .await?
+        .into_iter()
+        .find(|r| r.digest == key || r.references.iter().any(|x| x == key)))
+}
+
+async fn pull_record<L: AgentLink>(link: &L, source: &ImageSource) -> Result<ImageRecord> {
+    let begin = Instant::now();
+    let resolver = resolver_for(&link.images_root())?;
+    let pulled = resolver.pull_source(source).await?;
+    let image = pulled.image;
+    let digests: Vec<String> = image.layers.iter().map(|l| l.digest.to_string()).collect();
+    let missing = ask(
+        link,
+        Request::MissingLayers { digests },
+        "missing layers",
+        |r| match r {
+            Response::MissingLayers { digests } => Ok(digests),
+            other => Err(Box::new(other)),
+        },
+    )
+    .await?;
+    let to_send: Vec<&Descriptor> = image
+        .layers
+        .iter()
+        .filter(|l| missing.contains(&l.digest.to_string()))
+        .collect();
+    tracing::info!(
+        target: "smol::image",
+        machine = link.label(),
+        image = %image.reference,
+        fetched = pulled.stats.blobs_fetched,
+        sending = to_send.len(),
+        "pulled into the blob cache"
+    );
+    // Futures built in a loop, not in a closure: combinator closures over
+    // borrowed items make the whole future not provably Send.
+    let mut sends = Vec::with_capacity(to_send.len());
+    for l in to_send {
+        let (layer, path) = (l.clone(), resolver.store().path(&l.digest));
+        sends.push(async move { send_layer(link, &layer, &path).await });
+    }
+    futures::stream::iter(sends)
+        .buffer_unordered(CONCURRENT_SENDS)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let record = ask(
+        link,
+        Request::RecordImage(image.record()),
+        "record image",
+        |r| match r {
+            Response::Image(r) => Ok(r),
+            other => Err(Box::new(other)),
+        },
+    )
+    .await?;
+    tracing::info!(
+        target: "smol::image",
+        machine = link.label(),
+        image = %image.reference,
+        digest = %image.digest,
+        elapsed_ms = begin.elapsed().as_millis() as u64,
+        "image ready"
+    );
+    Ok(record)
+}
+
+/// Streams one layer blob from the cache into the machine.
+async fn send_layer<L: AgentLink>(link: &L, layer: &Descriptor, path: &Path) -> Result<()> {
+    let begin = Instant::now();
+    let digest = layer.digest.to_string();
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| Error::io(format!("opening cached blob {}", path.display()), e))?;
+    let mut conn = link.connect().await?;
+    let sent = async {
+        conn.send(&Request::PutLayer {
+            digest: digest.clone(),
+            size: layer.size,
+        })
+        .await?;
+        let mut buf = vec![0u8; DATA_CHUNK];
+        loop {
+            let n = file
+                .read(&mut buf)
+                .await
+                .map_err(|e| Error::io(format!("reading cached blob {}", path.display()), e))?;
+            if n == 0 {
+                break;
+            }
+            conn.write(FrameKind::Data, &buf[..n]).await?;
+        }
+        conn.write(FrameKind::Eof, &[]).await?;
+        // Read the answer raw: image errors get their own names.
+        let f = conn.next().await?;
+        match f.kind {
+            FrameKind::Response => match crate::agent_conn::parse::<Response>(&f, "response")? {
+                Response::LayerStored { .. } => Ok(()),
+                other => Err(unexpected("put layer", &other)),
+            },
+            FrameKind::Error => Err(layer_error(
+                link.label(),
+                &digest,
+                crate::agent_conn::parse(&f, "error")?,
+            )),
+            other => Err(Error::Protocol(format!(
+                "expected a response frame, got {other:?}"
+            ))),
+        }
+    };
+    match sent.await {
+        Ok(()) => {
+            tracing::info!(
+                target: "smol::image",
+                machine = link.label(),
+                digest = %digest,
+                bytes = layer.size,
+                elapsed_ms = begin.elapsed().as_millis() as u64,
+                "layer sent"
+            );
+            Ok(())
+        }
+        Err(e) => Err(link.explain(e).await),
+    }
+}
+
+fn layer_error(machine: &str, digest: &str, e: AgentError) -> Error {
+    let reason = crate::error::sanitize(&e.message);
+    if e.kind == GuestErrorKind::NoSpace {
+        return ImageError::NoSpace {
+            what: format!("layer {digest} in machine {machine:?}"),
+        }
+        .into();
+    }
+    if agent_says(&e, "not a tar archive") {
+        return ImageError::NotATar {
+            digest: digest.to_string(),
+            reason,
+        }
+        .into();
+    }
+    if agent_says(&e, "digest mismatch") {
+        return ImageError::DigestMismatch {
+            expected: digest.to_string(),
+            actual: reason,
+        }
+        .into();
+    }
+    Error::from_agent(e, None)
+}
+
+#[cfg(test)]
+mod tests;

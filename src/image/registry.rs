@@ -223,10 +223,14 @@ impl ImageResolver {
         self.fetch_blob(&client, &oref, &manifest.config, None, r)
             .await
             .map(|c| stats.add(c))?;
-        let results: Vec<(bool, u64)> = futures::stream::iter(manifest.layers.iter().enumerate())
-            .map(|(i, layer)| {
-                self.fetch_blob(&client, &oref, layer, Some((i, manifest.layers.len())), r)
-            })
+        // Futures built in a loop, not in a closure: combinator closures over
+        // borrowed items make the whole pull future not provably Send.
+        let count = manifest.layers.len();
+        let mut fetches = Vec::with_capacity(count);
+        for (i, layer) in manifest.layers.iter().enumerate() {
+            fetches.push(self.fetch_blob(&client, &oref, layer, Some((i, count)), r));
+        }
+        let results: Vec<(bool, u64)> = futures::stream::iter(fetches)
             .buffered(CONCURRENT_LAYERS)
             .try_collect()
             .await?;

@@ -1,0 +1,189 @@
+//! The image calls of the SDK against the agent's real request handlers on
+//! the host (a loopback socket, no guest): layers streamed and unpacked,
+//! images recorded and listed, containers run through the exec path. Needs
+//! root (containers) and /bin/busybox (the test image); skipped otherwise.
+
+use super::*;
+
+#[path = "../../../tests/support/images.rs"]
+mod images;
+
+/// The agent's handlers behind a Unix socket, as the monitor would relay.
+struct Loopback {
+    uds: PathBuf,
+    root: PathBuf,
+}
+
+impl AgentLink for Loopback {
+    async fn connect(&self) -> Result<AgentConnection> {
+        AgentConnection::open(&self.uds, "loopback")
+            .await
+            .map_err(|e| Error::Protocol(e.to_string()))
+    }
+
+    async fn explain(&self, e: Error) -> Error {
+        e
+    }
+
+    fn label(&self) -> &str {
+        "loopback"
+    }
+
+    fn images_root(&self) -> PathBuf {
+        self.root.clone()
+    }
+}
+
+/// Modification times of the agent's unpacked layers.
+fn layer_times(store: &Path) -> Vec<(PathBuf, std::time::SystemTime)> {
+    let mut v: Vec<_> = std::fs::read_dir(store.join("layers"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| (e.path(), e.metadata().unwrap().modified().unwrap()))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn machine_futures_are_send() {
+    fn send<T: Send>(_: &T) {}
+    fn check(m: &Machine) {
+        send(&m.pull_image("x"));
+        send(&m.list_images());
+        send(&m.run("x", ["true"]));
+        send(&m.run_stream("x", ["true"]));
+    }
+    let _ = check;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_and_run_against_the_agents_handlers() {
+    if !nix::unistd::Uid::effective().is_root() || !Path::new(images::BUSYBOX).exists() {
+        eprintln!("skipped: needs root (containers) and {}", images::BUSYBOX);
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let agent_store = home.path().join("agent-store");
+    // The agent's store is process-wide; no other test of this crate uses it.
+    std::env::set_var("SMOL_AGENT_IMAGE_STORE", &agent_store);
+    let link = Loopback {
+        uds: crate::agent_conn::loopback::agent_socket(home.path()),
+        root: home.path().join("images"),
+    };
+
+    let layout = home.path().join("layout");
+    let bb = images::busybox_image();
+    images::write_oci_layout(
+        &layout,
+        &[
+            ("bb", &bb),
+            ("ep", &images::entrypoint_image()),
+            ("broken", &images::not_a_tar_image()),
+        ],
+    );
+    let src = |tag: &str| format!("oci-layout:{}:{tag}", layout.display());
+
+    let info = pull_image(&link, &src("bb")).await.expect("pull");
+    assert_eq!(info.digest, bb.digest());
+    assert_eq!(info.reference, src("bb"));
+    assert_eq!(info.layers.len(), 2);
+    let records = image_records(&link).await.unwrap();
+    assert_eq!(records.len(), 1);
+    let layers_before = layer_times(&agent_store);
+    assert_eq!(layers_before.len(), 2);
+
+    let r = run_collect(
+        &link,
+        &src("bb"),
+        ["sh", "-c", "echo $GREETING; pwd; cat /etc/motd"],
+        ExecOptions::default(),
+    )
+    .await
+    .expect("run");
+    assert_eq!(
+        r.stdout_lossy(),
+        "hello from the image config\n/srv/app\n",
+        "{r:?}"
+    );
+    assert_eq!(r.exit_code, 1, "the whiteout hides /etc/motd: {r:?}");
+
+    // Same layers, another config: nothing is sent again.
+    let r = run_collect(
+        &link,
+        &src("ep"),
+        Vec::<String>::new(),
+        ExecOptions::default(),
+    )
+    .await
+    .expect("run ep");
+    assert_eq!(
+        r.stdout_lossy(),
+        "default cmd as 1000:1000 in / home /home/app\n",
+        "{r:?}"
+    );
+    assert_eq!(
+        layer_times(&agent_store),
+        layers_before,
+        "layers were sent again"
+    );
+    assert_eq!(image_records(&link).await.unwrap().len(), 2);
+
+    // By digest, with options.
+    let opts = ExecOptions::default().env("GREETING", "hi").workdir("/tmp");
+    let r = run_collect(
+        &link,
+        &bb.digest(),
+        ["sh", "-c", "echo $GREETING $(pwd) $$"],
+        opts,
+    )
+    .await
+    .expect("by digest");
+    assert_eq!(r.stdout_lossy(), "hi /tmp 1\n", "{r:?}");
+
+    // A layer that is not a tar: named, not recorded, nothing left.
+    let e = pull_image(&link, &src("broken")).await.unwrap_err();
+    assert!(
+        matches!(e, Error::Image(ImageError::NotATar { .. })),
+        "{e:?}"
+    );
+    assert_eq!(image_records(&link).await.unwrap().len(), 2);
+    assert_eq!(layer_times(&agent_store), layers_before);
+
+    // A docker save archive: plain-tar layers, new digests, sent and unpacked.
+    let archive = home.path().join("saved.tar");
+    images::write_docker_archive(
+        &archive,
+        "smol/saved:1",
+        &images::marked_image("docker-save"),
+    );
+    let r = run_collect(
+        &link,
+        &format!("docker-archive:{}", archive.display()),
+        ["sh", "-c", "echo $SOURCE; ls /etc"],
+        ExecOptions::default(),
+    )
+    .await
+    .expect("run archive");
+    assert!(
+        r.stdout_lossy().starts_with("docker-save\n") && !r.stdout_lossy().contains("motd"),
+        "{r:?}"
+    );
+    assert_eq!(layer_times(&agent_store).len(), 4);
+
+    // An image the machine does not have, by digest: named.
+    let e = run_collect(
+        &link,
+        &images::sha256(b"nothing"),
+        ["true"],
+        ExecOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::Image(ImageError::NotFound { .. })),
+        "{e:?}"
+    );
+}
