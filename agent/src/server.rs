@@ -286,6 +286,58 @@ mod tests {
     }
 
     #[test]
+    fn random_bytes_never_panic_the_handler() {
+        // Deterministic xorshift: frames with random kinds, lengths and
+        // payloads (also JSON-looking ones) must end in a Protocol error or
+        // a clean close, never a panic or a hang.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let seeds: [&[u8]; 4] = [
+            b"{\"op\":\"exec\"",
+            b"{\"op\":\"hello\"}",
+            b"{\"op\":\"write_file\",\"path\":1}",
+            b"[]",
+        ];
+        for i in 0..300 {
+            let mut bytes = Vec::new();
+            match i % 3 {
+                0 => bytes.extend((0..(next() % 64)).map(|_| next() as u8)),
+                1 => {
+                    let body = seeds[(next() % 4) as usize];
+                    bytes.push(1);
+                    bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+                    bytes.extend_from_slice(body);
+                }
+                _ => {
+                    bytes.push((next() % 12) as u8);
+                    bytes.extend_from_slice(&((next() % 2048) as u32).to_le_bytes());
+                    bytes.extend((0..(next() % 256)).map(|_| next() as u8));
+                }
+            }
+            let mut c = connect();
+            c.conn
+                .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .unwrap();
+            let _ = c.conn.write_all(&bytes);
+            let _ = c.conn.shutdown(std::net::Shutdown::Write);
+            while let Ok(Some(f)) = read_frame(&mut c.conn) {
+                if f.kind == FrameKind::Error {
+                    let e: AgentError = f.parse("error").unwrap();
+                    assert!(
+                        matches!(e.kind, ErrorKind::Protocol | ErrorKind::InvalidArgument),
+                        "{bytes:?}: {e:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn silent_close_is_fine() {
         let c = connect();
         drop(c);
