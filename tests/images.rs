@@ -18,7 +18,7 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 
-use smol::image::{BlobStore, Digest, ImageError, ImageResolver, PullStats};
+use smol::image::{BlobStore, Digest, ImageError, ImageResolver, PullEvent, PullStats};
 use support::images::{self, busybox_image, entrypoint_image, TestImage};
 use support::registry::Registry;
 
@@ -40,12 +40,35 @@ async fn pull_stores_verified_blobs_and_second_pull_fetches_nothing() {
     let img = busybox_image();
     reg.push("smol/busybox", "v1", &img).await;
     let home = tempfile::tempdir().unwrap();
-    let res = resolver(home.path());
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let res = resolver(home.path()).with_progress(std::sync::Arc::new(move |e: &PullEvent| {
+        sink.lock().unwrap().push(e.clone());
+    }));
 
     let first = res
         .pull(&reg.reference("smol/busybox", "v1"))
         .await
         .expect("pull");
+    {
+        let ev = events.lock().unwrap();
+        assert!(
+            matches!(&ev[0], PullEvent::Resolved { layers: 2, .. }),
+            "{ev:?}"
+        );
+        let done: Vec<bool> = ev
+            .iter()
+            .filter_map(|e| {
+                if let PullEvent::LayerDone { cached, .. } = e {
+                    Some(*cached)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        assert_eq!(done, vec![false, false], "{ev:?}");
+    }
+    events.lock().unwrap().clear();
     assert_eq!(
         first.stats.blobs_fetched, 3,
         "config and two layers: {:?}",
@@ -113,6 +136,13 @@ async fn pull_stores_verified_blobs_and_second_pull_fetches_nothing() {
         }
     );
     assert_eq!(second.image, first.image);
+    let cached = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e, PullEvent::LayerDone { cached: true, .. }))
+        .count();
+    assert_eq!(cached, 2);
     let after: Vec<_> = img.layer_digests().iter().map(|d| mtime(d)).collect();
     assert_eq!(before, after, "blobs untouched");
 

@@ -152,7 +152,8 @@ pub struct Pulled {
 /// Progress of a pull, for progress bars.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PullEvent {
-    /// The manifest is known: how many layers and bytes to get.
+    /// The manifest is known: how many layers and bytes (layers and
+    /// config) the image has. Registry pulls send it before downloading.
     Resolved {
         reference: String,
         digest: Digest,
@@ -295,12 +296,15 @@ impl ImageResolver {
             }
         };
         let image = self.assemble(source.to_string(), digest, manifest)?;
-        self.report(&PullEvent::Resolved {
-            reference: image.reference.clone(),
-            digest: image.digest.clone(),
-            layers: image.layers.len(),
-            bytes: image.size,
-        });
+        if !matches!(source, ImageSource::Registry(_)) {
+            // Registry pulls report it before their downloads start.
+            self.report(&PullEvent::Resolved {
+                reference: image.reference.clone(),
+                digest: image.digest.clone(),
+                layers: image.layers.len(),
+                bytes: image.size,
+            });
+        }
         Ok(Pulled { image, stats })
     }
 

@@ -219,6 +219,12 @@ impl ImageResolver {
             bytes = manifest.layers.iter().map(|l| l.size).sum::<u64>(),
             "resolved image"
         );
+        self.report(&PullEvent::Resolved {
+            reference: label.clone(),
+            digest: digest.clone(),
+            layers: manifest.layers.len(),
+            bytes: manifest.layers.iter().map(|l| l.size).sum::<u64>() + manifest.config.size,
+        });
 
         self.fetch_blob(&client, &oref, &manifest.config, None, r)
             .await
