@@ -117,27 +117,34 @@ impl Machine {
             store.reserve(&config)
         })
         .await?;
-        if let Err(e) = create_disk(&paths.disk, record.config.resources.disk_mb).await {
-            let _ = std::fs::remove_dir_all(&paths.dir);
-            return Err(e);
-        }
+        // Until create returns, a failure or a cancelled future undoes it all.
+        let mut undo = CreateUndo {
+            dir: Some(paths.dir.clone()),
+            machine: None,
+        };
+        create_disk(&paths.disk, record.config.resources.disk_mb).await?;
         let machine = Machine::spawn(
             MachineActor::new(record, paths.clone(), lock, MachineState::Created),
             &paths,
         );
+        undo.machine = Some(machine.tx.clone());
         let prepare = begin.elapsed();
-        if let Err(e) = machine.ask(|tx| Command::Start(prepare, tx)).await? {
-            // A machine that never booted leaves nothing behind.
+        let ready = async {
+            machine.ask(|tx| Command::Start(prepare, tx)).await??;
+            // MachineConfig.image: the machine comes up with the image in it.
+            if let Some(image) = image {
+                machine.pull_image(&image).await?;
+            }
+            Ok::<(), Error>(())
+        };
+        if let Err(e) = ready.await {
+            // Gone before we return: a machine that failed to come up
+            // leaves nothing behind.
             let _ = machine.ask(Command::Delete).await;
+            undo.disarm();
             return Err(e);
         }
-        // MachineConfig.image: the machine comes up with the image in it.
-        if let Some(image) = image {
-            if let Err(e) = machine.pull_image(&image).await {
-                let _ = machine.ask(Command::Delete).await;
-                return Err(e);
-            }
-        }
+        undo.disarm();
         Ok(machine)
     }
 
@@ -394,6 +401,32 @@ impl fmt::Debug for Machine {
             .field("name", &self.shared.name)
             .field("dir", &self.shared.dir)
             .finish()
+    }
+}
+
+/// What to remove if `create` does not complete (an error or a dropped
+/// future): the directory before the actor exists, else the machine (the
+/// actor deletes it once its boot attempt is over).
+struct CreateUndo {
+    dir: Option<PathBuf>,
+    machine: Option<mpsc::Sender<Command>>,
+}
+
+impl CreateUndo {
+    fn disarm(&mut self) {
+        self.dir = None;
+        self.machine = None;
+    }
+}
+
+impl Drop for CreateUndo {
+    fn drop(&mut self) {
+        if let Some(tx) = self.machine.take() {
+            let (reply, _) = oneshot::channel();
+            let _ = tx.try_send(Command::Delete(reply));
+        } else if let Some(dir) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
