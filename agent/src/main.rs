@@ -67,6 +67,7 @@ fn watch_signals(stop: mpsc::Sender<Stop>) {
 }
 
 fn run() -> ! {
+    let started = std::time::Instant::now();
     std::env::set_var("PATH", system::DEFAULT_PATH);
     std::env::set_var("HOME", "/root");
     let (stop_tx, stop_rx) = mpsc::channel();
@@ -110,6 +111,18 @@ fn run() -> ! {
         Err(e) => log(format_args!("{}; serving no requests", error_chain(&e))),
     }
 
+    let uptime = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| {
+            format!(
+                ", {:.1} s after kernel start",
+                t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9
+            )
+        })
+        .unwrap_or_default();
+    log(format_args!(
+        "set up in {} ms{uptime}",
+        started.elapsed().as_millis()
+    ));
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{READY_LINE}");
     let _ = out.flush();
