@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use smol_agent::protocol::{self, Frame, FrameKind, Request, Response, AGENT_PORT, READY_LINE};
 use smol_vmm::{Error, ExitReason, Vm, VmConfig, VsockConfig, MIN_MEMORY_MIB};
 
-/// Generous: a kvm_pvm host boots in ~20 s, slower when the machine is busy.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// Generous: a kvm_pvm host boots in ~20 s when idle, but minutes when its two
+/// cores are shared with builds (qemu is just as slow then).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn asset(env: &str, name: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env) {
