@@ -72,7 +72,14 @@ pub fn build() -> Result<PathBuf, String> {
     ));
     let build_dir = kernel_dir.join(format!("build-{key}"));
     let log_path = kernel_dir.join(format!("build-{key}.log"));
-    let built = build_in(&inputs, &build_dir, &log_path, &progress)?;
+    let built = build_in(&inputs, &build_dir, &log_path, &progress).map_err(|e| {
+        format!(
+            "kernel build failed after {:.0}s: {e}\n(build dir kept for inspection: {}; \
+             the next run replaces it)",
+            start.elapsed().as_secs_f64(),
+            build_dir.display()
+        )
+    })?;
 
     let final_dir = kernel_dir.join(&key);
     fs::create_dir_all(&final_dir).map_err(|e| format!("create {}: {e}", final_dir.display()))?;
@@ -762,6 +769,67 @@ mod tests {
         other.patches[0].1 = b"p".to_vec();
         other.source_version = "6.1.193-1".into();
         assert_ne!(other.key(), k);
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("smol-xtask-kernel-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn failed_command_names_status_log_and_last_lines() {
+        let dir = scratch("log");
+        let log = Log::create(&dir.join("build.log")).unwrap();
+        let mut ok = Command::new("sh");
+        ok.args(["-c", "echo fine"]);
+        log.run("first step", ok).unwrap();
+        let mut bad = Command::new("sh");
+        bad.args(["-c", "echo compiling; echo 'error: boom' >&2; exit 3"]);
+        let err = log.run("second step", bad).unwrap_err();
+        assert!(err.starts_with("second step failed"), "{err}");
+        assert!(err.contains("exit status: 3"), "{err}");
+        assert!(
+            err.contains(&dir.join("build.log").display().to_string()),
+            "{err}"
+        );
+        assert!(err.contains("error: boom"), "{err}");
+        let text = fs::read_to_string(dir.join("build.log")).unwrap();
+        assert!(
+            text.contains("==> first step") && text.contains("fine"),
+            "{text}"
+        );
+        let err = log
+            .run("third step", Command::new("/nonexistent/tool"))
+            .unwrap_err();
+        assert!(err.contains("third step: cannot start"), "{err}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn lock_is_exclusive_released_on_drop_and_stale_ones_are_taken() {
+        let dir = scratch("lock");
+        let path = dir.join("build.lock");
+        let progress = Progress {
+            start: Instant::now(),
+        };
+        {
+            let _held = BuildLock::acquire(&path, &progress).unwrap();
+            let owner = fs::read_to_string(&path).unwrap();
+            assert_eq!(owner, std::process::id().to_string());
+        }
+        assert!(!path.exists(), "lock not removed on drop");
+        // A pid above the kernel's pid_max limit is never alive.
+        fs::write(&path, "4194305").unwrap();
+        let held = BuildLock::acquire(&path, &progress).unwrap();
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            std::process::id().to_string()
+        );
+        drop(held);
+        fs::remove_dir_all(dir).unwrap();
     }
 
     /// A minimal ELF64 image with one PT_NOTE segment holding `notes`.
