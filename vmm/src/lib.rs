@@ -85,9 +85,10 @@ pub enum ExitReason {
 /// How long each phase of the host-side set-up took, from the start of
 /// [`Vm::start`] to the first `KVM_RUN` of the boot vCPU.
 ///
-/// KVM's part (irqchip, PIT, memory slot registration) runs on a helper
-/// thread while the kernel and initramfs are copied in, so `kvm`, `memory`
-/// and `kernel_load` overlap and the phases can add up to more than
+/// KVM's part (irqchip, PIT, memory slot registration) and the initramfs
+/// copy run on a helper thread while the kernel is copied in: `kernel_load`
+/// is the wall time of that whole section, and the helper's `kvm` and
+/// `memory` shares overlap it, so the phases can add up to more than
 /// `total`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BootTimings {
@@ -95,7 +96,8 @@ pub struct BootTimings {
     pub kvm: Duration,
     /// Creating the memfd and its mappings, registering them with KVM.
     pub memory: Duration,
-    /// Loading the kernel and initramfs, writing boot structures.
+    /// Loading the kernel and initramfs, writing boot structures (wall time,
+    /// overlapping KVM's side of the set-up).
     pub kernel_load: Duration,
     /// Serial, i8042, virtio-mmio transports and their devices.
     pub devices: Duration,

@@ -265,25 +265,6 @@ fn setup_kvm_side(kvm: &Kvm, vm_fd: &VmFd, ram: &GuestRam) -> Result<KvmSide, Er
     })
 }
 
-/// Kernel, initramfs, command line, MP table, PVH start info.
-fn load_guest(
-    config: &VmConfig,
-    plan: &Plan,
-    mem: &crate::devices::virtio::GuestMemory,
-    slots: &[MmioSlot],
-) -> Result<(boot::LoadedKernel, Duration), Error> {
-    let t = Instant::now();
-    let kernel = boot::load_kernel(mem, &config.kernel).map_err(map_boot_err)?;
-    let initramfs = match &config.initramfs {
-        Some(path) => Some(boot::load_initramfs(mem, path, kernel.end).map_err(map_boot_err)?),
-        None => None,
-    };
-    let cmdline = boot::cmdline::build(plan.kvm_pvm, slots, &config.cmdline)
-        .map_err(|e| Error::Cmdline(e.to_string()))?;
-    boot::write_boot_data(mem, &cmdline, plan.vcpus, initramfs).map_err(map_boot_err)?;
-    Ok((kernel, t.elapsed()))
-}
-
 /// Builds and starts the VM described by `config`.
 pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
     let t_start = Instant::now();
@@ -314,25 +295,37 @@ pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
     let slots = mmio_slots(config);
     timings.memory = t_mem.elapsed();
 
-    // Two things overlap here: KVM's side of the set-up (irqchip, PIT and
+    // Two loads overlap: a helper thread does KVM's side (irqchip, PIT, and
     // the memory slot, whose registration waits for an SRCU grace period)
-    // runs on a helper thread while this one copies the kernel and the
-    // initramfs into guest memory.
-    let (kvm_side, kernel) = std::thread::scope(|scope| {
-        let helper = scope.spawn(|| setup_kvm_side(&kvm, &vm_fd, &ram));
-        let kernel = load_guest(config, &plan, &mem, &slots);
-        let kvm_side = helper
+    // and then copies the initramfs, while this thread copies the kernel.
+    let t_load = Instant::now();
+    let (helper, kernel) = std::thread::scope(|scope| {
+        let helper = scope.spawn(|| {
+            let kvm_side = setup_kvm_side(&kvm, &vm_fd, &ram)?;
+            let initramfs = match &config.initramfs {
+                Some(path) => Some(boot::load_initramfs(&ram, path).map_err(map_boot_err)?),
+                None => None,
+            };
+            Ok::<_, Error>((kvm_side, initramfs))
+        });
+        let kernel = boot::load_kernel(&ram, &config.kernel).map_err(map_boot_err);
+        let helper = helper
             .join()
             .unwrap_or_else(|_| Err(device_err("kvm set-up", "the set-up thread panicked")));
-        (kvm_side, kernel)
+        (helper, kernel)
     });
     let kernel = kernel?;
-    let kvm_side = kvm_side?;
+    let (kvm_side, initramfs) = helper?;
+    if let (Some(path), Some(placed)) = (&config.initramfs, initramfs) {
+        boot::check_initramfs_fits(path, placed, kernel.end).map_err(map_boot_err)?;
+    }
+    let cmdline = boot::cmdline::build(plan.kvm_pvm, &slots, &config.cmdline)
+        .map_err(|e| Error::Cmdline(e.to_string()))?;
+    boot::write_boot_data(&mem, &cmdline, plan.vcpus, initramfs).map_err(map_boot_err)?;
     let supported_cpuid = kvm_side.cpuid;
     timings.kvm += kvm_side.kvm;
     timings.memory += kvm_side.memory;
-    timings.kernel_load = kernel.1;
-    let kernel = kernel.0;
+    timings.kernel_load = t_load.elapsed();
     let mut t = Instant::now();
 
     // Devices: COM1 on its irqfd, the i8042, the virtio-mmio transports.

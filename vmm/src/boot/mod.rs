@@ -5,17 +5,18 @@ pub mod mptable;
 pub mod pvh;
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, KernelLoader};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{Bytes, GuestAddress, ReadVolatile, VolatileMemoryError, VolatileSlice};
 
 use crate::devices::virtio::GuestMemory;
 use crate::memory::{
-    e820_map, low_ram_end, CMDLINE_ADDR, GDT_ADDR, HIGH_MEMORY_START, MPTABLE_ADDR,
+    e820_map, low_ram_end, GuestRam, CMDLINE_ADDR, GDT_ADDR, HIGH_MEMORY_START, MPTABLE_ADDR,
 };
 
 const PAGE: u64 = 4096;
@@ -61,9 +62,63 @@ pub struct LoadedKernel {
     pub end: u64,
 }
 
+/// The kernel file as linux-loader reads it. Its bulk reads into guest
+/// memory (the PT_LOAD segments) are done by the host kernel, from the file
+/// straight into the memfd behind the slice, instead of through the mapping.
+struct KernelSource<'a> {
+    file: File,
+    ram: &'a GuestRam,
+}
+
+impl Read for KernelSource<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.file.read(buf)
+    }
+}
+
+impl Seek for KernelSource<'_> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        self.file.seek(pos)
+    }
+}
+
+impl ReadVolatile for KernelSource<'_> {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let len = buf.len();
+        let target = self
+            .ram
+            .file_offset_of_host(buf.ptr_guard_mut().as_ptr(), len);
+        let Some(file_offset) = target else {
+            return self.file.read_volatile(buf);
+        };
+        let pos = self
+            .file
+            .stream_position()
+            .map_err(VolatileMemoryError::IOError)?;
+        let file_len = self
+            .file
+            .metadata()
+            .map_err(VolatileMemoryError::IOError)?
+            .len();
+        let n = (len as u64).min(file_len.saturating_sub(pos));
+        if n > 0 {
+            self.ram
+                .copy_from_file(&self.file, pos, file_offset, n)
+                .map_err(VolatileMemoryError::IOError)?;
+            self.file
+                .seek(SeekFrom::Start(pos + n))
+                .map_err(VolatileMemoryError::IOError)?;
+        }
+        Ok(n as usize)
+    }
+}
+
 /// Loads the `vmlinux` at `path` at its ELF physical addresses and finds
 /// its PVH entry note.
-pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, Error> {
+pub fn load_kernel(ram: &GuestRam, path: &Path) -> Result<LoadedKernel, Error> {
     let mut file = open(
         path,
         || Error::KernelNotFound(path.to_path_buf()),
@@ -78,8 +133,15 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, Error
     };
     check_elf_header(&mut file).map_err(invalid)?;
 
-    let loaded = Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_MEMORY_START)))
-        .map_err(|e| invalid(describe_loader_error(&e)))?;
+    let mem = ram.memory();
+    let mut source = KernelSource { file, ram };
+    let loaded = Elf::load(
+        mem,
+        None,
+        &mut source,
+        Some(GuestAddress(HIGH_MEMORY_START)),
+    )
+    .map_err(|e| invalid(describe_loader_error(&e)))?;
     let entry = match loaded.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(addr) => addr.0,
         _ => {
@@ -100,14 +162,11 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, Error
     })
 }
 
-/// Loads the initramfs at the top of memory below 4 GiB, page aligned and
-/// above the kernel. Returns `(address, size)`.
-pub fn load_initramfs(
-    mem: &GuestMemory,
-    path: &Path,
-    kernel_end: u64,
-) -> Result<(u64, u64), Error> {
-    let mut file = open(
+/// Loads the initramfs at the top of memory below 4 GiB, page aligned.
+/// Returns `(address, size)`; [`check_initramfs_fits`] then checks it stays
+/// clear of the kernel (the two load in parallel).
+pub fn load_initramfs(ram: &GuestRam, path: &Path) -> Result<(u64, u64), Error> {
+    let file = open(
         path,
         || Error::InitramfsNotFound(path.to_path_buf()),
         |source| Error::InitramfsRead {
@@ -120,26 +179,34 @@ pub fn load_initramfs(
         source,
     };
     let size = file.metadata().map_err(read_err)?.len();
-    let top = low_ram_end(mem_size(mem));
-    let floor = kernel_end.div_ceil(PAGE) * PAGE;
-    let addr = top.checked_sub(size).map(|a| a & !(PAGE - 1));
-    let addr = match addr {
-        Some(a) if a >= floor && size > 0 => a,
-        _ => {
-            return Err(Error::InitramfsTooLarge {
-                path: path.to_path_buf(),
-                size,
-            })
-        }
+    let too_large = || Error::InitramfsTooLarge {
+        path: path.to_path_buf(),
+        size,
     };
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-        .map_err(|_| {
-            read_err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "file changed while loading",
-            ))
-        })?;
+    let top = low_ram_end(ram.size());
+    let addr = match top.checked_sub(size).map(|a| a & !(PAGE - 1)) {
+        Some(a) if a >= HIGH_MEMORY_START && size > 0 => a,
+        _ => return Err(too_large()),
+    };
+    let offset = ram.file_offset_of_guest(addr, size).ok_or_else(too_large)?;
+    ram.copy_from_file(&file, 0, offset, size)
+        .map_err(read_err)?;
     Ok((addr, size))
+}
+
+/// The initramfs at `addr` must start above the kernel's image.
+pub fn check_initramfs_fits(
+    path: &Path,
+    (addr, size): (u64, u64),
+    kernel_end: u64,
+) -> Result<(), Error> {
+    if addr < kernel_end.div_ceil(PAGE) * PAGE {
+        return Err(Error::InitramfsTooLarge {
+            path: path.to_path_buf(),
+            size,
+        });
+    }
+    Ok(())
 }
 
 /// Writes the boot data: GDT, command line, MP table, PVH start info with
@@ -238,6 +305,10 @@ mod tests {
         GuestMemory::from_ranges(&[(GuestAddress(0), mib << 20)]).unwrap()
     }
 
+    fn ram(mib: u64) -> GuestRam {
+        GuestRam::new(mib << 20).unwrap()
+    }
+
     fn file_with(bytes: &[u8]) -> tempfile::NamedTempFile {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(bytes).unwrap();
@@ -246,14 +317,14 @@ mod tests {
 
     #[test]
     fn missing_kernel() {
-        let err = load_kernel(&mem(64), Path::new("/nonexistent/vmlinux")).unwrap_err();
+        let err = load_kernel(&ram(64), Path::new("/nonexistent/vmlinux")).unwrap_err();
         assert!(matches!(err, Error::KernelNotFound(_)), "{err}");
     }
 
     #[test]
     fn garbage_kernel() {
         let f = file_with(&[0x42; 4096]);
-        let err = load_kernel(&mem(64), f.path()).unwrap_err();
+        let err = load_kernel(&ram(64), f.path()).unwrap_err();
         assert!(matches!(err, Error::KernelInvalid { .. }), "{err}");
         assert!(err.to_string().contains("bad magic"), "{err}");
     }
@@ -262,7 +333,7 @@ mod tests {
     fn empty_and_short_kernels() {
         for len in [0usize, 10] {
             let f = file_with(&vec![0x7f; len]);
-            let err = load_kernel(&mem(64), f.path()).unwrap_err();
+            let err = load_kernel(&ram(64), f.path()).unwrap_err();
             assert!(err.to_string().contains("too short"), "{err}");
         }
     }
@@ -280,40 +351,100 @@ mod tests {
         hdr[54] = 56; // phentsize
         hdr[56] = 3; // phnum
         let f = file_with(&hdr);
-        let err = load_kernel(&mem(64), f.path()).unwrap_err();
+        let err = load_kernel(&ram(64), f.path()).unwrap_err();
         assert!(matches!(err, Error::KernelInvalid { .. }), "{err}");
     }
 
     #[test]
     fn directory_as_kernel() {
         let dir = tempfile::tempdir().unwrap();
-        let err = load_kernel(&mem(64), dir.path()).unwrap_err();
+        let err = load_kernel(&ram(64), dir.path()).unwrap_err();
         assert!(matches!(err, Error::KernelRead { .. }), "{err}");
     }
 
     #[test]
     fn initramfs_goes_to_the_top() {
-        let m = mem(64);
-        let data = vec![0x5a; 10_000];
+        let r = ram(64);
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
         let f = file_with(&data);
-        let (addr, size) = load_initramfs(&m, f.path(), 0x200_0000).unwrap();
+        let (addr, size) = load_initramfs(&r, f.path()).unwrap();
         assert_eq!(size, 10_000);
         assert_eq!(addr % PAGE, 0);
         assert!(addr + size <= 64 << 20);
         assert!(addr + size + PAGE > 64 << 20);
         let mut back = vec![0u8; 10_000];
-        m.read_slice(&mut back, GuestAddress(addr)).unwrap();
+        r.memory()
+            .read_slice(&mut back, GuestAddress(addr))
+            .unwrap();
         assert_eq!(back, data);
+        check_initramfs_fits(f.path(), (addr, size), 0x200_0000).unwrap();
     }
 
     #[test]
     fn initramfs_too_large_or_missing() {
-        let m = mem(64);
+        let r = ram(64);
         let f = file_with(&vec![0; 40 << 20]);
-        let err = load_initramfs(&m, f.path(), 30 << 20).unwrap_err();
+        let placed = load_initramfs(&r, f.path()).unwrap();
+        let err = check_initramfs_fits(f.path(), placed, 30 << 20).unwrap_err();
         assert!(matches!(err, Error::InitramfsTooLarge { .. }), "{err}");
-        let err = load_initramfs(&m, Path::new("/nonexistent.cpio"), 0).unwrap_err();
+        let f = file_with(&vec![0; 70 << 20]);
+        let err = load_initramfs(&r, f.path()).unwrap_err();
+        assert!(matches!(err, Error::InitramfsTooLarge { .. }), "{err}");
+        let err = load_initramfs(&r, Path::new("/nonexistent.cpio")).unwrap_err();
         assert!(matches!(err, Error::InitramfsNotFound(_)), "{err}");
+        let empty = file_with(&[]);
+        assert!(load_initramfs(&r, empty.path()).is_err());
+    }
+
+    #[test]
+    fn kernel_segments_arrive_through_the_memfd() {
+        // A minimal PVH ELF: one PT_LOAD of 3 pages at 16 MiB, a Xen note.
+        let code: Vec<u8> = (0..3 * 4096u32).map(|i| (i * 7) as u8).collect();
+        let mut f = vec![0u8; 0x1000];
+        f[0..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2;
+        f[5] = 1;
+        f[6] = 1;
+        f[16..18].copy_from_slice(&2u16.to_le_bytes());
+        f[18..20].copy_from_slice(&62u16.to_le_bytes());
+        f[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes());
+        f[32..40].copy_from_slice(&64u64.to_le_bytes());
+        f[52..54].copy_from_slice(&64u16.to_le_bytes());
+        f[54..56].copy_from_slice(&56u16.to_le_bytes());
+        f[56..58].copy_from_slice(&2u16.to_le_bytes());
+        let ph = |f: &mut Vec<u8>, at: usize, kind: u32, off: u64, addr: u64, size: u64| {
+            f[at..at + 4].copy_from_slice(&kind.to_le_bytes());
+            f[at + 8..at + 16].copy_from_slice(&off.to_le_bytes());
+            f[at + 16..at + 24].copy_from_slice(&addr.to_le_bytes());
+            f[at + 24..at + 32].copy_from_slice(&addr.to_le_bytes());
+            f[at + 32..at + 40].copy_from_slice(&size.to_le_bytes());
+            f[at + 40..at + 48].copy_from_slice(&(size + 4096).to_le_bytes());
+        };
+        ph(&mut f, 64, 1, 0x1000, 0x100_0000, code.len() as u64);
+        ph(&mut f, 120, 4, 0x200, 0, 20);
+        f[0x200..0x204].copy_from_slice(&4u32.to_le_bytes());
+        f[0x204..0x208].copy_from_slice(&4u32.to_le_bytes());
+        f[0x208..0x20c].copy_from_slice(&18u32.to_le_bytes());
+        f[0x20c..0x210].copy_from_slice(b"Xen\0");
+        f[0x210..0x214].copy_from_slice(&0x100_0040u32.to_le_bytes());
+        f.extend_from_slice(&code);
+        let file = file_with(&f);
+
+        let r = ram(64);
+        let k = load_kernel(&r, file.path()).unwrap();
+        assert_eq!(k.entry, 0x100_0040);
+        assert_eq!(k.end, 0x100_0000 + code.len() as u64 + 4096);
+        let mut back = vec![0u8; code.len()];
+        r.memory()
+            .read_slice(&mut back, GuestAddress(0x100_0000))
+            .unwrap();
+        assert_eq!(back, code);
+
+        // The same image without its note is refused by name.
+        f[0x208..0x20c].copy_from_slice(&17u32.to_le_bytes());
+        let file = file_with(&f);
+        let err = load_kernel(&r, file.path()).unwrap_err();
+        assert!(err.to_string().contains("no pvh entry note"), "{err}");
     }
 
     #[test]
