@@ -127,7 +127,10 @@ impl Frame {
     }
 
     /// Decodes the JSON payload of a control frame.
-    pub fn parse<T: for<'de> Deserialize<'de>>(&self, what: &'static str) -> Result<T, ProtocolError> {
+    pub fn parse<T: for<'de> Deserialize<'de>>(
+        &self,
+        what: &'static str,
+    ) -> Result<T, ProtocolError> {
         serde_json::from_slice(&self.payload).map_err(|source| ProtocolError::Json { what, source })
     }
 
@@ -136,7 +139,10 @@ impl Frame {
         if self.kind == expected {
             Ok(self)
         } else {
-            Err(ProtocolError::Unexpected { expected, got: self.kind })
+            Err(ProtocolError::Unexpected {
+                expected,
+                got: self.kind,
+            })
         }
     }
 
@@ -169,7 +175,11 @@ pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<(FrameKind, u32), ProtocolE
 }
 
 /// Writes one frame (header and payload in one write where possible).
-pub fn write_frame<W: Write>(w: &mut W, kind: FrameKind, payload: &[u8]) -> Result<(), ProtocolError> {
+pub fn write_frame<W: Write>(
+    w: &mut W,
+    kind: FrameKind,
+    payload: &[u8],
+) -> Result<(), ProtocolError> {
     if payload.len() > MAX_FRAME_LEN as usize {
         return Err(ProtocolError::TooLarge(payload.len() as u32));
     }
@@ -227,7 +237,9 @@ pub mod asyncio {
         Ok(())
     }
 
-    pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, ProtocolError> {
+    pub async fn read_frame<R: AsyncRead + Unpin>(
+        r: &mut R,
+    ) -> Result<Option<Frame>, ProtocolError> {
         let mut h = [0u8; HEADER_LEN];
         let mut got = 0;
         while got < HEADER_LEN {
@@ -286,15 +298,33 @@ pub struct ExecRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Response {
-    Hello { version: u32, agent: String },
-    Started { pid: u32 },
-    Written { size: u64 },
-    FileInfo { size: u64, mode: u32 },
+    Hello {
+        version: u32,
+        agent: String,
+    },
+    Started {
+        pid: u32,
+    },
+    Written {
+        size: u64,
+    },
+    FileInfo {
+        size: u64,
+        mode: u32,
+    },
     Ok,
-    LayerStored { digest: String, size: u64, cached: bool },
-    MissingLayers { digests: Vec<String> },
+    LayerStored {
+        digest: String,
+        size: u64,
+        cached: bool,
+    },
+    MissingLayers {
+        digests: Vec<String>,
+    },
     Image(crate::image::ImageRecord),
-    Images { images: Vec<crate::image::ImageRecord> },
+    Images {
+        images: Vec<crate::image::ImageRecord>,
+    },
 }
 
 /// How a process ended: carried in the `Exit` frame.
@@ -333,7 +363,10 @@ pub enum ErrorKind {
 
 impl AgentError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        AgentError { kind, message: message.into() }
+        AgentError {
+            kind,
+            message: message.into(),
+        }
     }
 }
 
@@ -348,7 +381,12 @@ mod tests {
             ..Default::default()
         });
         let mut buf = Vec::new();
-        write_frame(&mut buf, FrameKind::Request, &serde_json::to_vec(&req).unwrap()).unwrap();
+        write_frame(
+            &mut buf,
+            FrameKind::Request,
+            &serde_json::to_vec(&req).unwrap(),
+        )
+        .unwrap();
         let f = read_frame(&mut buf.as_slice()).unwrap().unwrap();
         assert_eq!(f.kind, FrameKind::Request);
         assert_eq!(f.parse::<Request>("request").unwrap(), req);
@@ -357,7 +395,10 @@ mod tests {
     #[test]
     fn clean_close_and_truncation() {
         assert!(read_frame(&mut [].as_slice()).unwrap().is_none());
-        assert!(matches!(read_frame(&mut [3u8, 1].as_slice()), Err(ProtocolError::Truncated)));
+        assert!(matches!(
+            read_frame(&mut [3u8, 1].as_slice()),
+            Err(ProtocolError::Truncated)
+        ));
         assert!(matches!(
             read_frame(&mut [3u8, 4, 0, 0, 0, b'a'].as_slice()),
             Err(ProtocolError::Truncated)
@@ -373,12 +414,18 @@ mod tests {
         let h = encode_header(FrameKind::Data, 0);
         let mut big = h;
         big[1..].copy_from_slice(&(MAX_FRAME_LEN + 1).to_le_bytes());
-        assert!(matches!(decode_header(&big), Err(ProtocolError::TooLarge(_))));
+        assert!(matches!(
+            decode_header(&big),
+            Err(ProtocolError::TooLarge(_))
+        ));
     }
 
     #[test]
     fn bad_json_is_an_error() {
         let f = Frame::new(FrameKind::Request, b"{not json".to_vec());
-        assert!(matches!(f.parse::<Request>("request"), Err(ProtocolError::Json { .. })));
+        assert!(matches!(
+            f.parse::<Request>("request"),
+            Err(ProtocolError::Json { .. })
+        ));
     }
 }

@@ -48,7 +48,8 @@ pub fn publish(built: &Path, name: &str) -> Result<PathBuf, String> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     let dest = dir.join(name);
     let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::copy(built, &tmp).map_err(|e| format!("copy {} to {}: {e}", built.display(), tmp.display()))?;
+    std::fs::copy(built, &tmp)
+        .map_err(|e| format!("copy {} to {}: {e}", built.display(), tmp.display()))?;
     std::fs::rename(&tmp, &dest).map_err(|e| format!("rename to {}: {e}", dest.display()))?;
     Ok(dest)
 }

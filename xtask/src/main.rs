@@ -82,7 +82,9 @@ fn cargo(args: &[&str], assets: &(PathBuf, PathBuf)) -> Command {
 fn run(what: &str, mut cmd: Command) -> Result<(), String> {
     let t = Instant::now();
     println!("xtask: {what}");
-    let status = cmd.status().map_err(|e| format!("{what}: cannot start: {e}"))?;
+    let status = cmd
+        .status()
+        .map_err(|e| format!("{what}: cannot start: {e}"))?;
     if !status.success() {
         return Err(format!("{what} failed ({status})"));
     }
@@ -93,11 +95,25 @@ fn run(what: &str, mut cmd: Command) -> Result<(), String> {
 /// Fails when a rust-vmm crate appears twice in the dependency tree: the
 /// devices share guest memory types, so two vm-memory versions cannot mix.
 fn check_single_rust_vmm(assets: &(PathBuf, PathBuf)) -> Result<(), String> {
-    let out = cargo(&["tree", "--workspace", "-d", "--prefix", "none", "-e", "normal"], assets)
-        .output()
-        .map_err(|e| format!("cargo tree: {e}"))?;
+    let out = cargo(
+        &[
+            "tree",
+            "--workspace",
+            "-d",
+            "--prefix",
+            "none",
+            "-e",
+            "normal",
+        ],
+        assets,
+    )
+    .output()
+    .map_err(|e| format!("cargo tree: {e}"))?;
     if !out.status.success() {
-        return Err(format!("cargo tree -d failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "cargo tree -d failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     let dups = String::from_utf8_lossy(&out.stdout);
     const RUST_VMM: &[&str] = &[
@@ -123,7 +139,17 @@ fn test(extra: &[String]) -> Result<(), String> {
     run("cargo fmt --check", cargo(&["fmt", "--all", "--check"], &a))?;
     run(
         "cargo clippy",
-        cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &a),
+        cargo(
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+            &a,
+        ),
     )?;
     check_single_rust_vmm(&a)?;
     let mut args = vec!["test", "--workspace"];
