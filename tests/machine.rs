@@ -335,7 +335,7 @@ async fn end_to_end(home: &std::path::Path) {
         // Killed as a group: no sleep may survive (the agent reaps them).
         let mut left = String::new();
         for _ in 0..50 {
-            let ps = a.exec(["ps", "-o", "pid,args"]).await.ctx("ps")?;
+            let ps = a.exec(["ps"]).await.ctx("ps")?;
             left = ps
                 .stdout_lossy()
                 .lines()
@@ -635,6 +635,14 @@ async fn end_to_end(home: &std::path::Path) {
         Ok(())
     })
     .await;
+
+    if c.failures() > 0 {
+        report!(
+            "[e2e] console of {} (tail), for the failures above:\n{}",
+            a.name(),
+            common::console_tail(a.console_log_path(), 40)
+        );
+    }
 
     // Written before the stop, checked after the start.
     let keep = common::random_bytes(100_000, 42);

@@ -81,6 +81,10 @@ impl Checks {
         }
     }
 
+    pub fn failures(&self) -> usize {
+        self.failed.len()
+    }
+
     /// Panics with every failure if any check failed.
     pub fn finish(self) {
         report!(
@@ -164,6 +168,15 @@ pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> boo
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The last `lines` lines of a console log.
+pub fn console_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Nothing of a machine directory remains.
