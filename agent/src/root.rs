@@ -357,8 +357,14 @@ mod tests {
         let e = std::fs::write("/etc/late", "x").unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-        for l in mounts.lines().filter(|l| l.contains(" ext4 ") || l.contains(" overlay ")) {
-            assert!(l.split(' ').nth(3).unwrap().split(',').any(|o| o == "ro"), "{l}");
+        for l in mounts
+            .lines()
+            .filter(|l| l.contains(" ext4 ") || l.contains(" overlay "))
+        {
+            assert!(
+                l.split(' ').nth(3).unwrap().split(',').any(|o| o == "ro"),
+                "{l}"
+            );
         }
     }
 }

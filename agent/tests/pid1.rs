@@ -139,5 +139,8 @@ fn agent_runs_as_pid1_and_powers_off_on_sigterm() {
         Some(libc::SIGHUP),
         "{status:?}"
     );
-    assert!(took < Duration::from_millis(1500), "power-off took {took:?}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "power-off took {took:?}"
+    );
 }
