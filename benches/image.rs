@@ -11,7 +11,8 @@
 //!   all in the blob cache (an oci-layout source: index, manifest, config).
 //!
 //! One machine is booted per bench process (~20 s on kvm_pvm hosts, where
-//! guest-side figures are emulated and not representative).
+//! guest-side figures are emulated and not representative);
+//! `SMOL_BENCH_NO_GUEST=1` runs the host-side benches only.
 
 #[path = "../tests/support/images.rs"]
 mod images;
@@ -78,6 +79,10 @@ fn benches(c: &mut Criterion) {
     let layout = format!("oci-layout:{}:bench", dir.display());
 
     host_benches(c, &rt, home.path(), &layout);
+    if std::env::var_os("SMOL_BENCH_NO_GUEST").is_some() {
+        println!("SMOL_BENCH_NO_GUEST set: host-side benches only");
+        return;
+    }
 
     let opts = smol::ConnectOptions::local().home(home.path());
     let t = Instant::now();
