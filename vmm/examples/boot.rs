@@ -3,7 +3,8 @@
 //!
 //! `cargo run -p smol-vmm --example boot -- VMLINUX [INITRAMFS] [EXTRA_CMDLINE] [TIMEOUT_S] [MEMORY_MIB]`
 //!
-//! With SMOL_BOOT_VSOCK=PATH the guest also gets a vsock device (cid 3) on that socket.
+//! With SMOL_BOOT_VSOCK=PATH the guest also gets a vsock device (cid 3) on that socket;
+//! with SMOL_BOOT_SAMPLE_S=N the vCPUs log their RIP every N seconds (RUST_LOG filters).
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::{Duration, Instant};
@@ -11,6 +12,13 @@ use std::time::{Duration, Instant};
 use smol_vmm::{Vm, VmConfig, VsockConfig};
 
 fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "smol_vmm=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(kernel) = args.first() else {
         eprintln!("usage: [SMOL_BOOT_VSOCK=PATH] boot VMLINUX [INITRAMFS] [EXTRA_CMDLINE] [TIMEOUT_S] [MEMORY_MIB]");
@@ -43,6 +51,11 @@ fn main() {
     eprintln!("[host] set-up {:?}", vm.timings());
     let mut log = std::fs::File::open(&console).expect("console log");
     let mut pos = 0u64;
+    let sample_every = std::env::var("SMOL_BOOT_SAMPLE_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs);
+    let mut last_sample = Instant::now();
     let mut out = std::io::stdout();
     let reason = loop {
         let done = vm.wait(Some(Duration::from_millis(100)));
@@ -56,6 +69,13 @@ fn main() {
         }
         if t0.elapsed() > timeout {
             break vm.stop();
+        }
+        // Where the guest is, every SMOL_BOOT_SAMPLE_S seconds.
+        if let Some(every) = sample_every {
+            if last_sample.elapsed() >= every {
+                vm.log_vcpu_state();
+                last_sample = Instant::now();
+            }
         }
     };
     vm.stop();

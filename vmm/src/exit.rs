@@ -14,6 +14,8 @@ pub struct ExitState {
     reason: Mutex<Option<ExitReason>>,
     cond: Condvar,
     stop: AtomicBool,
+    /// Set by [`ExitState::sample_vcpus`]: vCPUs log where they are.
+    sample: AtomicBool,
     panic_line: Mutex<Option<String>>,
     /// vCPU threads to signal; emptied before they are joined so that no
     /// stale thread id is ever signalled.
@@ -32,6 +34,7 @@ impl ExitState {
             reason: Mutex::new(None),
             cond: Condvar::new(),
             stop: AtomicBool::new(false),
+            sample: AtomicBool::new(false),
             panic_line: Mutex::new(None),
             vcpu_threads: Mutex::new(Vec::new()),
         }
@@ -40,6 +43,18 @@ impl ExitState {
     /// Whether vCPUs must leave their run loop.
     pub fn should_stop(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Kicks every vCPU out of `KVM_RUN` once so that it logs its
+    /// registers, then lets it run on: for diagnosing a guest that hangs.
+    pub fn sample_vcpus(&self) {
+        self.sample.store(true, Ordering::SeqCst);
+        self.kick_vcpus();
+    }
+
+    /// Whether a sample was requested (and clears the request).
+    pub fn take_sample_request(&self) -> bool {
+        self.sample.swap(false, Ordering::SeqCst)
     }
 
     /// Records `reason` unless one is already recorded, stops every vCPU

@@ -207,6 +207,14 @@ impl Vm {
         self.exit.reason()
     }
 
+    /// Logs, at info level, where each vCPU is (instruction pointer,
+    /// privilege level): for diagnosing a guest that hangs.
+    pub fn log_vcpu_state(&self) {
+        if self.running.is_some() {
+            self.exit.sample_vcpus();
+        }
+    }
+
     /// Host-side set-up phases.
     pub fn timings(&self) -> BootTimings {
         self.timings

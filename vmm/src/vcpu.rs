@@ -145,12 +145,32 @@ impl Vcpu {
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
+                if self.exit.take_sample_request() {
+                    self.log_state();
+                }
                 None
             }
             Err(e) => Some(ExitReason::Crashed(format!(
                 "vcpu {}: KVM_RUN failed: {e}",
                 self.id
             ))),
+        }
+    }
+
+    /// Logs where the guest is: instruction pointer and privilege level.
+    fn log_state(&self) {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(regs), Ok(sregs)) => tracing::info!(
+                vcpu = self.id,
+                rip = format_args!("{:#x}", regs.rip),
+                rsp = format_args!("{:#x}", regs.rsp),
+                cpl = sregs.cs.dpl,
+                rax = format_args!("{:#x}", regs.rax),
+                "vcpu state"
+            ),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::info!(vcpu = self.id, error = %e, "vcpu state unreadable")
+            }
         }
     }
 

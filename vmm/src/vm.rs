@@ -241,7 +241,37 @@ struct KvmSide {
     memory: Duration,
 }
 
-fn setup_kvm_side(kvm: &Kvm, vm_fd: &VmFd, ram: &GuestRam) -> Result<KvmSide, Error> {
+// KVM_REINJECT_CONTROL = _IO(KVMIO, 0x71); kvm-ioctls has no wrapper.
+vmm_sys_util::ioctl_io_nr!(KVM_REINJECT_CONTROL, kvm_bindings::KVMIO, 0x71);
+
+/// Turns off the PIT's catch-up of lost ticks.
+///
+/// On kvm_pvm the guest kernel is emulated and a timer interrupt costs
+/// milliseconds; whenever the vCPU thread is descheduled (two cores shared
+/// with builds) KVM queues the ticks it missed and replays them one after
+/// the other, and the guest then does little but run its tick handler.
+/// Linux keeps time from kvm-clock, not by counting ticks, so dropping
+/// them is harmless.
+fn disable_pit_reinjection(vm_fd: &VmFd) {
+    let control = kvm_bindings::kvm_reinject_control {
+        pit_reinject: 0,
+        ..Default::default()
+    };
+    // SAFETY: KVM_REINJECT_CONTROL reads a `kvm_reinject_control` that
+    // lives for the call; the fd is a VM fd with a PIT.
+    let ret =
+        unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm_fd, KVM_REINJECT_CONTROL(), &control) };
+    if ret < 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "KVM_REINJECT_CONTROL");
+    }
+}
+
+fn setup_kvm_side(
+    kvm: &Kvm,
+    vm_fd: &VmFd,
+    ram: &GuestRam,
+    kvm_pvm: bool,
+) -> Result<KvmSide, Error> {
     let t = Instant::now();
     vm_fd
         .set_tss_address(KVM_TSS_ADDR as usize)
@@ -254,6 +284,9 @@ fn setup_kvm_side(kvm: &Kvm, vm_fd: &VmFd, ram: &GuestRam) -> Result<KvmSide, Er
         ..Default::default()
     };
     vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    if kvm_pvm {
+        disable_pit_reinjection(vm_fd);
+    }
     let cpuid = cpu::supported_cpuid(kvm).map_err(|e| device_err("cpuid", e))?;
     let kvm_time = t.elapsed();
     ram.register(vm_fd)
@@ -301,7 +334,7 @@ pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
     let t_load = Instant::now();
     let (helper, kernel) = std::thread::scope(|scope| {
         let helper = scope.spawn(|| {
-            let kvm_side = setup_kvm_side(&kvm, &vm_fd, &ram)?;
+            let kvm_side = setup_kvm_side(&kvm, &vm_fd, &ram, plan.kvm_pvm)?;
             let initramfs = match &config.initramfs {
                 Some(path) => Some(boot::load_initramfs(&ram, path).map_err(map_boot_err)?),
                 None => None,

@@ -312,6 +312,11 @@ impl MmioTransport {
                 tracing::debug!("driver ok before features ok");
                 return;
             }
+            tracing::debug!(
+                device_type = self.device_type,
+                features = self.driver_features,
+                "virtio device activating"
+            );
             if let Err(reason) = self.activate() {
                 tracing::warn!(device_type = self.device_type, %reason, "virtio device activation failed");
                 value = (value & !STATUS_DRIVER_OK) | STATUS_DEVICE_NEEDS_RESET;
@@ -351,6 +356,11 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
+        tracing::debug!(
+            device_type = self.device_type,
+            status = self.status,
+            "virtio device reset"
+        );
         if self.status & STATUS_DRIVER_OK != 0 {
             let mut device = lock(&self.device);
             if !device.reset() {
