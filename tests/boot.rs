@@ -133,16 +133,13 @@ fn guest_boots_to_the_agent_and_shuts_down() {
     let mut agent = connect_agent(vm.vsock_uds_path().unwrap());
     let req = Frame::json(FrameKind::Request, &Request::Shutdown);
     agent.write_all(&req.encode()).unwrap();
-    match protocol::read_frame(&mut agent) {
-        Ok(Some(frame)) => {
-            let resp: Response = frame
-                .expect(FrameKind::Response)
-                .and_then(|f| f.parse("shutdown response"))
-                .expect("a response to shutdown");
-            assert!(matches!(resp, Response::Ok), "shutdown answered {resp:?}");
-        }
-        // The guest may go down before the answer crosses.
-        Ok(None) | Err(_) => {}
+    // The guest may go down before the answer crosses: no frame is fine.
+    if let Ok(Some(frame)) = protocol::read_frame(&mut agent) {
+        let resp: Response = frame
+            .expect(FrameKind::Response)
+            .and_then(|f| f.parse("shutdown response"))
+            .expect("a response to shutdown");
+        assert!(matches!(resp, Response::Ok), "shutdown answered {resp:?}");
     }
     // Powering off runs the guest's shutdown path, slow on kvm_pvm too.
     let reason = vm.wait(Some(Duration::from_secs(300)));
