@@ -260,12 +260,18 @@ fn make(src: &Path, args: &[&str]) -> Command {
     c
 }
 
-/// Installs the Debian packages the build needs that are not installed yet
-/// (`apt-get update` only when something is missing).
+/// Installs the Debian packages the build needs that are not installed yet.
 fn ensure_packages(progress: &Progress) -> Result<(), String> {
     let mut wanted: Vec<&str> = vec![SOURCE_PACKAGE];
     wanted.extend_from_slice(BUILD_PACKAGES);
-    let installed = installed_packages(&wanted)?;
+    ensure_debian_packages(&wanted, |m| progress.say(m))
+}
+
+/// Installs those of `wanted` that are not installed yet (`apt-get update`
+/// only when something is missing). Shared by every task that needs a
+/// Debian package, so a fresh machine gets what the tests need.
+pub fn ensure_debian_packages(wanted: &[&str], say: impl Fn(&str)) -> Result<(), String> {
+    let installed = installed_packages(wanted)?;
     let missing: Vec<&str> = wanted
         .iter()
         .copied()
@@ -274,7 +280,7 @@ fn ensure_packages(progress: &Progress) -> Result<(), String> {
     if missing.is_empty() {
         return Ok(());
     }
-    progress.say(&format!(
+    say(&format!(
         "installing missing packages: {}",
         missing.join(" ")
     ));

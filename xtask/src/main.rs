@@ -134,7 +134,12 @@ fn check_single_rust_vmm(assets: &(PathBuf, PathBuf)) -> Result<(), String> {
     Ok(())
 }
 
+/// Debian packages the tests use on the host: the registry the image tests
+/// push to, busybox for the test images, mkfs.ext4 for machine disks.
+const TEST_PACKAGES: &[&str] = &["docker-registry", "busybox-static", "e2fsprogs"];
+
 fn test(extra: &[String]) -> Result<(), String> {
+    kernel::ensure_debian_packages(TEST_PACKAGES, |m| println!("xtask: {m}"))?;
     let a = assets()?;
     run("cargo fmt --check", cargo(&["fmt", "--all", "--check"], &a))?;
     run(
@@ -154,7 +159,13 @@ fn test(extra: &[String]) -> Result<(), String> {
     check_single_rust_vmm(&a)?;
     let mut args = vec!["test", "--workspace"];
     args.extend(extra.iter().map(String::as_str));
-    run("cargo test", cargo(&args, &a))
+    run("cargo test", cargo(&args, &a))?;
+    println!(
+        "xtask: the three end-to-end guest tests (tests/boot.rs, tests/machine.rs, \
+         tests/images.rs) are marked ignored: they do not yet pass on kvm_pvm hosts; \
+         run them with `cargo xtask test -- --ignored`"
+    );
+    Ok(())
 }
 
 fn demo() -> Result<(), String> {
