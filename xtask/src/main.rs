@@ -101,7 +101,7 @@ fn check_single_rust_vmm(assets: &(PathBuf, PathBuf)) -> Result<(), String> {
             "--workspace",
             "-d",
             "--prefix",
-            "none",
+            "depth",
             "-e",
             "normal",
         ],
@@ -125,7 +125,8 @@ fn check_single_rust_vmm(assets: &(PathBuf, PathBuf)) -> Result<(), String> {
         "linux-loader ",
         "event-manager ",
     ];
-    for line in dups.lines() {
+    // Depth 0 lines are the duplicated crates; deeper ones are their dependents.
+    for line in dups.lines().filter_map(|l| l.strip_prefix('0')) {
         if RUST_VMM.iter().any(|c| line.starts_with(c)) {
             return Err(format!("duplicate rust-vmm crate in the tree: {line}"));
         }
