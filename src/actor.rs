@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use smol_agent::protocol::{Request, Response, PROTOCOL_VERSION};
+use smol_agent::protocol::{Request, Response, PROTOCOL_VERSION, READY_LINE};
 use smol_vmm::{DiskConfig, ExitReason, Vm, VmConfig, VsockConfig};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -31,6 +31,8 @@ const MAX_BACKOFF: Duration = Duration::from_millis(100);
 const SHUTDOWN_ASK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time for the guest to power off after acknowledging.
 const POWEROFF_TIMEOUT: Duration = Duration::from_secs(30);
+/// Hello attempts before the console shows the agent's ready line.
+const SLOW_ATTEMPT_EVERY: Duration = Duration::from_secs(1);
 /// Lines of console log quoted in a boot error.
 const CONSOLE_TAIL_LINES: usize = 30;
 
@@ -230,44 +232,59 @@ impl MachineActor {
         }
     }
 
-    /// Polls the agent with a Hello until it answers, the VM exits, or the
-    /// deadline passes. No fixed sleeps: a short backoff between attempts.
+    /// Waits until the agent answers a Hello, the VM exits, or the deadline
+    /// passes. The console is watched for the agent's ready line (a host
+    /// file read, free for the guest); until it shows, Hello is tried only
+    /// every [`SLOW_ATTEMPT_EVERY`] (each refused connection costs a guest
+    /// that emulates its kernel real time), after it with a short backoff.
+    /// No fixed sleeps.
     async fn wait_for_agent(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let mut backoff = Duration::from_millis(2);
         let mut last = String::from("no attempt made");
+        let mut console = ConsoleWatch::new(self.paths.console_log.clone(), READY_LINE);
+        let mut next_attempt = Instant::now();
         loop {
             if let Some(reason) = self.vm.as_ref().and_then(|vm| vm.try_exit()) {
                 return Err(self.boot_error(format!(
                     "the vm exited before its agent answered ({reason:?})"
                 )));
             }
+            let ready = console.seen();
             let now = Instant::now();
             if now >= deadline {
-                return Err(self.boot_error(format!(
-                    "the agent did not answer within {timeout:?} (last attempt: {last})"
-                )));
+                let what = if ready {
+                    "the agent printed its ready line but did not answer on vsock"
+                } else {
+                    "the agent did not print its ready line"
+                };
+                return Err(
+                    self.boot_error(format!("{what} within {timeout:?} (last attempt: {last})"))
+                );
             }
-            let uds = self.paths.vsock.clone();
-            let name = self.name.clone();
-            let attempt = async move {
-                let mut conn = AgentConnection::open(&uds, &name)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                conn.hello().await.map_err(|e| e.to_string())
-            };
-            match tokio::time::timeout(ATTEMPT_TIMEOUT.min(deadline - now), attempt).await {
-                Ok(Ok((version, agent))) if version == PROTOCOL_VERSION => {
-                    tracing::debug!(machine = %self.name, %agent, "agent answered");
-                    return Ok(());
+            if ready || now >= next_attempt {
+                next_attempt = now + SLOW_ATTEMPT_EVERY;
+                let uds = self.paths.vsock.clone();
+                let name = self.name.clone();
+                let attempt = async move {
+                    let mut conn = AgentConnection::open(&uds, &name)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    conn.hello().await.map_err(|e| e.to_string())
+                };
+                match tokio::time::timeout(ATTEMPT_TIMEOUT.min(deadline - now), attempt).await {
+                    Ok(Ok((version, agent))) if version == PROTOCOL_VERSION => {
+                        tracing::debug!(machine = %self.name, %agent, "agent answered");
+                        return Ok(());
+                    }
+                    Ok(Ok((version, _))) => {
+                        return Err(Error::Protocol(format!(
+                            "the agent speaks protocol version {version}, this smol speaks {PROTOCOL_VERSION}"
+                        )))
+                    }
+                    Ok(Err(e)) => last = e,
+                    Err(_) => last = format!("no answer within {ATTEMPT_TIMEOUT:?}"),
                 }
-                Ok(Ok((version, _))) => {
-                    return Err(Error::Protocol(format!(
-                        "the agent speaks protocol version {version}, this smol speaks {PROTOCOL_VERSION}"
-                    )))
-                }
-                Ok(Err(e)) => last = e,
-                Err(_) => last = format!("no answer within {ATTEMPT_TIMEOUT:?}"),
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -424,6 +441,52 @@ fn boot_timeout() -> Duration {
     }
 }
 
+/// Watches a growing console log for a line, reading only what is new.
+struct ConsoleWatch {
+    path: std::path::PathBuf,
+    needle: &'static str,
+    offset: u64,
+    /// The end of what was read, so a needle split across reads is found.
+    carry: Vec<u8>,
+    seen: bool,
+}
+
+impl ConsoleWatch {
+    fn new(path: std::path::PathBuf, needle: &'static str) -> Self {
+        ConsoleWatch {
+            path,
+            needle,
+            offset: 0,
+            carry: Vec::new(),
+            seen: false,
+        }
+    }
+
+    /// Whether the needle has appeared so far.
+    fn seen(&mut self) -> bool {
+        use std::io::{Read, Seek, SeekFrom};
+        if self.seen {
+            return true;
+        }
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return false;
+        };
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return false;
+        }
+        let mut buf = std::mem::take(&mut self.carry);
+        let Ok(n) = f.take(1 << 20).read_to_end(&mut buf) else {
+            return false;
+        };
+        self.offset += n as u64;
+        let needle = self.needle.as_bytes();
+        self.seen = buf.windows(needle.len()).any(|w| w == needle);
+        let keep = needle.len().saturating_sub(1).min(buf.len());
+        self.carry = buf[buf.len() - keep..].to_vec();
+        self.seen
+    }
+}
+
 /// The last `lines` lines of the console log, safe to print.
 pub(crate) fn console_tail(path: &std::path::Path, lines: usize) -> String {
     use std::io::{Read, Seek, SeekFrom};
@@ -447,6 +510,23 @@ pub(crate) fn console_tail(path: &std::path::Path, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn console_watch_finds_a_line_written_in_pieces() {
+        use std::io::Write;
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("console.log");
+        let mut w = ConsoleWatch::new(p.clone(), READY_LINE);
+        assert!(!w.seen(), "no file yet");
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.write_all(b"[ 1.0] booting\nsmol-ag").unwrap();
+        assert!(!w.seen());
+        f.write_all(b"ent: rea").unwrap();
+        assert!(!w.seen());
+        f.write_all(b"dy\n").unwrap();
+        assert!(w.seen());
+        assert!(w.seen(), "stays seen");
+    }
 
     #[test]
     fn console_tail_is_the_end_and_safe() {
