@@ -304,6 +304,11 @@ pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
     let plan = validate(config, crate::is_kvm_pvm_host())?;
     let mut timings = BootTimings::default();
 
+    // The device back ends first: a bad disk path or socket is the user's
+    // mistake and gets its error before any KVM work.
+    let exit = Arc::new(ExitState::new());
+    let devices = create_virtio_devices(config)?;
+
     // KVM: the VM, the in-kernel irqchip (PIC, IO-APIC, LAPICs) and PIT.
     let kvm = Kvm::new().map_err(|source| Error::KvmUnavailable { source })?;
     for (cap, name) in [
@@ -328,18 +333,40 @@ pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
     let slots = mmio_slots(config);
     timings.memory = t_mem.elapsed();
 
-    // Two loads overlap: a helper thread does KVM's side (irqchip, PIT, and
-    // the memory slot, whose registration waits for an SRCU grace period)
-    // and then copies the initramfs, while this thread copies the kernel.
+    // Two loads overlap: a helper thread does KVM's side (irqchip, PIT, the
+    // memory slot, the irqfds and ioeventfds: registrations that mostly wait
+    // for SRCU grace periods) and then copies the initramfs, while this
+    // thread copies the kernel.
     let t_load = Instant::now();
     let (helper, kernel) = std::thread::scope(|scope| {
         let helper = scope.spawn(|| {
             let kvm_side = setup_kvm_side(&kvm, &vm_fd, &ram, plan.kvm_pvm)?;
+            let t_dev = Instant::now();
+            let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Io {
+                what: "cannot create the serial irqfd".into(),
+                source,
+            })?;
+            vm_fd
+                .register_irqfd(&serial_irq, serial::COM1_IRQ)
+                .map_err(kvm_err("KVM_IRQFD"))?;
+            let mut transports = Vec::with_capacity(devices.len());
+            for (dev, slot) in devices.iter().zip(&slots) {
+                let transport = MmioTransport::attach(
+                    &vm_fd,
+                    dev.device.clone(),
+                    mem.clone(),
+                    slot.base,
+                    slot.irq,
+                )
+                .map_err(|e| device_err(&dev.name, e))?;
+                transports.push((transport, *slot));
+            }
+            let devices_time = t_dev.elapsed();
             let initramfs = match &config.initramfs {
                 Some(path) => Some(boot::load_initramfs(&ram, path).map_err(map_boot_err)?),
                 None => None,
             };
-            Ok::<_, Error>((kvm_side, initramfs))
+            Ok::<_, Error>((kvm_side, serial_irq, transports, devices_time, initramfs))
         });
         let kernel = boot::load_kernel(&ram, &config.kernel).map_err(map_boot_err);
         let helper = helper
@@ -348,7 +375,7 @@ pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
         (helper, kernel)
     });
     let kernel = kernel?;
-    let (kvm_side, initramfs) = helper?;
+    let (kvm_side, serial_irq, transports, devices_time, initramfs) = helper?;
     if let (Some(path), Some(placed)) = (&config.initramfs, initramfs) {
         boot::check_initramfs_fits(path, placed, kernel.end).map_err(map_boot_err)?;
     }
@@ -362,18 +389,10 @@ pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
     let mut t = Instant::now();
 
     // Devices: COM1 on its irqfd, the i8042, the virtio-mmio transports.
-    let exit = Arc::new(ExitState::new());
     let console = match &config.console_log {
         Some(path) => Some(open_console_log(path)?),
         None => None,
     };
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Io {
-        what: "cannot create the serial irqfd".into(),
-        source,
-    })?;
-    vm_fd
-        .register_irqfd(&serial_irq, serial::COM1_IRQ)
-        .map_err(kvm_err("KVM_IRQFD"))?;
     let serial = SerialDevice::new(serial_irq, ConsoleLog::new(console, exit.clone()));
     let mut pio = Bus::new();
     let bus_err = |e| device_err("bus", e);
@@ -392,16 +411,15 @@ pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
 
     let mut event_loop = EventLoop::new().map_err(|e| device_err("event loop", e))?;
     let mut mmio = Bus::new();
-    for (dev, slot) in create_virtio_devices(config)?.into_iter().zip(&slots) {
-        let transport =
-            MmioTransport::attach(&vm_fd, dev.device.clone(), mem.clone(), slot.base, slot.irq)
-                .map_err(|e| device_err(&dev.name, e))?;
+    for (transport, slot) in transports {
         mmio.insert(Arc::new(Mutex::new(transport)), slot.base, slot.size)
             .map_err(bus_err)?;
+    }
+    for dev in devices {
         event_loop.add(dev.subscriber);
     }
     let buses = Arc::new(Buses { pio, mmio });
-    timings.devices = t.elapsed();
+    timings.devices = t.elapsed() + devices_time;
     t = Instant::now();
 
     // vCPUs.

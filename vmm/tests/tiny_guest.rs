@@ -277,6 +277,30 @@ fn bad_configs_are_named_errors() {
     let mut c = g.config();
     c.cmdline = "bad\ncmdline".into();
     assert!(matches!(Vm::start(c), Err(Error::Cmdline(_))));
+
+    // Device back ends fail with the device named.
+    let mut c = g.config();
+    c.disks.push(DiskConfig {
+        path: g.dir.path().join("no-such-disk.img"),
+        read_only: false,
+        id: "x".into(),
+    });
+    let err = Vm::start(c).err().unwrap();
+    assert!(
+        matches!(&err, Error::Device { name, .. } if name.contains("virtio-blk")),
+        "{err}"
+    );
+
+    let mut c = g.config();
+    c.vsock = Some(smol_vmm::VsockConfig {
+        guest_cid: 3,
+        uds_path: g.dir.path().join("no-such-dir/v.sock"),
+    });
+    let err = Vm::start(c).err().unwrap();
+    assert!(
+        matches!(&err, Error::Device { name, .. } if name.contains("vsock")),
+        "{err}"
+    );
 }
 
 fn many_start_stop_cycles() {
