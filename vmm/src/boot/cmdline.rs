@@ -6,23 +6,33 @@ use vm_memory::GuestAddress;
 use crate::memory::CMDLINE_MAX_LEN;
 
 /// What every guest gets: serial console, `reboot=k` (the i8042 reset
-/// port is the shutdown signal), reboot at once on panic, no PCI, no
-/// modules, and the agent as init from the initramfs.
-pub const BASE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule rdinit=/init";
+/// port is the shutdown signal), reboot at once on panic, and the agent as
+/// init from the initramfs. (Our kernel has neither PCI nor modules; a
+/// `pci=off` or `nomodule` here would only reach init as stray arguments.)
+pub const BASE: &str = "console=ttyS0 reboot=k panic=-1 rdinit=/init";
 
 /// Boot flags a guest needs on a kvm_pvm host (see shared/HOST.md): mask
-/// the instructions the module's emulator lacks, skip the slow or hanging
-/// initcalls, and enable the three workarounds of our kernel patch.
+/// the instructions the module's emulator lacks, skip the slow legacy ptys,
+/// and enable the three workarounds of our kernel patch. (`ptp_kvm`, which
+/// spins there, is simply not built: `initcall_blacklist=` would need
+/// KALLSYMS.)
 ///
-/// Beyond HOST.md's list: the local APIC timer does not fire under
-/// kvm_pvm. With the TSC-deadline bit visible (our CPUID passes KVM's
-/// supported set; qemu's default CPU model hides it) Linux skips the PIT
-/// and the guest stalls with no tick at all, so the bit is cleared and the
-/// APIC timer left off: the PIT drives the tick, and the ~1 s calibration
-/// that would fail anyway is skipped.
-pub const KVM_PVM_FLAGS: &str = "noxsave clearcpuid=popcnt,smap,tsc_deadline_timer noapictimer \
-    pty.legacy_count=0 initcall_blacklist=ptp_kvm_init no_int3_selftest fpu_no_fwait \
-    syscall_via_pf";
+/// Beyond HOST.md's list:
+/// - The local APIC timer does not fire under kvm_pvm. With the
+///   TSC-deadline bit visible (our CPUID passes KVM's supported set; qemu's
+///   default CPU model hides it) Linux skips the PIT and the guest stalls
+///   with no tick at all, so the bit is cleared and the APIC timer left
+///   off: the PIT drives the tick, and the ~1 s calibration that would fail
+///   anyway is skipped.
+/// - `erms`, `fsrm` and `rep_good` are cleared so that the kernel's
+///   out-of-line memcpy, memset, clear_page and user copies take their
+///   unrolled forms instead of `rep movs`/`rep stos`: the emulator pays
+///   ~3 us per string iteration. Measured with the -O2 kernel: freeing 2 MiB
+///   of init memory (a memset per page) went from 5.9 s to 2.2 s, and the
+///   agent's own start-up (fresh pages) from 27.7 s to 2.3 s.
+pub const KVM_PVM_FLAGS: &str =
+    "noxsave clearcpuid=popcnt,smap,tsc_deadline_timer,erms,fsrm,rep_good noapictimer \
+    pty.legacy_count=0 no_int3_selftest fpu_no_fwait syscall_via_pf";
 
 /// Console verbosity: KERN_NOTICE and more urgent only. The banner
 /// ("Linux version ...") is a notice, so it still reaches the console log,
@@ -113,8 +123,8 @@ mod tests {
         let s = text(&c);
         assert!(s.starts_with(BASE));
         assert!(s.contains(
-            "noxsave clearcpuid=popcnt,smap,tsc_deadline_timer noapictimer pty.legacy_count=0 \
-             initcall_blacklist=ptp_kvm_init no_int3_selftest fpu_no_fwait syscall_via_pf"
+            "noxsave clearcpuid=popcnt,smap,tsc_deadline_timer,erms,fsrm,rep_good noapictimer \
+             pty.legacy_count=0 no_int3_selftest fpu_no_fwait syscall_via_pf"
         ));
         assert!(s.contains("virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"));
         assert!(s.ends_with(" quiet foo=bar"));
