@@ -104,7 +104,6 @@ fn connect_agent(uds: &Path) -> UnixStream {
 }
 
 #[test]
-#[ignore = "boots a guest; not yet green on kvm_pvm hosts (agent unreachable over vsock within the deadline): run with --ignored"]
 fn guest_boots_to_the_agent_and_shuts_down() {
     let dir = tempfile::tempdir().unwrap();
     let t0 = Instant::now();

@@ -66,8 +66,47 @@ fn watch_signals(stop: mpsc::Sender<Stop>) {
     }
 }
 
+/// Time spent in each set-up step, reported on the ready log line: on
+/// kvm_pvm hosts every system call is emulated, and this says which step
+/// pays for it.
+struct Steps {
+    started: std::time::Instant,
+    last: std::time::Instant,
+    done: Vec<(&'static str, u128)>,
+}
+
+impl Steps {
+    fn new() -> Self {
+        let now = std::time::Instant::now();
+        Steps {
+            started: now,
+            last: now,
+            done: Vec::new(),
+        }
+    }
+
+    fn step(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.done.push((name, (now - self.last).as_millis()));
+        self.last = now;
+    }
+
+    fn summary(&self) -> String {
+        let parts: Vec<String> = self
+            .done
+            .iter()
+            .map(|(name, ms)| format!("{name} {ms}"))
+            .collect();
+        format!(
+            "{} ms ({})",
+            self.started.elapsed().as_millis(),
+            parts.join(", ")
+        )
+    }
+}
+
 fn run() -> ! {
-    let started = std::time::Instant::now();
+    let mut steps = Steps::new();
     std::env::set_var("PATH", system::DEFAULT_PATH);
     std::env::set_var("HOME", "/root");
     let (stop_tx, stop_rx) = mpsc::channel();
@@ -75,6 +114,7 @@ fn run() -> ! {
     system::mount_early();
     system::ensure_std_fds();
     let cmdline = system::read_cmdline();
+    steps.step("mounts");
     match root::disk_device(&cmdline) {
         None => {}
         Some(Ok(device)) => match root::switch_to_disk_root(&device) {
@@ -86,10 +126,12 @@ fn run() -> ! {
         },
         Some(Err(e)) => log(format_args!("{e}; the root stays in memory")),
     }
+    steps.step("root");
     system::mount_runtime();
     system::set_hostname(&cmdline);
     system::loopback_up();
     Reaper::get();
+    steps.step("runtime");
 
     let stop_tx = Mutex::new(stop_tx);
     let agent = Agent::new(move || {
@@ -110,6 +152,7 @@ fn run() -> ! {
         }
         Err(e) => log(format_args!("{}; serving no requests", error_chain(&e))),
     }
+    steps.step("vsock");
 
     let uptime = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
         .map(|t| {
@@ -119,10 +162,7 @@ fn run() -> ! {
             )
         })
         .unwrap_or_default();
-    log(format_args!(
-        "set up in {} ms{uptime}",
-        started.elapsed().as_millis()
-    ));
+    log(format_args!("set up in {}{uptime}", steps.summary()));
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{READY_LINE}");
     let _ = out.flush();

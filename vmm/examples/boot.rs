@@ -54,7 +54,7 @@ fn main() {
     let sample_every = std::env::var("SMOL_BOOT_SAMPLE_S")
         .ok()
         .and_then(|s| s.parse().ok())
-        .map(Duration::from_secs);
+        .map(Duration::from_secs_f64);
     let mut last_sample = Instant::now();
     let mut out = std::io::stdout();
     let reason = loop {
