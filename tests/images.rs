@@ -478,7 +478,6 @@ fn blob_times(home: &Path) -> Vec<(std::path::PathBuf, std::time::SystemTime)> {
 }
 
 #[test]
-#[ignore = "boots a guest; not yet green on kvm_pvm hosts (agent unreachable over vsock within the deadline): run with --ignored"]
 fn images_in_a_guest() {
     // A short home: the vsock socket path must fit in sun_path.
     let home = tempfile::Builder::new()

@@ -161,11 +161,6 @@ fn test(extra: &[String]) -> Result<(), String> {
     let mut args = vec!["test", "--workspace"];
     args.extend(extra.iter().map(String::as_str));
     run("cargo test", cargo(&args, &a))?;
-    println!(
-        "xtask: the three end-to-end guest tests (tests/boot.rs, tests/machine.rs, \
-         tests/images.rs) are marked ignored: they do not yet pass on kvm_pvm hosts; \
-         run them with `cargo xtask test -- --ignored`"
-    );
     Ok(())
 }
 
