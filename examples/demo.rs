@@ -29,7 +29,7 @@ async fn main() {
 
 async fn run() -> smol::Result<()> {
     if smol::is_kvm_pvm_host() {
-        println!("note: /dev/kvm is kvm_pvm (nested, software) here: a boot takes ~20 s instead of milliseconds");
+        println!("note: /dev/kvm is kvm_pvm (nested, software) here: a boot takes about a minute instead of milliseconds");
     }
     let t = Instant::now();
     println!("creating a machine...");

@@ -425,7 +425,7 @@ fn remove_if_exists(path: &std::path::Path) -> Result<()> {
     }
 }
 
-/// `SMOL_BOOT_TIMEOUT_SECS`, else 180 s on kvm_pvm hosts (boots take ~20 s
+/// `SMOL_BOOT_TIMEOUT_SECS`, else 300 s on kvm_pvm hosts (boots take ~60 s
 /// there, more under load) and 30 s elsewhere.
 fn boot_timeout() -> Duration {
     if let Some(secs) = std::env::var("SMOL_BOOT_TIMEOUT_SECS")
@@ -435,7 +435,7 @@ fn boot_timeout() -> Duration {
         return Duration::from_secs(secs.max(1));
     }
     if smol_vmm::is_kvm_pvm_host() {
-        Duration::from_secs(180)
+        Duration::from_secs(300)
     } else {
         Duration::from_secs(30)
     }

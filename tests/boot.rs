@@ -5,7 +5,7 @@
 //!
 //! Needs the assets (`cargo xtask assets`, or SMOL_KERNEL / SMOL_INITRAMFS)
 //! and /dev/kvm; fails loudly without them. On a kvm_pvm host the boot takes
-//! about 20 s, so one guest serves every check.
+//! about 60 s, so one guest serves every check.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use smol_agent::protocol::{self, Frame, FrameKind, Request, Response, AGENT_PORT, READY_LINE};
 use smol_vmm::{Error, ExitReason, Vm, VmConfig, VsockConfig, MIN_MEMORY_MIB};
 
-/// Generous: a kvm_pvm host boots in ~20 s when idle, but minutes when its two
+/// Generous: a kvm_pvm host boots in ~60 s when idle, but minutes when its two
 /// cores are shared with builds (qemu is just as slow then).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
