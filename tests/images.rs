@@ -28,6 +28,69 @@ fn resolver(dir: &Path) -> ImageResolver {
         .with_credentials(Default::default())
 }
 
+/// A progress callback that keeps the events.
+fn recording() -> (
+    std::sync::Arc<std::sync::Mutex<Vec<PullEvent>>>,
+    smol::image::ProgressFn,
+) {
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let f = std::sync::Arc::new(move |e: &PullEvent| sink.lock().unwrap().push(e.clone()));
+    (events, f)
+}
+
+/// The events of one pull of an image with layers of `sizes`: `Resolved`
+/// first with their count and total, one `LayerDone` per layer, and for
+/// each fetched layer progress from 0 up to its size. Returns which layers
+/// were cached.
+fn check_pull_events(ev: &[PullEvent], sizes: &[u64]) -> Vec<bool> {
+    match &ev[0] {
+        PullEvent::Resolved { layers, bytes, .. } => {
+            assert_eq!(
+                (*layers, *bytes),
+                (sizes.len(), sizes.iter().sum()),
+                "{ev:?}"
+            )
+        }
+        other => panic!("first event {other:?}"),
+    }
+    let mut cached = vec![None; sizes.len()];
+    let mut progress: Vec<Vec<u64>> = vec![Vec::new(); sizes.len()];
+    for e in &ev[1..] {
+        match e {
+            PullEvent::LayerProgress { index, done, total } => {
+                assert_eq!(*total, sizes[*index], "{e:?}");
+                assert!(cached[*index].is_none(), "progress after done: {ev:?}");
+                progress[*index].push(*done);
+            }
+            PullEvent::LayerDone {
+                index,
+                size,
+                cached: c,
+                ..
+            } => {
+                assert_eq!(*size, sizes[*index], "{e:?}");
+                assert!(cached[*index].replace(*c).is_none(), "done twice: {ev:?}");
+            }
+            other => panic!("unexpected {other:?} in {ev:?}"),
+        }
+    }
+    let cached: Vec<bool> = cached
+        .into_iter()
+        .map(|c| c.expect("a LayerDone per layer"))
+        .collect();
+    for (i, p) in progress.iter().enumerate() {
+        if cached[i] {
+            assert!(p.is_empty(), "layer {i} cached but fetched: {ev:?}");
+        } else {
+            assert_eq!(p.first(), Some(&0), "layer {i} start: {ev:?}");
+            assert_eq!(p.last(), Some(&sizes[i]), "layer {i} end: {ev:?}");
+            assert!(p.windows(2).all(|w| w[0] < w[1]), "layer {i}: {p:?}");
+        }
+    }
+    cached
+}
+
 fn tmp_files(dir: &Path) -> usize {
     std::fs::read_dir(dir.join("images/tmp"))
         .map(|d| d.count())
@@ -40,34 +103,18 @@ async fn pull_stores_verified_blobs_and_second_pull_fetches_nothing() {
     let img = busybox_image();
     reg.push("smol/busybox", "v1", &img).await;
     let home = tempfile::tempdir().unwrap();
-    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sink = events.clone();
-    let res = resolver(home.path()).with_progress(std::sync::Arc::new(move |e: &PullEvent| {
-        sink.lock().unwrap().push(e.clone());
-    }));
+    let (events, progress) = recording();
+    let res = resolver(home.path()).with_progress(progress);
+    let sizes: Vec<u64> = img.layers.iter().map(|l| l.blob.len() as u64).collect();
 
     let first = res
         .pull(&reg.reference("smol/busybox", "v1"))
         .await
         .expect("pull");
-    {
-        let ev = events.lock().unwrap();
-        assert!(
-            matches!(&ev[0], PullEvent::Resolved { layers: 2, .. }),
-            "{ev:?}"
-        );
-        let done: Vec<bool> = ev
-            .iter()
-            .filter_map(|e| {
-                if let PullEvent::LayerDone { cached, .. } = e {
-                    Some(*cached)
-                } else {
-                    None
-                }
-            })
-            .collect();
-        assert_eq!(done, vec![false, false], "{ev:?}");
-    }
+    assert_eq!(
+        check_pull_events(&events.lock().unwrap(), &sizes),
+        vec![false, false]
+    );
     events.lock().unwrap().clear();
     assert_eq!(
         first.stats.blobs_fetched, 3,
@@ -136,13 +183,10 @@ async fn pull_stores_verified_blobs_and_second_pull_fetches_nothing() {
         }
     );
     assert_eq!(second.image, first.image);
-    let cached = events
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|e| matches!(e, PullEvent::LayerDone { cached: true, .. }))
-        .count();
-    assert_eq!(cached, 2);
+    assert_eq!(
+        check_pull_events(&events.lock().unwrap(), &sizes),
+        vec![true, true]
+    );
     let after: Vec<_> = img.layer_digests().iter().map(|d| mtime(d)).collect();
     assert_eq!(before, after, "blobs untouched");
 
@@ -457,6 +501,70 @@ async fn docker_save_archives_are_a_source() {
         .await
         .unwrap_err();
     assert!(matches!(err, ImageError::LocalSource { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn local_sources_report_progress() {
+    let home = tempfile::tempdir().unwrap();
+    let layout = home.path().join("layout");
+    let bb = busybox_image();
+    images::write_oci_layout(&layout, &[("v1", &bb)]);
+    let (events, progress) = recording();
+    let res = resolver(home.path());
+    let source =
+        smol::image::ImageSource::parse(&format!("oci-layout:{}", layout.display())).unwrap();
+
+    let sizes: Vec<u64> = bb.layers.iter().map(|l| l.blob.len() as u64).collect();
+    res.pull_source_with_progress(&source, progress.clone())
+        .await
+        .expect("layout pull");
+    let ev = std::mem::take(&mut *events.lock().unwrap());
+    assert_eq!(check_pull_events(&ev, &sizes), vec![false, false]);
+    match &ev[0] {
+        PullEvent::Resolved {
+            reference, digest, ..
+        } => {
+            assert_eq!(reference, &source.to_string());
+            assert_eq!(digest.as_ref().map(|d| d.to_string()), Some(bb.digest()));
+        }
+        other => panic!("{other:?}"),
+    }
+    res.pull_source_with_progress(&source, progress.clone())
+        .await
+        .expect("layout pull again");
+    let ev = std::mem::take(&mut *events.lock().unwrap());
+    assert_eq!(check_pull_events(&ev, &sizes), vec![true, true]);
+
+    // docker save layers are the plain tars; the digest comes at the end.
+    let archive = home.path().join("saved.tar");
+    let img = images::marked_image("progress");
+    images::write_docker_archive(&archive, "smol/progress:1", &img);
+    let sizes: Vec<u64> = img.layers.iter().map(|l| l.tar.len() as u64).collect();
+    let source =
+        smol::image::ImageSource::parse(&format!("docker-archive:{}", archive.display())).unwrap();
+    let pulled = res
+        .pull_source_with_progress(&source, progress.clone())
+        .await
+        .expect("archive pull");
+    let ev = std::mem::take(&mut *events.lock().unwrap());
+    // marked_image shares the busybox layers, already in the cache as
+    // gzip blobs: as plain tars they are new.
+    assert_eq!(check_pull_events(&ev, &sizes), vec![false; sizes.len()]);
+    assert!(
+        matches!(&ev[0], PullEvent::Resolved { digest: None, .. }),
+        "{ev:?}"
+    );
+    let done_digests: Vec<String> = pulled
+        .image
+        .layers
+        .iter()
+        .map(|l| l.digest.to_string())
+        .collect();
+    for e in &ev {
+        if let PullEvent::LayerDone { index, digest, .. } = e {
+            assert_eq!(digest.to_string(), done_digests[*index]);
+        }
+    }
 }
 
 /// Blob files of the cache with their modification times.

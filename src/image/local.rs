@@ -15,9 +15,10 @@ use super::manifest::{
     self, parse_manifest, select_platform, Descriptor, ImageManifest, IndexEntry, Manifest,
     OCI_CONFIG, OCI_LAYER_GZIP, OCI_LAYER_TAR,
 };
+use super::progress::Reporter;
 use super::reference::ImageRef;
 use super::store::{BlobStore, Digest};
-use super::PullStats;
+use super::{PullEvent, PullStats};
 
 /// An image found in a local source, its blobs now in the store.
 pub(crate) struct Imported {
@@ -33,31 +34,52 @@ fn src_err(path: &Path, reason: impl Into<String>) -> ImageError {
 }
 
 /// Copies `blobs/sha256/<hex>` of a layout into the store (verified),
-/// unless the store has it.
+/// unless the store has it; returns whether it had. `layer`: the reporter,
+/// index and size of a layer, whose progress is reported.
 fn import_layout_blob(
     store: &BlobStore,
     dir: &Path,
     d: &Digest,
     stats: &mut PullStats,
-) -> Result<(), ImageError> {
+    layer: Option<(&Reporter, usize, u64)>,
+) -> Result<bool, ImageError> {
     if store.contains(d) {
         stats.blobs_cached += 1;
-        return Ok(());
+        return Ok(true);
     }
     let path = dir.join("blobs/sha256").join(d.hex());
     let file = File::open(&path).map_err(|e| src_err(&path, format!("missing blob {d}: {e}")))?;
-    let (_, size, _) = store.import(BufReader::new(file), Some(d))?;
+    let file = BufReader::new(file);
+    let (_, size, _) = match layer {
+        Some((reporter, index, total)) => {
+            store.import(reporter.reading(file, index, total), Some(d))?
+        }
+        None => store.import(file, Some(d))?,
+    };
     stats.blobs_fetched += 1;
     stats.bytes_fetched += size;
-    Ok(())
+    Ok(false)
 }
 
-/// Imports the image `tag` (or the only one) of the OCI layout at `dir`.
+/// The `Resolved` event of a local image.
+fn report_resolved(reporter: &Reporter, label: &str, digest: Option<&Digest>, layer_sizes: &[u64]) {
+    reporter.report(&PullEvent::Resolved {
+        reference: label.to_string(),
+        digest: digest.cloned(),
+        layers: layer_sizes.len(),
+        bytes: layer_sizes.iter().sum(),
+    });
+}
+
+/// Imports the image `tag` (or the only one) of the OCI layout at `dir`;
+/// `source` names it in progress events.
 pub(crate) fn import_oci_layout(
     store: &BlobStore,
     dir: &Path,
     tag: Option<&str>,
+    source: &str,
     stats: &mut PullStats,
+    reporter: &Reporter,
 ) -> Result<Imported, ImageError> {
     let layout_file = dir.join("oci-layout");
     let layout = fs::read(&layout_file)
@@ -121,13 +143,22 @@ pub(crate) fn import_oci_layout(
     let mut descriptor = entry.descriptor;
     let mut depth = 0;
     loop {
-        import_layout_blob(store, dir, &descriptor.digest, stats)?;
+        import_layout_blob(store, dir, &descriptor.digest, stats, None)?;
         let bytes = store.read(&descriptor.digest)?;
         match parse_manifest(&bytes, Some(&descriptor.media_type))? {
             Manifest::Image(m) => {
-                import_layout_blob(store, dir, &m.config.digest, stats)?;
-                for l in &m.layers {
-                    import_layout_blob(store, dir, &l.digest, stats)?;
+                import_layout_blob(store, dir, &m.config.digest, stats, None)?;
+                let sizes: Vec<u64> = m.layers.iter().map(|l| l.size).collect();
+                report_resolved(reporter, source, Some(&descriptor.digest), &sizes);
+                for (index, l) in m.layers.iter().enumerate() {
+                    let layer = Some((reporter, index, l.size));
+                    let cached = import_layout_blob(store, dir, &l.digest, stats, layer)?;
+                    reporter.report(&PullEvent::LayerDone {
+                        index,
+                        digest: l.digest.clone(),
+                        size: l.size,
+                        cached,
+                    });
                 }
                 return Ok(Imported {
                     manifest_digest: descriptor.digest,
@@ -208,23 +239,76 @@ impl<R: Read> Read for Sniff<R> {
     }
 }
 
+/// Where a link entry of the archive points (normalised).
+fn link_target(entry: &tar::Entry<'_, impl Read>, entry_path: &Path) -> String {
+    let target = entry
+        .link_name()
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+        .into_owned();
+    if entry.header().entry_type().is_symlink() {
+        archive_path(&entry_path.parent().unwrap_or(Path::new("")).join(target))
+    } else {
+        archive_path(&target)
+    }
+}
+
+/// The sizes of an archive's files, links followed.
+#[derive(Default)]
+struct EntrySizes {
+    files: HashMap<String, u64>,
+    links: HashMap<String, String>,
+}
+
+impl EntrySizes {
+    fn get(&self, name: &str) -> Option<u64> {
+        let mut name = name;
+        // A few hops: `docker save` links a shared layer to its first copy.
+        for _ in 0..8 {
+            if let Some(s) = self.files.get(name) {
+                return Some(*s);
+            }
+            name = self.links.get(name)?;
+        }
+        None
+    }
+}
+
 /// Imports the image `tag` (or the only one) of a `docker save` archive,
-/// computing the digests of its layers and writing it an OCI manifest.
+/// computing the digests of its layers and writing it an OCI manifest;
+/// `source` names it in progress events.
 pub(crate) fn import_docker_archive(
     store: &BlobStore,
     path: &Path,
     tag: Option<&str>,
+    source: &str,
     stats: &mut PullStats,
+    reporter: &Reporter,
 ) -> Result<Imported, ImageError> {
-    // Pass 1: manifest.json.
+    // Pass 1: manifest.json, and the layers' sizes for progress (on until
+    // they are all known: `docker save` writes manifest.json last anyway).
     let mut list: Option<Vec<ArchiveImage>> = None;
+    let mut sizes = EntrySizes::default();
     let mut archive = open_archive(path)?;
     for entry in archive
         .entries()
         .map_err(|e| src_err(path, e.to_string()))?
     {
         let mut entry = entry.map_err(|e| src_err(path, format!("not a tar archive: {e}")))?;
-        let name = archive_path(&entry.path().map_err(|e| src_err(path, e.to_string()))?);
+        let entry_path = entry
+            .path()
+            .map_err(|e| src_err(path, e.to_string()))?
+            .into_owned();
+        let name = archive_path(&entry_path);
+        let kind = entry.header().entry_type();
+        if kind.is_symlink() || kind.is_hard_link() {
+            sizes
+                .links
+                .insert(name.clone(), link_target(&entry, &entry_path));
+        } else {
+            sizes.files.insert(name.clone(), entry.size());
+        }
         if name == "manifest.json" {
             let mut buf = Vec::new();
             entry
@@ -236,6 +320,13 @@ pub(crate) fn import_docker_archive(
                 serde_json::from_slice(&buf)
                     .map_err(|e| src_err(path, format!("malformed manifest.json: {e}")))?,
             );
+        }
+        let all_known = |l: &Vec<ArchiveImage>| {
+            l.iter()
+                .flat_map(|i| &i.layers)
+                .all(|n| sizes.get(&archive_path(Path::new(n))).is_some())
+        };
+        if list.as_ref().is_some_and(all_known) {
             break;
         }
     }
@@ -281,6 +372,12 @@ pub(crate) fn import_docker_archive(
         .iter()
         .map(|l| archive_path(Path::new(l)))
         .collect();
+    let layer_sizes: Vec<u64> = layer_names
+        .iter()
+        .map(|n| sizes.get(n).unwrap_or(0))
+        .collect();
+    // No manifest digest yet: smol writes the manifest once the layers are read.
+    report_resolved(reporter, source, None, &layer_sizes);
     let mut config: Option<Vec<u8>> = None;
     let mut found: HashMap<String, Descriptor> = HashMap::new();
     let mut aliases: HashMap<String, String> = HashMap::new();
@@ -307,22 +404,15 @@ pub(crate) fn import_docker_archive(
         } else if layer_names.contains(&name) && !found.contains_key(&name) {
             if kind.is_symlink() || kind.is_hard_link() {
                 // `docker save` links a layer shared by two image ids.
-                let target = entry
-                    .link_name()
-                    .ok()
-                    .flatten()
-                    .unwrap_or_default()
-                    .into_owned();
-                let target = if kind.is_symlink() {
-                    archive_path(&entry_path.parent().unwrap_or(Path::new("")).join(target))
-                } else {
-                    archive_path(&target)
-                };
-                aliases.insert(name, target);
+                aliases.insert(name, link_target(&entry, &entry_path));
                 continue;
             }
+            let indices: Vec<usize> = (0..layer_names.len())
+                .filter(|i| layer_names[*i] == name)
+                .collect();
+            let total = entry.size();
             let mut sniff = Sniff {
-                inner: &mut entry,
+                inner: reporter.reading(&mut entry, indices[0], total),
                 head: Vec::new(),
             };
             let (digest, size, new) = store.import(&mut sniff, None)?;
@@ -337,6 +427,14 @@ pub(crate) fn import_docker_archive(
             } else {
                 stats.blobs_cached += 1;
             }
+            for index in indices {
+                reporter.report(&PullEvent::LayerDone {
+                    index,
+                    digest: digest.clone(),
+                    size,
+                    cached: !new,
+                });
+            }
             found.insert(
                 name,
                 Descriptor {
@@ -350,6 +448,14 @@ pub(crate) fn import_docker_archive(
     // Layers named only through links take their target's descriptor.
     for (name, target) in aliases {
         if let Some(d) = found.get(&target).cloned() {
+            for index in (0..layer_names.len()).filter(|i| layer_names[*i] == name) {
+                reporter.report(&PullEvent::LayerDone {
+                    index,
+                    digest: d.digest.clone(),
+                    size: d.size,
+                    cached: true,
+                });
+            }
             found.insert(name, d);
         }
     }
@@ -385,4 +491,89 @@ pub(crate) fn import_docker_archive(
             layers,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::image::ProgressFn;
+
+    fn add(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, name, data).unwrap();
+    }
+
+    /// manifest.json first, a layer shared through a symlink: the sizes
+    /// are still known up front and every layer is reported done once.
+    #[test]
+    fn archive_progress_with_manifest_first_and_a_linked_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, two) = (vec![1u8; 3000], vec![2u8; 5000]);
+        let manifest = serde_json::json!([{
+            "Config": "config.json",
+            "RepoTags": ["smol/t:1"],
+            "Layers": ["a/layer.tar", "b/layer.tar", "c/layer.tar"],
+        }]);
+        let mut b = tar::Builder::new(Vec::new());
+        add(
+            &mut b,
+            "manifest.json",
+            &serde_json::to_vec(&manifest).unwrap(),
+        );
+        add(&mut b, "a/layer.tar", &one);
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        b.append_link(&mut h, "c/layer.tar", "../a/layer.tar")
+            .unwrap();
+        add(&mut b, "b/layer.tar", &two);
+        add(&mut b, "config.json", b"{}");
+        let archive = dir.path().join("t.tar");
+        std::fs::write(&archive, b.into_inner().unwrap()).unwrap();
+
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        let reporter =
+            Reporter::new([
+                Arc::new(move |e: &PullEvent| sink.lock().unwrap().push(e.clone())) as ProgressFn,
+            ]);
+        let store = BlobStore::open(dir.path().join("images")).unwrap();
+        let mut stats = PullStats::default();
+        let imported =
+            import_docker_archive(&store, &archive, None, "t", &mut stats, &reporter).unwrap();
+        assert_eq!(imported.manifest.layers.len(), 3);
+
+        let ev = events.lock().unwrap();
+        assert_eq!(
+            ev[0],
+            PullEvent::Resolved {
+                reference: "t".into(),
+                digest: None,
+                layers: 3,
+                bytes: 3000 + 5000 + 3000,
+            }
+        );
+        let mut done: Vec<(usize, u64, bool)> = ev
+            .iter()
+            .filter_map(|e| match e {
+                PullEvent::LayerDone {
+                    index,
+                    size,
+                    cached,
+                    ..
+                } => Some((*index, *size, *cached)),
+                _ => None,
+            })
+            .collect();
+        done.sort();
+        assert_eq!(
+            done,
+            vec![(0, 3000, false), (1, 5000, false), (2, 3000, true)]
+        );
+    }
 }

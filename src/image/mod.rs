@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use progress::Reporter;
 use serde::{Deserialize, Serialize};
 
 mod auth;
@@ -22,6 +23,7 @@ mod error;
 mod local;
 mod machine;
 pub mod manifest;
+mod progress;
 mod reference;
 mod registry;
 mod store;
@@ -29,6 +31,7 @@ mod store;
 pub use auth::{docker_config_path, DockerCredentials};
 pub use error::ImageError;
 pub use manifest::{ConfigFile, Descriptor, ImageConfig};
+pub use progress::{ProgressFn, PullEvent};
 pub use reference::{is_loopback, ImageRef, ImageSource};
 pub use smol_agent::image::{ContainerSpec, ImageRecord, LayerRecord};
 pub use store::{smol_home, BlobLock, BlobStore, Digest};
@@ -149,36 +152,6 @@ pub struct Pulled {
     pub stats: PullStats,
 }
 
-/// Progress of a pull, for progress bars.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PullEvent {
-    /// The manifest is known: how many layers and bytes (layers and
-    /// config) the image has. Registry pulls send it before downloading.
-    Resolved {
-        reference: String,
-        digest: Digest,
-        layers: usize,
-        bytes: u64,
-    },
-    /// Bytes of layer `index` downloaded so far.
-    LayerProgress {
-        index: usize,
-        digest: Digest,
-        done: u64,
-        total: u64,
-    },
-    /// Layer `index` is in the store (`cached`: it already was).
-    LayerDone {
-        index: usize,
-        digest: Digest,
-        size: u64,
-        cached: bool,
-    },
-}
-
-/// Receives [`PullEvent`]s.
-pub type ProgressFn = Arc<dyn Fn(&PullEvent) + Send + Sync>;
-
 /// Pulls images into a [`BlobStore`]. Cheap to share; keeps one registry
 /// client (and its auth tokens) per registry.
 pub struct ImageResolver {
@@ -241,6 +214,8 @@ impl ImageResolver {
         self
     }
 
+    /// Sends every pull's [`PullEvent`]s to `progress` (as well as to the
+    /// one given to [`ImageResolver::pull_source_with_progress`]).
     pub fn with_progress(mut self, progress: ProgressFn) -> Self {
         self.progress = Some(progress);
         self
@@ -248,12 +223,6 @@ impl ImageResolver {
 
     pub fn store(&self) -> &BlobStore {
         &self.store
-    }
-
-    fn report(&self, ev: &PullEvent) {
-        if let Some(p) = &self.progress {
-            p(ev);
-        }
     }
 
     /// Parses `source` ([`ImageSource::parse`]) and pulls it.
@@ -264,14 +233,43 @@ impl ImageResolver {
     /// Gets every blob of the image into the store, each verified, and
     /// returns the resolved image. Blobs already there are not fetched.
     pub async fn pull_source(&self, source: &ImageSource) -> Result<Pulled, ImageError> {
+        self.pull_reporting(source, Reporter::new(self.progress.clone()))
+            .await
+    }
+
+    /// [`ImageResolver::pull_source`], sending this pull's [`PullEvent`]s
+    /// to `progress` too.
+    pub async fn pull_source_with_progress(
+        &self,
+        source: &ImageSource,
+        progress: ProgressFn,
+    ) -> Result<Pulled, ImageError> {
+        let sinks = self.progress.clone().into_iter().chain([progress]);
+        self.pull_reporting(source, Reporter::new(sinks)).await
+    }
+
+    async fn pull_reporting(
+        &self,
+        source: &ImageSource,
+        reporter: Reporter,
+    ) -> Result<Pulled, ImageError> {
         let mut stats = PullStats::default();
         let (digest, manifest) = match source {
-            ImageSource::Registry(r) => self.pull_registry(r, &mut stats).await?,
+            ImageSource::Registry(r) => self.pull_registry(r, &mut stats, &reporter).await?,
             ImageSource::OciLayout { dir, tag } => {
                 let (store, dir, tag) = (self.store.clone(), dir.clone(), tag.clone());
+                let label = source.to_string();
                 let (imported, s) = tokio::task::spawn_blocking(move || {
                     let mut s = PullStats::default();
-                    local::import_oci_layout(&store, &dir, tag.as_deref(), &mut s).map(|i| (i, s))
+                    local::import_oci_layout(
+                        &store,
+                        &dir,
+                        tag.as_deref(),
+                        &label,
+                        &mut s,
+                        &reporter,
+                    )
+                    .map(|i| (i, s))
                 })
                 .await
                 .map_err(|e| {
@@ -282,10 +280,18 @@ impl ImageResolver {
             }
             ImageSource::DockerArchive { path, tag } => {
                 let (store, path, tag) = (self.store.clone(), path.clone(), tag.clone());
+                let label = source.to_string();
                 let (imported, s) = tokio::task::spawn_blocking(move || {
                     let mut s = PullStats::default();
-                    local::import_docker_archive(&store, &path, tag.as_deref(), &mut s)
-                        .map(|i| (i, s))
+                    local::import_docker_archive(
+                        &store,
+                        &path,
+                        tag.as_deref(),
+                        &label,
+                        &mut s,
+                        &reporter,
+                    )
+                    .map(|i| (i, s))
                 })
                 .await
                 .map_err(|e| {
@@ -296,15 +302,6 @@ impl ImageResolver {
             }
         };
         let image = self.assemble(source.to_string(), digest, manifest)?;
-        if !matches!(source, ImageSource::Registry(_)) {
-            // Registry pulls report it before their downloads start.
-            self.report(&PullEvent::Resolved {
-                reference: image.reference.clone(),
-                digest: image.digest.clone(),
-                layers: image.layers.len(),
-                bytes: image.size,
-            });
-        }
         Ok(Pulled { image, stats })
     }
 

@@ -2,7 +2,6 @@
 //! index to its linux/amd64 entry), the config and the layers, each blob
 //! into the store once.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
@@ -17,14 +16,13 @@ use super::error::ImageError;
 use super::manifest::{
     parse_manifest, select_platform, Descriptor, ImageManifest, Manifest, ACCEPTED_MANIFESTS,
 };
+use super::progress::{Reporter, PROGRESS_STEP};
 use super::reference::ImageRef;
 use super::store::Digest;
 use super::{ImageResolver, PullEvent, PullStats};
 
 /// Layers fetched at once.
 const CONCURRENT_LAYERS: usize = 3;
-/// Progress is reported every this many bytes of a blob.
-const PROGRESS_STEP: u64 = 1 << 20;
 const MAX_INDEX_DEPTH: usize = 4;
 
 /// reqwest is built without a default TLS provider (to avoid aws-lc's C
@@ -165,6 +163,7 @@ impl ImageResolver {
         &self,
         r: &ImageRef,
         stats: &mut PullStats,
+        reporter: &Reporter,
     ) -> Result<(Digest, ImageManifest), ImageError> {
         let client = self.client(r);
         let auth = self.credentials.for_registry(&r.registry);
@@ -211,30 +210,21 @@ impl ImageResolver {
                 }
             }
         };
-        tracing::info!(
-            target: "smol::image",
-            reference = %label,
-            digest = %digest,
-            layers = manifest.layers.len(),
-            bytes = manifest.layers.iter().map(|l| l.size).sum::<u64>(),
-            "resolved image"
-        );
-        self.report(&PullEvent::Resolved {
+        reporter.report(&PullEvent::Resolved {
             reference: label.clone(),
-            digest: digest.clone(),
+            digest: Some(digest.clone()),
             layers: manifest.layers.len(),
-            bytes: manifest.layers.iter().map(|l| l.size).sum::<u64>() + manifest.config.size,
+            bytes: manifest.layers.iter().map(|l| l.size).sum::<u64>(),
         });
 
-        self.fetch_blob(&client, &oref, &manifest.config, None, r)
+        self.fetch_blob(&client, &oref, &manifest.config, None, r, reporter)
             .await
             .map(|c| stats.add(c))?;
         // Futures built in a loop, not in a closure: combinator closures over
         // borrowed items make the whole pull future not provably Send.
-        let count = manifest.layers.len();
-        let mut fetches = Vec::with_capacity(count);
+        let mut fetches = Vec::with_capacity(manifest.layers.len());
         for (i, layer) in manifest.layers.iter().enumerate() {
-            fetches.push(self.fetch_blob(&client, &oref, layer, Some((i, count)), r));
+            fetches.push(self.fetch_blob(&client, &oref, layer, Some(i), r, reporter));
         }
         let results: Vec<(bool, u64)> = futures::stream::iter(fetches)
             .buffered(CONCURRENT_LAYERS)
@@ -280,28 +270,28 @@ impl ImageResolver {
         Ok((bytes.to_vec(), actual))
     }
 
-    /// Makes sure the blob is in the store; returns (was cached, bytes fetched).
+    /// Makes sure the blob is in the store; returns (was cached, bytes
+    /// fetched). `layer`: its index when it is a layer (progress is
+    /// reported for layers only).
     async fn fetch_blob(
         &self,
         client: &Client,
         oref: &oci_client::Reference,
         desc: &Descriptor,
-        layer: Option<(usize, usize)>,
+        layer: Option<usize>,
         r: &ImageRef,
+        reporter: &Reporter,
     ) -> Result<(bool, u64), ImageError> {
         let d = &desc.digest;
+        let total = desc.size;
+        let progress = |done: u64| {
+            if let Some(index) = layer {
+                reporter.report(&PullEvent::LayerProgress { index, done, total });
+            }
+        };
         let done = |cached: bool, size: u64| {
-            if let Some((index, count)) = layer {
-                tracing::info!(
-                    target: "smol::image",
-                    layer = index + 1,
-                    layers = count,
-                    digest = %d,
-                    bytes = size,
-                    cached,
-                    "layer ready"
-                );
-                self.report(&PullEvent::LayerDone {
+            if let Some(index) = layer {
+                reporter.report(&PullEvent::LayerDone {
                     index,
                     digest: d.clone(),
                     size,
@@ -330,17 +320,14 @@ impl ImageResolver {
             .await
             .map_err(|e| map_error(e, r))?;
         let stream = stream.map(|c| c.map_err(|e| map_stream_error(e, r)));
-        let next_report = AtomicU64::new(PROGRESS_STEP);
-        let total = desc.size;
+        progress(0);
+        let mut next_report = PROGRESS_STEP;
         let n = self
             .store
-            .write_stream(d, Some(desc.size), stream, |bytes| {
-                if bytes >= next_report.load(Ordering::Relaxed) || bytes == total {
-                    next_report.store(bytes + PROGRESS_STEP, Ordering::Relaxed);
-                    if let Some((index, _)) = layer {
-                        tracing::debug!(target: "smol::image", digest = %d, bytes, total, "downloading");
-                        self.report(&PullEvent::LayerProgress { index, digest: d.clone(), done: bytes, total });
-                    }
+            .write_stream(d, Some(total), stream, |bytes| {
+                if bytes >= next_report || bytes == total {
+                    next_report = bytes + PROGRESS_STEP;
+                    progress(bytes);
                 }
             })
             .await?;
