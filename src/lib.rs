@@ -53,6 +53,6 @@ pub use config::{
 pub use error::{Error, GuestErrorKind, Result};
 pub use exec::{ExecEvent, ExecOptions, ExecResult, ExecStream};
 pub use files::{FileReader, FileStream};
-pub use image::ImageInfo;
+pub use image::{ImageInfo, PullEvent};
 pub use machine::{BootTimings, Machine, MachineState, VmSetupTimings};
 pub use smol_vmm::is_kvm_pvm_host;

@@ -19,7 +19,7 @@ use tokio::io::AsyncReadExt;
 
 use super::{
     ContainerSpec, Descriptor, Digest, ImageError, ImageInfo, ImageRecord, ImageResolver,
-    ImageSource,
+    ImageSource, ProgressFn, PullEvent,
 };
 use crate::agent_conn::{unexpected, AgentConnection};
 use crate::error::{Error, Result};
@@ -90,7 +90,36 @@ impl Machine {
     /// blob cache when needed, sends the layers this machine lacks, and
     /// records the image in the machine.
     pub async fn pull_image(&self, reference: &str) -> Result<ImageInfo> {
-        pull_image(self, reference).await
+        pull_image(self, reference, None).await
+    }
+
+    /// [`Machine::pull_image`], calling `progress` with each [`PullEvent`]
+    /// as it happens: the image resolved, layer bytes and layers into the
+    /// host's cache, then layers sent to the machine. It is called from the
+    /// pulling tasks, so it should return quickly (update a progress bar,
+    /// send on a channel).
+    ///
+    /// [`Machine::run`] pulls an image the machine lacks without progress:
+    /// pull it with this first to show it.
+    ///
+    /// ```no_run
+    /// # async fn demo(m: smol::Machine) -> smol::Result<()> {
+    /// use smol::PullEvent;
+    /// m.pull_image_with_progress("alpine:3.20", |ev: &PullEvent| {
+    ///     if let PullEvent::LayerDone { index, size, .. } = ev {
+    ///         eprintln!("layer {} ready ({size} bytes)", index + 1);
+    ///     }
+    /// })
+    /// .await?;
+    /// let r = m.run("alpine:3.20", ["echo", "hi"]).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn pull_image_with_progress(
+        &self,
+        reference: &str,
+        progress: impl Fn(&PullEvent) + Send + Sync + 'static,
+    ) -> Result<ImageInfo> {
+        pull_image(self, reference, Some(Arc::new(progress))).await
     }
 
     /// The images in this machine's storage.
@@ -157,9 +186,13 @@ impl Machine {
     }
 }
 
-pub(crate) async fn pull_image<L: AgentLink>(link: &L, reference: &str) -> Result<ImageInfo> {
+pub(crate) async fn pull_image<L: AgentLink>(
+    link: &L,
+    reference: &str,
+    progress: Option<ProgressFn>,
+) -> Result<ImageInfo> {
     let source = ImageSource::parse(reference)?;
-    let record = pull_record(link, &source).await?;
+    let record = pull_record(link, &source, progress).await?;
     Ok(ImageInfo::from(&record))
 }
 
@@ -206,7 +239,7 @@ where
             let source = ImageSource::parse(image)?;
             match find_record(link, &source.to_string()).await? {
                 Some(r) => r,
-                None => pull_record(link, &source).await?,
+                None => pull_record(link, &source, None).await?,
             }
         }
     };
@@ -265,10 +298,26 @@ async fn find_record<L: AgentLink>(link: &L, key: &str) -> Result<Option<ImageRe
         .find(|r| r.digest == key || r.references.iter().any(|x| x == key)))
 }
 
-async fn pull_record<L: AgentLink>(link: &L, source: &ImageSource) -> Result<ImageRecord> {
+async fn pull_record<L: AgentLink>(
+    link: &L,
+    source: &ImageSource,
+    progress: Option<ProgressFn>,
+) -> Result<ImageRecord> {
     let begin = Instant::now();
     let resolver = resolver_for(&link.images_root())?;
-    let pulled = resolver.pull_source(source).await?;
+    let pulled = match &progress {
+        Some(p) => {
+            resolver
+                .pull_source_with_progress(source, p.clone())
+                .await?
+        }
+        None => resolver.pull_source(source).await?,
+    };
+    let report = |ev: PullEvent| {
+        if let Some(p) = &progress {
+            p(&ev);
+        }
+    };
     let image = pulled.image;
     let digests: Vec<String> = image.layers.iter().map(|l| l.digest.to_string()).collect();
     let missing = ask(
@@ -281,11 +330,16 @@ async fn pull_record<L: AgentLink>(link: &L, source: &ImageSource) -> Result<Ima
         },
     )
     .await?;
-    let to_send: Vec<&Descriptor> = image
+    let to_send: Vec<(usize, &Descriptor)> = image
         .layers
         .iter()
-        .filter(|l| missing.contains(&l.digest.to_string()))
+        .enumerate()
+        .filter(|(_, l)| missing.contains(&l.digest.to_string()))
         .collect();
+    report(PullEvent::Sending {
+        layers: to_send.len(),
+        bytes: to_send.iter().map(|(_, l)| l.size).sum(),
+    });
     tracing::info!(
         target: "smol::image",
         machine = link.label(),
@@ -297,9 +351,18 @@ async fn pull_record<L: AgentLink>(link: &L, source: &ImageSource) -> Result<Ima
     // Futures built in a loop, not in a closure: combinator closures over
     // borrowed items make the whole future not provably Send.
     let mut sends = Vec::with_capacity(to_send.len());
-    for l in to_send {
+    for (index, l) in to_send {
         let (layer, path) = (l.clone(), resolver.store().path(&l.digest));
-        sends.push(async move { send_layer(link, &layer, &path).await });
+        let report = &report;
+        sends.push(async move {
+            send_layer(link, &layer, &path).await?;
+            report(PullEvent::LayerSent {
+                index,
+                digest: layer.digest.clone(),
+                size: layer.size,
+            });
+            Ok::<(), Error>(())
+        });
     }
     futures::stream::iter(sends)
         .buffer_unordered(CONCURRENT_SENDS)

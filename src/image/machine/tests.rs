@@ -52,6 +52,7 @@ fn machine_futures_are_send() {
     fn send<T: Send>(_: &T) {}
     fn check(m: &Machine) {
         send(&m.pull_image("x"));
+        send(&m.pull_image_with_progress("x", |_| {}));
         send(&m.list_images());
         send(&m.run("x", ["true"]));
         send(&m.run_stream("x", ["true"]));
@@ -86,8 +87,40 @@ async fn pull_and_run_against_the_agents_handlers() {
     );
     let src = |tag: &str| format!("oci-layout:{}:{tag}", layout.display());
 
-    let info = pull_image(&link, &src("bb")).await.expect("pull");
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let progress: ProgressFn = Arc::new(move |e: &PullEvent| sink.lock().unwrap().push(e.clone()));
+    let info = pull_image(&link, &src("bb"), Some(progress))
+        .await
+        .expect("pull");
     assert_eq!(info.digest, bb.digest());
+    {
+        // Into the cache, then into the machine: every layer of each.
+        let ev = events.lock().unwrap();
+        assert!(
+            matches!(&ev[0], PullEvent::Resolved { layers: 2, .. }),
+            "{ev:?}"
+        );
+        let at = |f: fn(&PullEvent) -> bool| ev.iter().position(f).unwrap();
+        let sending = at(|e| matches!(e, PullEvent::Sending { layers: 2, .. }));
+        let mut done: Vec<usize> = ev[..sending]
+            .iter()
+            .filter_map(|e| match e {
+                PullEvent::LayerDone { index, .. } => Some(*index),
+                _ => None,
+            })
+            .collect();
+        let mut sent: Vec<usize> = ev[sending..]
+            .iter()
+            .filter_map(|e| match e {
+                PullEvent::LayerSent { index, .. } => Some(*index),
+                _ => None,
+            })
+            .collect();
+        done.sort();
+        sent.sort();
+        assert_eq!((done, sent), (vec![0, 1], vec![0, 1]), "{ev:?}");
+    }
     assert_eq!(info.reference, src("bb"));
     assert_eq!(info.layers.len(), 2);
     let records = image_records(&link).await.unwrap();
@@ -144,7 +177,7 @@ async fn pull_and_run_against_the_agents_handlers() {
     assert_eq!(r.stdout_lossy(), "hi /tmp 1\n", "{r:?}");
 
     // A layer that is not a tar: named, not recorded, nothing left.
-    let e = pull_image(&link, &src("broken")).await.unwrap_err();
+    let e = pull_image(&link, &src("broken"), None).await.unwrap_err();
     assert!(
         matches!(e, Error::Image(ImageError::NotATar { .. })),
         "{e:?}"
