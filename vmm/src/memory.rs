@@ -4,6 +4,12 @@
 //! with KVM. Keeping it in a file (rather than anonymous memory) is what lets
 //! a later fork or snapshot map the same pages `MAP_PRIVATE`.
 //!
+//! The exception is what the boot loader maps over it: the kernel image and
+//! the initramfs are mapped copy-on-write (`MAP_PRIVATE`) from prepared,
+//! sealed memfds ([`GuestRam::map_private`]) instead of being copied for
+//! every VM. Those ranges are recorded; their bytes live in the mapping, not
+//! in the RAM memfd, and [`GuestRam::file_offset_of_guest`] refuses them.
+//!
 //! The guest physical map (x86_64):
 //!
 //! ```text
@@ -18,8 +24,8 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::FromRawFd;
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
@@ -66,6 +72,8 @@ pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 /// KVM's TSS (three pages, Intel only), placed just below the IO-APIC.
 pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 
+const PAGE_SIZE: u64 = 4096;
+
 /// e820 entry types.
 pub const E820_RAM: u32 = 1;
 pub const E820_RESERVED: u32 = 2;
@@ -85,6 +93,8 @@ pub enum Error {
     KvmSlot(u32, #[source] kvm_ioctls::Error),
     #[error("guest memory size of {0} bytes is not page aligned")]
     Unaligned(u64),
+    #[error("cannot map {len:#x} bytes copy-on-write at guest address {addr:#x}: {reason}")]
+    Overlay { addr: u64, len: u64, reason: String },
 }
 
 /// One entry of the e820 memory map handed to the guest.
@@ -147,6 +157,8 @@ pub struct GuestRam {
     mem: GuestMemory,
     file: Arc<File>,
     size: u64,
+    /// Guest ranges `(addr, len)` mapped over the memfd by `map_private`.
+    overlays: Mutex<Vec<(u64, u64)>>,
 }
 
 impl GuestRam {
@@ -175,7 +187,12 @@ impl GuestRam {
             offset += len;
         }
         let mem = GuestMemory::from_regions(regions).map_err(Error::Regions)?;
-        Ok(GuestRam { mem, file, size })
+        Ok(GuestRam {
+            mem,
+            file,
+            size,
+            overlays: Mutex::new(Vec::new()),
+        })
     }
 
     /// Registers every region as a KVM memory slot (slots 0, 1, ...).
@@ -214,29 +231,117 @@ impl GuestRam {
     }
 
     /// The memfd offset behind host address `ptr` if `len` bytes from it
-    /// lie inside one region's mapping.
+    /// lie inside one region's mapping and none of them is mapped over by
+    /// [`GuestRam::map_private`].
     pub fn file_offset_of_host(&self, ptr: *const u8, len: usize) -> Option<u64> {
         let ptr = ptr as usize;
-        self.mem.iter().find_map(|region| {
+        let (addr, off) = self.mem.iter().find_map(|region| {
             let base = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
                 .ok()? as usize;
             let off = ptr.checked_sub(base)?;
-            (off.checked_add(len)? as u64 <= region.len())
-                .then(|| region.file_offset().map(|f| f.start() + off as u64))
-                .flatten()
-        })
+            (off.checked_add(len)? as u64 <= region.len()).then(|| {
+                let addr = region.start_addr().0 + off as u64;
+                (addr, region.file_offset().map(|f| f.start() + off as u64))
+            })
+        })?;
+        if self.overlaps_overlay(addr, len as u64) {
+            return None;
+        }
+        off
     }
 
     /// The memfd offset behind guest physical `addr` if `len` bytes from it
-    /// lie inside one region.
+    /// lie inside one region and none of them is mapped over by
+    /// [`GuestRam::map_private`].
     pub fn file_offset_of_guest(&self, addr: u64, len: u64) -> Option<u64> {
+        if self.overlaps_overlay(addr, len) {
+            return None;
+        }
         self.mem.iter().find_map(|region| {
             let off = addr.checked_sub(region.start_addr().0)?;
             (off.checked_add(len)? <= region.len())
                 .then(|| region.file_offset().map(|f| f.start() + off))
                 .flatten()
         })
+    }
+
+    fn overlaps_overlay(&self, addr: u64, len: u64) -> bool {
+        let end = addr.saturating_add(len);
+        self.overlays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|&(a, l)| addr < a + l && a < end)
+    }
+
+    /// The guest ranges `(addr, len)` mapped copy-on-write over the memfd.
+    pub fn private_ranges(&self) -> Vec<(u64, u64)> {
+        self.overlays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Maps `len` bytes of `file` from `file_offset` over guest memory at
+    /// `addr`, copy-on-write: the guest reads the file's pages (shared with
+    /// every VM mapping the same file, no copy) and its writes go to pages
+    /// private to this VM; the file never changes. `addr`, `len` and
+    /// `file_offset` must be page aligned and the range inside one region.
+    ///
+    /// Call it before the guest runs: it replaces whatever the range held.
+    pub fn map_private(
+        &self,
+        addr: u64,
+        len: u64,
+        file: &File,
+        file_offset: u64,
+    ) -> Result<(), Error> {
+        let fail = |reason: String| Error::Overlay { addr, len, reason };
+        if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || file_offset % PAGE_SIZE != 0 || len == 0
+        {
+            return Err(fail("not page aligned".into()));
+        }
+        let region = self
+            .mem
+            .iter()
+            .find(|r| {
+                let start = r.start_addr().0;
+                addr >= start
+                    && addr
+                        .checked_add(len)
+                        .is_some_and(|end| end <= start + r.len())
+            })
+            .ok_or_else(|| fail("outside guest memory".into()))?;
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(addr - region.start_addr().0))
+            .map_err(|e| fail(e.to_string()))?;
+        let offset =
+            libc::off_t::try_from(file_offset).map_err(|_| fail("file offset too large".into()))?;
+        // SAFETY: `host..host + len` lies inside the mapping of `region`,
+        // which `self.mem` owns and unmaps as a whole when dropped (the
+        // overlay with it); MAP_FIXED replaces those pages with a private
+        // mapping of `file`, which the mapping keeps open. Guest memory is
+        // only ever accessed through volatile slices and raw pointers, never
+        // Rust references, so changing the bytes behind them is sound.
+        let ret = unsafe {
+            libc::mmap(
+                host.cast(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                offset,
+            )
+        };
+        if ret == libc::MAP_FAILED {
+            return Err(fail(io::Error::last_os_error().to_string()));
+        }
+        self.overlays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((addr, len));
+        Ok(())
     }
 
     /// Copies `len` bytes of `src` from `src_offset` into the memfd at
@@ -254,7 +359,6 @@ impl GuestRam {
         len: u64,
     ) -> io::Result<()> {
         use std::io::{Seek, SeekFrom};
-        use std::os::fd::AsRawFd;
         // An open file description of our own: sendfile writes at the file
         // position, which must not be shared with concurrent loaders.
         let mut out = File::options()
@@ -287,8 +391,10 @@ impl GuestRam {
 fn create_memfd() -> Result<File, Error> {
     let name = c"smol-guest-ram";
     // SAFETY: `name` is a valid NUL-terminated string and the flags are
-    // valid; the return value is checked.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    // valid; the return value is checked. Sealing is allowed so that a boot
+    // image prepared in guest RAM can be sealed read-only afterwards.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(Error::Memfd(io::Error::last_os_error()));
     }

@@ -3,6 +3,7 @@
 pub mod cmdline;
 pub mod mptable;
 pub mod pvh;
+pub mod template;
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -16,8 +17,10 @@ use vm_memory::{Bytes, GuestAddress, ReadVolatile, VolatileMemoryError, Volatile
 
 use crate::devices::virtio::GuestMemory;
 use crate::memory::{
-    e820_map, low_ram_end, GuestRam, CMDLINE_ADDR, GDT_ADDR, HIGH_MEMORY_START, MPTABLE_ADDR,
+    e820_map, low_ram_end, GuestRam, CMDLINE_ADDR, GDT_ADDR, HIGH_MEMORY_START, MMIO_HOLE_START,
+    MPTABLE_ADDR,
 };
+use template::{FileKey, InitramfsImage, KernelImage, INITRAMFS, KERNELS};
 
 const PAGE: u64 = 4096;
 const EM_X86_64: u16 = 62;
@@ -47,6 +50,18 @@ pub enum Error {
     InitramfsTooLarge { path: PathBuf, size: u64 },
     #[error("cannot write {0} into guest memory")]
     GuestWrite(&'static str),
+    #[error("cannot prepare the {what} for mapping: {source}")]
+    Prepare {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot map the {what} into guest memory: {source}")]
+    Map {
+        what: &'static str,
+        #[source]
+        source: crate::memory::Error,
+    },
     #[error(transparent)]
     Mptable(#[from] mptable::Error),
     #[error(transparent)]
@@ -117,9 +132,10 @@ impl ReadVolatile for KernelSource<'_> {
 }
 
 /// Loads the `vmlinux` at `path` at its ELF physical addresses and finds
-/// its PVH entry note.
+/// its PVH entry note. The kernel is prepared once per process
+/// ([`template`]) and mapped copy-on-write.
 pub fn load_kernel(ram: &GuestRam, path: &Path) -> Result<LoadedKernel, Error> {
-    let mut file = open(
+    let file = open(
         path,
         || Error::KernelNotFound(path.to_path_buf()),
         |source| Error::KernelRead {
@@ -127,16 +143,50 @@ pub fn load_kernel(ram: &GuestRam, path: &Path) -> Result<LoadedKernel, Error> {
             source,
         },
     )?;
+    let key = FileKey::of(&file).map_err(|source| Error::KernelRead {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let image = KERNELS.get_or_build(key, || prepare_kernel(file, path))?;
+    if image.end.div_ceil(PAGE) * PAGE > low_ram_end(ram.size()) {
+        return Err(Error::KernelInvalid {
+            path: path.to_path_buf(),
+            reason: format!("its image ends at {:#x}, beyond guest memory", image.end),
+        });
+    }
+    let len = image.end.div_ceil(PAGE) * PAGE - image.start;
+    ram.map_private(image.start, len, &image.file, image.start)
+        .map_err(|source| Error::Map {
+            what: "kernel",
+            source,
+        })?;
+    Ok(LoadedKernel {
+        entry: image.entry,
+        end: image.end,
+    })
+}
+
+/// Lays the kernel out in a scratch memfd as big as the RAM below the
+/// 32-bit hole (sparse: only the segments take memory), at the guest
+/// addresses it will have in every VM, then seals it.
+fn prepare_kernel(mut file: File, path: &Path) -> Result<KernelImage, Error> {
     let invalid = |reason: String| Error::KernelInvalid {
         path: path.to_path_buf(),
         reason,
     };
+    let prepare = |source| Error::Prepare {
+        what: "kernel",
+        source,
+    };
     check_elf_header(&mut file).map_err(invalid)?;
-
-    let mem = ram.memory();
-    let mut source = KernelSource { file, ram };
+    let scratch =
+        GuestRam::new(MMIO_HOLE_START).map_err(|e| prepare(io::Error::other(e.to_string())))?;
+    let mut source = KernelSource {
+        file,
+        ram: &scratch,
+    };
     let loaded = Elf::load(
-        mem,
+        scratch.memory(),
         None,
         &mut source,
         Some(GuestAddress(HIGH_MEMORY_START)),
@@ -150,19 +200,53 @@ pub fn load_kernel(ram: &GuestRam, path: &Path) -> Result<LoadedKernel, Error> {
             ))
         }
     };
-    if loaded.kernel_end > low_ram_end(mem_size(mem)) {
+    let start = lowest_segment(&mut source.file).map_err(invalid)? & !(PAGE - 1);
+    let end = loaded.kernel_end;
+    if start < HIGH_MEMORY_START || end <= start {
         return Err(invalid(format!(
-            "its image ends at {:#x}, beyond guest memory",
-            loaded.kernel_end
+            "its segments span {start:#x}..{end:#x}, not a kernel image above 1 MiB"
         )));
     }
-    Ok(LoadedKernel {
+    let file = template::seal_ram(scratch, end.div_ceil(PAGE) * PAGE).map_err(prepare)?;
+    Ok(KernelImage {
+        file,
+        start,
+        end,
         entry,
-        end: loaded.kernel_end,
     })
 }
 
-/// Loads the initramfs at the top of memory below 4 GiB, page aligned.
+/// The lowest physical address of a loadable segment (the loader has
+/// already checked the headers).
+fn lowest_segment(file: &mut File) -> Result<u64, String> {
+    let mut ehdr = [0u8; 64];
+    file.seek(SeekFrom::Start(0))
+        .and_then(|_| file.read_exact(&mut ehdr))
+        .map_err(|e| format!("cannot read its header: {e}"))?;
+    let phoff = u64::from_le_bytes(ehdr[32..40].try_into().expect("8 bytes"));
+    let phentsize = u16::from_le_bytes([ehdr[54], ehdr[55]]) as usize;
+    let phnum = u16::from_le_bytes([ehdr[56], ehdr[57]]) as usize;
+    if phentsize < 56 {
+        return Err(format!("program header size {phentsize} is too small"));
+    }
+    let mut table = vec![0u8; phentsize * phnum];
+    file.seek(SeekFrom::Start(phoff))
+        .and_then(|_| file.read_exact(&mut table))
+        .map_err(|e| format!("cannot read its program headers: {e}"))?;
+    table
+        .chunks_exact(phentsize)
+        .filter(|ph| {
+            let kind = u32::from_le_bytes(ph[0..4].try_into().expect("4 bytes"));
+            let memsz = u64::from_le_bytes(ph[40..48].try_into().expect("8 bytes"));
+            kind == 1 && memsz > 0
+        })
+        .map(|ph| u64::from_le_bytes(ph[24..32].try_into().expect("8 bytes")))
+        .min()
+        .ok_or_else(|| "no loadable segment".to_string())
+}
+
+/// Loads the initramfs at the top of memory below 4 GiB, page aligned,
+/// mapped copy-on-write from an image prepared once per process.
 /// Returns `(address, size)`; [`check_initramfs_fits`] then checks it stays
 /// clear of the kernel (the two load in parallel).
 pub fn load_initramfs(ram: &GuestRam, path: &Path) -> Result<(u64, u64), Error> {
@@ -178,6 +262,7 @@ pub fn load_initramfs(ram: &GuestRam, path: &Path) -> Result<(u64, u64), Error> 
         path: path.to_path_buf(),
         source,
     };
+    let key = FileKey::of(&file).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
     let too_large = || Error::InitramfsTooLarge {
         path: path.to_path_buf(),
@@ -188,10 +273,30 @@ pub fn load_initramfs(ram: &GuestRam, path: &Path) -> Result<(u64, u64), Error> 
         Some(a) if a >= HIGH_MEMORY_START && size > 0 => a,
         _ => return Err(too_large()),
     };
-    let offset = ram.file_offset_of_guest(addr, size).ok_or_else(too_large)?;
-    ram.copy_from_file(&file, 0, offset, size)
-        .map_err(read_err)?;
+    let image = INITRAMFS.get_or_build(key, || prepare_initramfs(&file, size, path))?;
+    let len = image.size.div_ceil(PAGE) * PAGE;
+    ram.map_private(addr, len, &image.file, 0)
+        .map_err(|source| Error::Map {
+            what: "initramfs",
+            source,
+        })?;
     Ok((addr, size))
+}
+
+/// Copies the initramfs into a sealed memfd, inside the host kernel.
+fn prepare_initramfs(src: &File, size: u64, path: &Path) -> Result<InitramfsImage, Error> {
+    let prepare = |source| Error::Prepare {
+        what: "initramfs",
+        source,
+    };
+    let file = template::memfd(c"smol-initramfs").map_err(prepare)?;
+    file.set_len(size.div_ceil(PAGE) * PAGE).map_err(prepare)?;
+    template::sendfile_all(&file, src, size).map_err(|source| Error::InitramfsRead {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    template::seal(&file).map_err(prepare)?;
+    Ok(InitramfsImage { file, size })
 }
 
 /// The initramfs at `addr` must start above the kernel's image.
@@ -377,6 +482,24 @@ mod tests {
             .read_slice(&mut back, GuestAddress(addr))
             .unwrap();
         assert_eq!(back, data);
+        // The rest of the last page reads as zeros.
+        let mut tail = vec![0xffu8; (3 * PAGE - 10_000) as usize];
+        r.memory()
+            .read_slice(&mut tail, GuestAddress(addr + 10_000))
+            .unwrap();
+        assert!(tail.iter().all(|&b| b == 0));
+
+        // Rewriting the file in place prepares a new image: a later VM sees
+        // the new bytes, not the cached ones.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        let changed: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
+        std::fs::write(f.path(), &changed).unwrap();
+        let r2 = ram(64);
+        let (addr2, _) = load_initramfs(&r2, f.path()).unwrap();
+        r2.memory()
+            .read_slice(&mut back, GuestAddress(addr2))
+            .unwrap();
+        assert_eq!(back, changed);
         check_initramfs_fits(f.path(), (addr, size), 0x200_0000).unwrap();
     }
 
@@ -397,7 +520,7 @@ mod tests {
     }
 
     #[test]
-    fn kernel_segments_arrive_through_the_memfd() {
+    fn kernel_is_mapped_copy_on_write() {
         // A minimal PVH ELF: one PT_LOAD of 3 pages at 16 MiB, a Xen note.
         let code: Vec<u8> = (0..3 * 4096u32).map(|i| (i * 7) as u8).collect();
         let mut f = vec![0u8; 0x1000];
@@ -439,6 +562,42 @@ mod tests {
             .read_slice(&mut back, GuestAddress(0x100_0000))
             .unwrap();
         assert_eq!(back, code);
+        // The bss page past the segment's file bytes reads as zeros.
+        let mut bss = vec![0xffu8; 4096];
+        r.memory()
+            .read_slice(&mut bss, GuestAddress(0x100_0000 + code.len() as u64))
+            .unwrap();
+        assert!(bss.iter().all(|&b| b == 0));
+        assert_eq!(
+            r.private_ranges(),
+            vec![(0x100_0000, code.len() as u64 + 4096)]
+        );
+        // The mapped range is not in the RAM memfd: nothing may write the
+        // memfd behind the guest's back there.
+        assert_eq!(r.file_offset_of_guest(0x100_0000, 16), None);
+        assert_eq!(r.file_offset_of_guest(0x200_0000, 16), Some(0x200_0000));
+
+        // A second VM maps the same prepared image; one VM's writes stay
+        // its own.
+        let r2 = ram(64);
+        assert_eq!(load_kernel(&r2, file.path()).unwrap(), k);
+        r.memory()
+            .write_slice(&[0xaa; 64], GuestAddress(0x100_0000))
+            .unwrap();
+        r2.memory()
+            .read_slice(&mut back, GuestAddress(0x100_0000))
+            .unwrap();
+        assert_eq!(back, code);
+        let r3 = ram(64);
+        load_kernel(&r3, file.path()).unwrap();
+        r3.memory()
+            .read_slice(&mut back, GuestAddress(0x100_0000))
+            .unwrap();
+        assert_eq!(back, code);
+
+        // Guest memory too small for the image is refused by name.
+        let err = load_kernel(&ram(16), file.path()).unwrap_err();
+        assert!(err.to_string().contains("beyond guest memory"), "{err}");
 
         // The same image without its note is refused by name.
         f[0x208..0x20c].copy_from_slice(&17u32.to_le_bytes());
