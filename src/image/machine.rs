@@ -17,6 +17,7 @@ use futures::{StreamExt, TryStreamExt};
 use smol_agent::protocol::{AgentError, FrameKind, Request, Response, DATA_CHUNK};
 use tokio::io::AsyncReadExt;
 
+use super::progress::PROGRESS_STEP;
 use super::{
     ContainerSpec, Descriptor, Digest, ImageError, ImageInfo, ImageRecord, ImageResolver,
     ImageSource, ProgressFn, PullEvent,
@@ -355,7 +356,14 @@ async fn pull_record<L: AgentLink>(
         let (layer, path) = (l.clone(), resolver.store().path(&l.digest));
         let report = &report;
         sends.push(async move {
-            send_layer(link, &layer, &path).await?;
+            let sent = |done| {
+                report(PullEvent::LayerProgress {
+                    index,
+                    done,
+                    total: layer.size,
+                })
+            };
+            send_layer(link, &layer, &path, &sent).await?;
             report(PullEvent::LayerSent {
                 index,
                 digest: layer.digest.clone(),
@@ -389,8 +397,14 @@ async fn pull_record<L: AgentLink>(
     Ok(record)
 }
 
-/// Streams one layer blob from the cache into the machine.
-async fn send_layer<L: AgentLink>(link: &L, layer: &Descriptor, path: &Path) -> Result<()> {
+/// Streams one layer blob from the cache into the machine; `progress` gets
+/// the bytes sent (at the start, then every [`PROGRESS_STEP`]).
+async fn send_layer<L: AgentLink>(
+    link: &L,
+    layer: &Descriptor,
+    path: &Path,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<()> {
     let begin = Instant::now();
     let digest = layer.digest.to_string();
     let mut file = tokio::fs::File::open(path)
@@ -404,6 +418,8 @@ async fn send_layer<L: AgentLink>(link: &L, layer: &Descriptor, path: &Path) -> 
         })
         .await?;
         let mut buf = vec![0u8; DATA_CHUNK];
+        let (mut sent, mut next_report) = (0u64, PROGRESS_STEP);
+        progress(0);
         loop {
             let n = file
                 .read(&mut buf)
@@ -413,6 +429,11 @@ async fn send_layer<L: AgentLink>(link: &L, layer: &Descriptor, path: &Path) -> 
                 break;
             }
             conn.write(FrameKind::Data, &buf[..n]).await?;
+            sent += n as u64;
+            if sent >= next_report || sent == layer.size {
+                next_report = sent + PROGRESS_STEP;
+                progress(sent);
+            }
         }
         conn.write(FrameKind::Eof, &[]).await?;
         // Read the answer raw: image errors get their own names.

@@ -18,7 +18,9 @@ const LOG_EVERY: Duration = Duration::from_secs(1);
 /// for each layer `LayerProgress` events (the first with `done == 0` when
 /// its bytes start to move) and one `LayerDone`; layers go concurrently, so
 /// tell them apart by `index`. A pull into a machine then sends the layers
-/// the machine lacks: one `Sending`, then a `LayerSent` per layer.
+/// the machine lacks: one `Sending`, then for each of them `LayerProgress`
+/// events again (bytes sent; the machine unpacks them as they arrive) and
+/// one `LayerSent`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum PullEvent {
@@ -32,8 +34,9 @@ pub enum PullEvent {
         layers: usize,
         bytes: u64,
     },
-    /// Bytes of layer `index` fetched (or imported) so far. (Its digest
-    /// comes with `LayerDone`: a `docker save` layer's is known only then.)
+    /// Bytes of layer `index` fetched (or imported) so far; after
+    /// `Sending`, sent to the machine so far. (Its digest comes with
+    /// `LayerDone`: a `docker save` layer's is known only then.)
     LayerProgress { index: usize, done: u64, total: u64 },
     /// Layer `index` is in the host's blob cache (`cached`: it already was).
     LayerDone {

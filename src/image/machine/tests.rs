@@ -120,6 +120,16 @@ async fn pull_and_run_against_the_agents_handlers() {
         done.sort();
         sent.sort();
         assert_eq!((done, sent), (vec![0, 1], vec![0, 1]), "{ev:?}");
+        // Bytes sent, up to each layer's size.
+        for (i, l) in info.layers.iter().enumerate() {
+            let last = ev[sending..].iter().rev().find_map(|e| match e {
+                PullEvent::LayerProgress { index, done, total } if *index == i => {
+                    Some((*done, *total))
+                }
+                _ => None,
+            });
+            assert_eq!(last, Some((l.size, l.size)), "{ev:?}");
+        }
     }
     assert_eq!(info.reference, src("bb"));
     assert_eq!(info.layers.len(), 2);
