@@ -1,0 +1,405 @@
+//! `smol`: pull OCI images and run commands in throwaway microVMs from the
+//! shell. Built with the `cli` feature:
+//!
+//! ```sh
+//! smol pull alpine:3.20                      # into the host's blob cache
+//! smol run alpine:3.20 -- cat /etc/os-release
+//! smol exec -- uname -a                      # in the bare guest
+//! ```
+//!
+//! `run` and `exec` create a machine, use it and delete it (also on
+//! Ctrl-C). Their exit code is the command's; smol's own failures exit 125
+//! (as `docker run` does), an interrupt 130. `RUST_LOG=smol=info` shows
+//! what smol does.
+
+mod progress;
+
+use std::future::Future;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use indicatif::HumanBytes;
+use smol::image::{ImageResolver, ProgressFn};
+use smol::{ExecEvent, ExecOptions, ExecStream, Machine, MachineConfig};
+
+use progress::{layers_text, spinner, PullBar};
+
+/// Exit code of a failure of smol itself.
+const EXIT_FAILURE: u8 = 125;
+/// Exit code after Ctrl-C (128 + SIGINT).
+const EXIT_INTERRUPTED: u8 = 130;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "smol",
+    version,
+    about = "Boot Linux microVMs and run commands and OCI images in them"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug, PartialEq)]
+enum Command {
+    /// Pull an image into the host's blob cache (shared by every machine).
+    Pull {
+        /// A registry reference (`alpine:3.20`, `127.0.0.1:5000/app@sha256:…`),
+        /// `oci-layout:DIR[:TAG]`, `docker-archive:FILE[:TAG]`, or a path to either.
+        image: String,
+    },
+    /// Run a command in a container of IMAGE, in a temporary machine.
+    Run {
+        #[command(flatten)]
+        options: RunOptions,
+        /// The image, as for `smol pull`.
+        image: String,
+        /// The command and its arguments (after `--`); the image's
+        /// Entrypoint is prefixed, and none runs its Cmd.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        argv: Vec<String>,
+    },
+    /// Run a command in a temporary machine (no image: the guest's busybox).
+    Exec {
+        #[command(flatten)]
+        options: RunOptions,
+        /// The command and its arguments (after `--`).
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        argv: Vec<String>,
+    },
+}
+
+#[derive(Args, Debug, Default, PartialEq)]
+struct RunOptions {
+    /// Set an environment variable of the command (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// The command's working directory.
+    #[arg(short, long, value_name = "DIR")]
+    workdir: Option<String>,
+    /// Kill the command after this many seconds.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: Option<u64>,
+    /// vCPUs of the machine.
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Memory of the machine, in MiB.
+    #[arg(long, value_name = "MIB")]
+    memory: Option<u32>,
+    /// Disk of the machine (where images are unpacked), in MiB.
+    #[arg(long, value_name = "MIB")]
+    disk: Option<u64>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+impl RunOptions {
+    fn machine_config(&self) -> MachineConfig {
+        let mut config = MachineConfig::default();
+        if let Some(c) = self.cpus {
+            config.resources.cpus = c;
+        }
+        if let Some(m) = self.memory {
+            config.resources.memory_mb = m;
+        }
+        if let Some(d) = self.disk {
+            config.resources.disk_mb = d;
+        }
+        config
+    }
+
+    fn exec_options(&self) -> ExecOptions {
+        let mut o = ExecOptions::default().envs(self.env.iter().cloned());
+        if let Some(w) = &self.workdir {
+            o = o.workdir(w);
+        }
+        if let Some(t) = self.timeout {
+            o = o.timeout(Duration::from_secs(t));
+        }
+        o
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Smol(#[from] smol::Error),
+    #[error(transparent)]
+    Image(#[from] smol::image::ImageError),
+    #[error("interrupted")]
+    Interrupted,
+    #[error("writing the command's output")]
+    Output(#[source] std::io::Error),
+    #[error("the command ended without an exit status")]
+    NoExit,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("smol: starting the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => ExitCode::from(code),
+        Err(CliError::Interrupted) => {
+            eprintln!("smol: interrupted");
+            ExitCode::from(EXIT_INTERRUPTED)
+        }
+        Err(e) => {
+            eprintln!("smol: {e}");
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                eprintln!("  caused by: {c}");
+                cause = c.source();
+            }
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<u8, CliError> {
+    match command {
+        Command::Pull { image } => interruptible(pull(&image)).await.map(|()| 0),
+        Command::Run {
+            options,
+            image,
+            argv,
+        } => {
+            let exec = options.exec_options();
+            in_machine(&options, |m| async move {
+                let bar = PullBar::new(&image);
+                let pulled = m.pull_image_with_progress(&image, bar.callback()).await;
+                bar.finish();
+                let info = pulled?;
+                eprintln!(
+                    "image {} ({}, {})",
+                    info.reference,
+                    layers_text(info.layers.len()),
+                    HumanBytes(info.size)
+                );
+                let stream = m.run_stream_with(&info.digest, argv, exec).await?;
+                forward(stream).await
+            })
+            .await
+        }
+        Command::Exec { options, argv } => {
+            let exec = options.exec_options();
+            in_machine(&options, |m| async move {
+                forward(m.exec_stream_with(argv, exec).await?).await
+            })
+            .await
+        }
+    }
+}
+
+/// Pulls into the host's blob cache and says what it got on stdout.
+async fn pull(image: &str) -> Result<(), CliError> {
+    let t = Instant::now();
+    let source = smol::image::ImageSource::parse(image)?;
+    let resolver = ImageResolver::open_default()?;
+    let bar = PullBar::new(image);
+    let pulled = resolver
+        .pull_source_with_progress(&source, std::sync::Arc::new(bar.callback()) as ProgressFn)
+        .await;
+    let state = bar.finish();
+    let pulled = pulled?;
+    let i = &pulled.image;
+    println!("{}", i.reference);
+    println!("  digest  {}", i.digest);
+    println!(
+        "  size    {} in {} ({} cached)",
+        HumanBytes(i.size),
+        layers_text(i.layers.len()),
+        state.layers_cached
+    );
+    println!(
+        "  fetched {} in {:.1?}",
+        HumanBytes(pulled.stats.bytes_fetched),
+        t.elapsed()
+    );
+    Ok(())
+}
+
+/// Runs `work` in a new machine, then deletes the machine, whatever
+/// happened (Ctrl-C included).
+async fn in_machine<F, Fut>(options: &RunOptions, work: F) -> Result<u8, CliError>
+where
+    F: FnOnce(Machine) -> Fut,
+    Fut: Future<Output = Result<u8, CliError>>,
+{
+    let t = Instant::now();
+    let creating = spinner("creating a machine".into());
+    // A cancelled create leaves nothing behind.
+    let created =
+        interruptible(async { Ok(Machine::create(options.machine_config()).await?) }).await;
+    creating.finish_and_clear();
+    let m = created?;
+    eprintln!("machine {} up in {:.1?}", m.name(), t.elapsed());
+    let result = interruptible(work(m.clone())).await;
+    if let Err(e) = m.delete().await {
+        eprintln!("smol: deleting machine {}: {e}", m.name());
+    }
+    result
+}
+
+/// `work`, or [`CliError::Interrupted`] at Ctrl-C.
+async fn interruptible<T>(work: impl Future<Output = Result<T, CliError>>) -> Result<T, CliError> {
+    tokio::select! {
+        r = work => r,
+        _ = tokio::signal::ctrl_c() => Err(CliError::Interrupted),
+    }
+}
+
+/// Copies a command's output to ours as it comes; returns its exit code.
+async fn forward(mut stream: ExecStream) -> Result<u8, CliError> {
+    let mut code = None;
+    while let Some(ev) = stream.next().await {
+        match ev? {
+            ExecEvent::Stdout(b) => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&b)
+                    .and_then(|()| out.flush())
+                    .map_err(CliError::Output)?;
+            }
+            ExecEvent::Stderr(b) => {
+                let mut err = std::io::stderr().lock();
+                err.write_all(&b)
+                    .and_then(|()| err.flush())
+                    .map_err(CliError::Output)?;
+            }
+            ExecEvent::Exit(c) => code = Some(c),
+            ExecEvent::Error(e) => eprintln!("smol: {e}"),
+        }
+    }
+    // Exit codes are 0..=255 (128 + signal for a signal).
+    code.map(|c| u8::try_from(c).unwrap_or(EXIT_FAILURE))
+        .ok_or(CliError::NoExit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, clap::Error> {
+        Cli::try_parse_from(args).map(|c| c.command)
+    }
+
+    #[test]
+    fn pull_takes_one_image() {
+        assert_eq!(
+            parse(&["smol", "pull", "alpine:3.20"]).unwrap(),
+            Command::Pull {
+                image: "alpine:3.20".into()
+            }
+        );
+        assert!(parse(&["smol", "pull"]).is_err());
+        assert!(parse(&["smol", "pull", "a", "b"]).is_err());
+    }
+
+    #[test]
+    fn run_takes_options_an_image_and_argv() {
+        let c = parse(&[
+            "smol",
+            "run",
+            "-e",
+            "A=1",
+            "--env",
+            "B=x=y",
+            "-w",
+            "/tmp",
+            "--timeout",
+            "5",
+            "--memory",
+            "256",
+            "alpine",
+            "--",
+            "sh",
+            "-c",
+            "echo $A",
+        ])
+        .unwrap();
+        let Command::Run {
+            options,
+            image,
+            argv,
+        } = c
+        else {
+            panic!("{c:?}")
+        };
+        assert_eq!(image, "alpine");
+        assert_eq!(argv, ["sh", "-c", "echo $A"]);
+        assert_eq!(
+            options.env,
+            [("A".into(), "1".into()), ("B".into(), "x=y".into())]
+        );
+        assert_eq!(options.memory, Some(256));
+        let exec = options.exec_options();
+        assert_eq!(exec.workdir.as_deref(), Some("/tmp"));
+        assert_eq!(exec.timeout, Some(Duration::from_secs(5)));
+        assert_eq!(options.machine_config().resources.memory_mb, 256);
+    }
+
+    #[test]
+    fn run_argv_may_skip_the_separator_and_be_empty() {
+        let Command::Run { argv, .. } = parse(&["smol", "run", "alpine", "ls", "-la"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(argv, ["ls", "-la"]);
+        let Command::Run { argv, .. } = parse(&["smol", "run", "alpine"]).unwrap() else {
+            panic!()
+        };
+        assert!(argv.is_empty(), "the image's Cmd runs");
+    }
+
+    #[test]
+    fn exec_needs_a_command() {
+        let Command::Exec { argv, options } =
+            parse(&["smol", "exec", "--cpus", "2", "--", "uname", "-a"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(argv, ["uname", "-a"]);
+        assert_eq!(options.machine_config().resources.cpus, 2);
+        assert!(parse(&["smol", "exec"]).is_err());
+        assert!(parse(&["smol", "exec", "--"]).is_err());
+    }
+
+    #[test]
+    fn bad_options_are_refused() {
+        for args in [
+            &["smol", "run", "-e", "NOEQUALS", "alpine"][..],
+            &["smol", "run", "-e", "=v", "alpine"],
+            &["smol", "run", "--timeout", "0", "alpine"],
+            &["smol", "exec", "--memory", "lots", "--", "true"],
+            &["smol", "frobnicate"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
