@@ -25,9 +25,10 @@ enum Task {
     Rootfs,
     /// Both guest assets.
     Assets,
-    /// Assets, then format and lint checks, then every test of the workspace.
+    /// Assets, then format and lint checks, then every test of the workspace
+    /// (all features, so the `smol` CLI too).
     Test {
-        /// Extra arguments passed to `cargo test` (after `--workspace`).
+        /// Extra arguments passed to `cargo test` (after `--workspace --all-features`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -143,6 +144,7 @@ fn test(extra: &[String]) -> Result<(), String> {
     kernel::ensure_debian_packages(TEST_PACKAGES, |m| println!("xtask: {m}"))?;
     let a = assets()?;
     run("cargo fmt --check", cargo(&["fmt", "--all", "--check"], &a))?;
+    // All features: the `smol` CLI (feature `cli`) is linted and tested too.
     run(
         "cargo clippy",
         cargo(
@@ -150,6 +152,7 @@ fn test(extra: &[String]) -> Result<(), String> {
                 "clippy",
                 "--workspace",
                 "--all-targets",
+                "--all-features",
                 "--",
                 "-D",
                 "warnings",
@@ -158,7 +161,7 @@ fn test(extra: &[String]) -> Result<(), String> {
         ),
     )?;
     check_single_rust_vmm(&a)?;
-    let mut args = vec!["test", "--workspace"];
+    let mut args = vec!["test", "--workspace", "--all-features"];
     args.extend(extra.iter().map(String::as_str));
     run("cargo test", cargo(&args, &a))?;
     Ok(())
