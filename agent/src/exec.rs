@@ -38,10 +38,12 @@ const DRAIN_IDLE: Duration = Duration::from_millis(100);
 
 /// The environment every program starts with, before the request's own.
 pub fn default_env() -> Vec<(String, String)> {
-    vec![
+    let mut env = vec![
         ("PATH".into(), DEFAULT_PATH.into()),
         ("HOME".into(), "/root".into()),
-    ]
+    ];
+    env.extend(crate::system::inherited_env());
+    env
 }
 
 fn invalid(msg: String) -> AgentError {

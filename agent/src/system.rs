@@ -14,6 +14,24 @@ use crate::reaper::Reaper;
 /// `PATH` for the agent and everything it starts.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Variables of the agent's own environment (set by the monitor on the
+/// kernel command line) that every program it starts inherits.
+///
+/// `GLIBC_TUNABLES`: on kvm_pvm hosts the guest kernel runs with `noxsave`
+/// and saves only SSE state at a task switch, while user space, which runs
+/// on the real CPU, is told AVX is usable. The monitor then sets tunables
+/// that keep glibc's string functions off AVX, and they must reach every
+/// glibc program, not only the agent.
+pub const INHERITED_ENV: &[&str] = &["GLIBC_TUNABLES"];
+
+/// The [`INHERITED_ENV`] variables the agent was started with.
+pub fn inherited_env() -> Vec<(String, String)> {
+    INHERITED_ENV
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .collect()
+}
+
 /// Returns the value of `key=` on a kernel command line.
 pub fn cmdline_param(cmdline: &str, key: &str) -> Option<String> {
     cmdline.split_ascii_whitespace().find_map(|w| {

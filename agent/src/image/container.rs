@@ -350,14 +350,16 @@ impl Container {
 
     /// The environment before the request's own (which carries the image's Env).
     pub fn default_env(&self) -> Vec<(String, String)> {
-        vec![
+        let mut env = vec![
             ("PATH".into(), super::DEFAULT_PATH.into()),
             ("HOME".into(), self.home.clone()),
             (
                 "HOSTNAME".into(),
                 String::from_utf8_lossy(&self.hostname).into_owned(),
             ),
-        ]
+        ];
+        env.extend(crate::system::inherited_env());
+        env
     }
 
     /// The workdir must be a directory inside the image.
