@@ -796,6 +796,10 @@ async fn end_to_end(home: &std::path::Path) {
 /// Waits for thread and fd counts to come back to the baseline and checks
 /// that no child process remains.
 async fn settle(threads0: usize, fds0: usize) -> CheckResult {
+    // The monitor keeps the boot images it prepared (one memfd each for
+    // the kernel and the initramfs) for the next machine; release them so
+    // the count says whether anything else stayed open.
+    smol_vmm::release_boot_images();
     let ok = common::eventually(Duration::from_secs(20), || {
         let (t, f) = common::threads_and_fds();
         t <= threads0 && f <= fds0

@@ -155,6 +155,16 @@ pub enum Error {
     },
 }
 
+/// Drops the kernel and initramfs images this process prepared for mapping
+/// into guest memory (at most a few of each, one memfd apiece; see
+/// `boot::template`). VMs already running keep theirs through their
+/// mappings; the next VM prepares its images again. For long-running
+/// processes that switch kernels, and for leak checks that count fds.
+pub fn release_boot_images() {
+    boot::template::KERNELS.clear();
+    boot::template::INITRAMFS.clear();
+}
+
 /// Whether `/dev/kvm` is provided by the `kvm_pvm` module (software nested
 /// virtualisation): guests then need compatibility flags and one vCPU.
 pub fn is_kvm_pvm_host() -> bool {

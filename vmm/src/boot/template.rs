@@ -88,6 +88,11 @@ impl<T> Cache<T> {
         Ok(built)
     }
 
+    /// Forgets every image (VMs mapping one keep it alive).
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(FileKey, Arc<T>)>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -219,6 +224,8 @@ mod tests {
             })
             .unwrap();
         assert!(rebuilt);
+        cache.clear();
+        assert!(cache.lock().is_empty());
     }
 
     #[test]
