@@ -565,5 +565,86 @@ fn set_xattr<Fd: AsRawFd>(fd: &Fd, name: &str, value: &[u8]) -> io::Result<()> {
     }
 }
 
+/// The file [`confinement_sandbox`] puts next to the layer root.
+#[doc(hidden)]
+pub const SANDBOX_MARKER: &str = "marker";
+const MARKER_CONTENTS: &[u8] = b"untouched";
+const MARKER_MODE: u32 = 0o644;
+
+/// Test support, shared by the unit tests and the fuzz target (`fuzz/`):
+/// creates `<parent>/root`, an empty layer root, next to a marker file,
+/// and returns the root. Unpack into it, then call [`check_confined`].
+#[doc(hidden)]
+pub fn confinement_sandbox(parent: &Path) -> io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let root = parent.join("root");
+    std::fs::create_dir(&root)?;
+    let marker = parent.join(SANDBOX_MARKER);
+    std::fs::write(&marker, MARKER_CONTENTS)?;
+    std::fs::set_permissions(&marker, std::fs::Permissions::from_mode(MARKER_MODE))?;
+    Ok(root)
+}
+
+/// Test support: whether an unpack into `root` (made by
+/// [`confinement_sandbox`]) stayed inside it. Next to the root there must
+/// be nothing but the root itself, still a real directory, and the marker,
+/// a regular file with its contents and mode unchanged and no second link
+/// (a hard link to it from inside the root would be an escape too).
+///
+/// Symlinks inside the root may point anywhere: they are stored, never
+/// followed, and resolve within the container's root when used.
+#[doc(hidden)]
+pub fn check_confined(root: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let parent = root
+        .parent()
+        .ok_or_else(|| format!("{} has no parent", root.display()))?;
+    let root_name = root
+        .file_name()
+        .ok_or_else(|| format!("{} has no name", root.display()))?;
+    let mut names: Vec<OsString> = std::fs::read_dir(parent)
+        .and_then(|d| d.map(|e| e.map(|e| e.file_name())).collect())
+        .map_err(|e| format!("listing {}: {e}", parent.display()))?;
+    names.sort();
+    let mut expected = vec![root_name.to_os_string(), OsString::from(SANDBOX_MARKER)];
+    expected.sort();
+    if names != expected {
+        return Err(format!(
+            "{} holds {names:?}, expected only {expected:?}",
+            parent.display()
+        ));
+    }
+    let root_meta =
+        std::fs::symlink_metadata(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    if !root_meta.file_type().is_dir() {
+        return Err(format!("{} is no longer a directory", root.display()));
+    }
+    let marker = parent.join(SANDBOX_MARKER);
+    let meta =
+        std::fs::symlink_metadata(&marker).map_err(|e| format!("{}: {e}", marker.display()))?;
+    if !meta.file_type().is_file() {
+        return Err(format!("{} is no longer a regular file", marker.display()));
+    }
+    if meta.nlink() != 1 {
+        return Err(format!(
+            "{} has {} links: one was made from inside the root",
+            marker.display(),
+            meta.nlink()
+        ));
+    }
+    if meta.mode() & 0o7777 != MARKER_MODE {
+        return Err(format!(
+            "{} mode changed to {:o}",
+            marker.display(),
+            meta.mode() & 0o7777
+        ));
+    }
+    let contents = std::fs::read(&marker).map_err(|e| format!("{}: {e}", marker.display()))?;
+    if contents != MARKER_CONTENTS {
+        return Err(format!("{} was rewritten", marker.display()));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests;

@@ -94,8 +94,7 @@ struct Sandbox {
 impl Sandbox {
     fn new() -> Sandbox {
         let dir = tempfile::tempdir().unwrap();
-        fs::create_dir(dir.path().join("root")).unwrap();
-        fs::write(dir.path().join("marker"), b"untouched").unwrap();
+        confinement_sandbox(dir.path()).unwrap();
         Sandbox { dir }
     }
     fn root(&self) -> PathBuf {
@@ -106,20 +105,9 @@ impl Sandbox {
     }
     /// Nothing but `root` and an unchanged `marker` next to the root.
     fn assert_contained(&self) {
-        let mut names: Vec<_> = fs::read_dir(self.dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        assert_eq!(names, vec!["marker", "root"]);
-        assert_eq!(
-            fs::read(self.dir.path().join("marker")).unwrap(),
-            b"untouched"
-        );
-        assert!(fs::symlink_metadata(self.dir.path().join("marker"))
-            .unwrap()
-            .file_type()
-            .is_file());
+        if let Err(e) = check_confined(&self.root()) {
+            panic!("escaped the layer root: {e}");
+        }
     }
     fn reset(&self) {
         let root = self.root();
