@@ -365,27 +365,33 @@ impl GuestRam {
             .write(true)
             .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))?;
         out.seek(SeekFrom::Start(file_offset))?;
-        let mut in_off = libc::off_t::try_from(src_offset)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let mut left = len;
-        while left > 0 {
-            let chunk = left.min(1 << 30) as usize;
-            // SAFETY: both fds are open for the duration of the call and
-            // `in_off` is a valid off_t the kernel updates.
-            let n = unsafe { libc::sendfile(out.as_raw_fd(), src.as_raw_fd(), &mut in_off, chunk) };
-            match n {
-                n if n > 0 => left -= n as u64,
-                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
+        sendfile_all(&out, src, src_offset, len)
+    }
+}
+
+/// Copies `len` bytes of `src` from `src_offset` to `out` at its current
+/// position, inside the host kernel (sendfile).
+pub fn sendfile_all(out: &File, src: &File, src_offset: u64, len: u64) -> io::Result<()> {
+    let mut in_off = libc::off_t::try_from(src_offset)
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut left = len;
+    while left > 0 {
+        let chunk = left.min(1 << 30) as usize;
+        // SAFETY: both fds are open for the duration of the call and
+        // `in_off` is a valid off_t the kernel updates.
+        let n = unsafe { libc::sendfile(out.as_raw_fd(), src.as_raw_fd(), &mut in_off, chunk) };
+        match n {
+            n if n > 0 => left -= n as u64,
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
                 }
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 fn create_memfd() -> Result<File, Error> {

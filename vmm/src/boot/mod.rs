@@ -291,7 +291,7 @@ fn prepare_initramfs(src: &File, size: u64, path: &Path) -> Result<InitramfsImag
     };
     let file = template::memfd(c"smol-initramfs").map_err(prepare)?;
     file.set_len(size.div_ceil(PAGE) * PAGE).map_err(prepare)?;
-    template::sendfile_all(&file, src, size).map_err(|source| Error::InitramfsRead {
+    crate::memory::sendfile_all(&file, src, 0, size).map_err(|source| Error::InitramfsRead {
         path: path.to_path_buf(),
         source,
     })?;

@@ -156,30 +156,6 @@ pub fn seal_ram(ram: GuestRam, len: u64) -> io::Result<File> {
     Ok(file)
 }
 
-/// Copies `len` bytes of `src` from its start to `out` from its current
-/// position, inside the host kernel.
-pub fn sendfile_all(out: &File, src: &File, len: u64) -> io::Result<()> {
-    let mut in_off: libc::off_t = 0;
-    let mut left = len;
-    while left > 0 {
-        let chunk = left.min(1 << 30) as usize;
-        // SAFETY: both fds are open for the call and `in_off` is a valid
-        // off_t the kernel updates.
-        let n = unsafe { libc::sendfile(out.as_raw_fd(), src.as_raw_fd(), &mut in_off, chunk) };
-        match n {
-            n if n > 0 => left -= n as u64,
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
