@@ -263,7 +263,7 @@ pub fn load_initramfs(ram: &GuestRam, path: &Path) -> Result<(u64, u64), Error> 
         source,
     };
     let key = FileKey::of(&file).map_err(read_err)?;
-    let size = file.metadata().map_err(read_err)?.len();
+    let size = key.size();
     let too_large = || Error::InitramfsTooLarge {
         path: path.to_path_buf(),
         size,

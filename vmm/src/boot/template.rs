@@ -48,6 +48,11 @@ impl FileKey {
             ctime: (m.ctime(), m.ctime_nsec()),
         })
     }
+
+    /// The file's size when it was opened.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
 }
 
 /// A small most-recently-used cache of prepared images.
