@@ -11,6 +11,7 @@ pub mod devices;
 pub mod event_loop;
 pub mod exit;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
@@ -153,6 +154,23 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
+}
+
+/// What [`Vm::snapshot`] spent, phase by phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotTimings {
+    /// Until every vCPU was parked with its state saved.
+    pub pause: Duration,
+    /// Copying (or reflinking) the disks.
+    pub disks: Duration,
+    /// Writing guest memory.
+    pub memory: Duration,
+    /// Bytes of guest memory written (non-zero pages).
+    pub memory_bytes: u64,
+    /// The whole, from the pause request to the vCPUs running again.
+    pub total: Duration,
 }
 
 /// Drops the kernel and initramfs images this process prepared for mapping
@@ -194,6 +212,37 @@ impl Vm {
             exit: running.exit.clone(),
             running: Some(running),
         })
+    }
+
+    /// Builds a VM from the snapshot in `dir` (see [`snapshot`]) and starts
+    /// it where the snapshot stopped. `config` gives its host side: the
+    /// console log, the vsock socket, and disk files that hold the
+    /// snapshot's disks (copy them with [`snapshot::clone_file`]); its
+    /// memory, vCPUs and devices must match the snapshot's, and its kernel
+    /// and initramfs are not read.
+    pub fn restore(config: VmConfig, dir: &Path) -> Result<Vm, Error> {
+        let snap = snapshot::VmSnapshot::load(dir)?;
+        let (running, timings) = vm::restore(&config, dir, &snap)?;
+        tracing::debug!(?timings, "vm restored");
+        Ok(Vm {
+            config,
+            timings,
+            exit: running.exit.clone(),
+            running: Some(running),
+        })
+    }
+
+    /// Saves the running VM into the directory `dir` (which must exist and
+    /// should be empty): memory, vCPU and device state, and a copy of each
+    /// disk taken at the same instant. The VM is paused meanwhile and runs
+    /// on afterwards.
+    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotTimings, Error> {
+        let running = self
+            .running
+            .as_ref()
+            .ok_or(Error::Snapshot(snapshot::Error::NotRunning))?;
+        let cid = self.config.vsock.as_ref().map(|v| v.guest_cid);
+        Ok(running.snapshot(dir, &self.config.disks, cid)?)
     }
 
     /// Host-initiated stop: kicks the vCPUs out of `KVM_RUN`, joins every

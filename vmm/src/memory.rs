@@ -157,6 +157,8 @@ pub struct GuestRam {
     mem: GuestMemory,
     file: Arc<File>,
     size: u64,
+    /// Mapped `MAP_PRIVATE` as a whole (restored from a snapshot).
+    private: bool,
     /// Guest ranges `(addr, len)` mapped over the memfd by `map_private`.
     overlays: Mutex<Vec<(u64, u64)>>,
 }
@@ -169,14 +171,28 @@ impl GuestRam {
         }
         let file = Arc::new(create_memfd()?);
         file.set_len(size).map_err(|e| Error::Truncate(size, e))?;
+        Self::map(file, size, libc::MAP_SHARED, false)
+    }
 
+    /// Guest RAM restored from a snapshot's memory file: `file` (laid out
+    /// like the memfd, `size` bytes) mapped copy-on-write. Pages load
+    /// lazily from the file and the guest's writes stay private to this
+    /// VM, so one file serves any number of VMs and never changes.
+    pub fn from_snapshot(file: File, size: u64) -> Result<Self, Error> {
+        if size == 0 || size % 4096 != 0 {
+            return Err(Error::Unaligned(size));
+        }
+        Self::map(Arc::new(file), size, libc::MAP_PRIVATE, true)
+    }
+
+    fn map(file: Arc<File>, size: u64, share: libc::c_int, private: bool) -> Result<Self, Error> {
         let mut regions = Vec::new();
         let mut offset = 0u64;
         for (start, len) in ram_ranges(size) {
             let region = MmapRegionBuilder::new(len as usize)
                 .with_file_offset(FileOffset::from_arc(file.clone(), offset))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+                .with_mmap_flags(share | libc::MAP_NORESERVE)
                 .build()
                 .map_err(|e| Error::Mmap(len as usize, e))?;
             // `GuestRegionMmap::new` only fails when start + len overflows,
@@ -191,8 +207,16 @@ impl GuestRam {
             mem,
             file,
             size,
+            private,
             overlays: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Whether the whole RAM is a private (copy-on-write) mapping of its
+    /// file, as after a restore: the file then does not hold the guest's
+    /// writes.
+    pub fn is_private(&self) -> bool {
+        self.private
     }
 
     /// Registers every region as a KVM memory slot (slots 0, 1, ...).
@@ -234,6 +258,9 @@ impl GuestRam {
     /// lie inside one region's mapping and none of them is mapped over by
     /// [`GuestRam::map_private`].
     pub fn file_offset_of_host(&self, ptr: *const u8, len: usize) -> Option<u64> {
+        if self.private {
+            return None;
+        }
         let ptr = ptr as usize;
         let (addr, off) = self.mem.iter().find_map(|region| {
             let base = region
@@ -255,7 +282,7 @@ impl GuestRam {
     /// lie inside one region and none of them is mapped over by
     /// [`GuestRam::map_private`].
     pub fn file_offset_of_guest(&self, addr: u64, len: u64) -> Option<u64> {
-        if self.overlaps_overlay(addr, len) {
+        if self.private || self.overlaps_overlay(addr, len) {
             return None;
         }
         self.mem.iter().find_map(|region| {
@@ -359,6 +386,13 @@ impl GuestRam {
         len: u64,
     ) -> io::Result<()> {
         use std::io::{Seek, SeekFrom};
+        if self.private {
+            // The file is a snapshot's: it must never change.
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "guest memory restored from a snapshot is not writable through its file",
+            ));
+        }
         // An open file description of our own: sendfile writes at the file
         // position, which must not be shared with concurrent loaders.
         let mut out = File::options()

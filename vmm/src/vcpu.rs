@@ -8,15 +8,17 @@
 //! entered still makes it return at once (with EINTR) instead of being lost.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Once};
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use crate::devices::bus::Bus;
+use crate::devices::bus::{lock, Bus};
 use crate::exit::ExitState;
+use crate::snapshot::{self, vcpu::VcpuState};
 use crate::ExitReason;
 
 thread_local! {
@@ -57,12 +59,113 @@ pub struct Buses {
     pub mmio: Bus,
 }
 
+/// Parks every vCPU outside `KVM_RUN` for a snapshot: each saves its own
+/// state on its thread, then waits until [`PauseControl::resume`].
+pub struct PauseControl {
+    requested: AtomicBool,
+    parked: Mutex<Vec<Option<Result<VcpuState, snapshot::Error>>>>,
+    cond: Condvar,
+    msrs: Vec<u32>,
+}
+
+impl PauseControl {
+    /// For `count` vCPUs whose MSRs `msrs` are saved.
+    pub fn new(count: usize, msrs: Vec<u32>) -> Self {
+        PauseControl {
+            requested: AtomicBool::new(false),
+            parked: Mutex::new((0..count).map(|_| None).collect()),
+            cond: Condvar::new(),
+            msrs,
+        }
+    }
+
+    fn requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// vCPU side, after `KVM_RUN` returned EINTR (so no I/O is pending):
+    /// saves the state and waits for the resume (or the VM's end).
+    fn park(&self, id: u8, fd: &VcpuFd, exit: &ExitState) {
+        let state = snapshot::vcpu::save(fd, &self.msrs);
+        let mut parked = lock(&self.parked);
+        if let Some(slot) = parked.get_mut(id as usize) {
+            *slot = Some(state);
+        }
+        self.cond.notify_all();
+        while self.requested() && !exit.should_stop() {
+            parked = self
+                .cond
+                .wait_timeout(parked, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Parks every vCPU and returns their states, in id order. On an error
+    /// the vCPUs are resumed.
+    pub fn pause(
+        &self,
+        exit: &ExitState,
+        timeout: Duration,
+    ) -> Result<Vec<VcpuState>, snapshot::Error> {
+        let deadline = Instant::now() + timeout;
+        {
+            let mut parked = lock(&self.parked);
+            parked.iter_mut().for_each(|s| *s = None);
+            self.requested.store(true, Ordering::SeqCst);
+        }
+        exit.kick_vcpus();
+        let mut parked = lock(&self.parked);
+        loop {
+            if parked.iter().all(Option::is_some) {
+                break;
+            }
+            let now = Instant::now();
+            if exit.should_stop() || now >= deadline {
+                drop(parked);
+                self.resume();
+                return Err(snapshot::Error::Pause(if exit.should_stop() {
+                    "the vm stopped".into()
+                } else {
+                    format!("the vcpus did not stop within {timeout:?}")
+                }));
+            }
+            parked = self
+                .cond
+                .wait_timeout(parked, (deadline - now).min(Duration::from_millis(50)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let states: Vec<_> = parked.iter_mut().map(|s| s.take()).collect();
+        drop(parked);
+        let mut out = Vec::with_capacity(states.len());
+        for s in states.into_iter().flatten() {
+            match s {
+                Ok(state) => out.push(state),
+                Err(e) => {
+                    self.resume();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        let _parked = lock(&self.parked);
+        self.requested.store(false, Ordering::SeqCst);
+        self.cond.notify_all();
+    }
+}
+
 /// One vCPU and what its thread needs.
 pub struct Vcpu {
     pub id: u8,
     pub fd: VcpuFd,
     pub buses: Arc<Buses>,
     pub exit: Arc<ExitState>,
+    pub pause: Arc<PauseControl>,
     /// The boot vCPU reports the instant of its first `KVM_RUN`.
     pub first_run: Option<Sender<Instant>>,
 }
@@ -144,9 +247,14 @@ impl Vcpu {
                 None
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Cleared before the checks: a kick landing after them
+                // sets it again and the next KVM_RUN returns at once.
                 self.fd.set_kvm_immediate_exit(0);
                 if self.exit.take_sample_request() {
                     self.log_state();
+                }
+                if self.pause.requested() {
+                    self.pause.park(self.id, &self.fd, &self.exit);
                 }
                 None
             }

@@ -26,7 +26,7 @@ use crate::devices::virtio::{blk, vsock, VirtioDevice};
 use crate::event_loop::{EventLoop, EventLoopHandle, Subscriber};
 use crate::exit::ExitState;
 use crate::memory::{GuestRam, KVM_TSS_ADDR, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
-use crate::vcpu::{self, Buses, Vcpu};
+use crate::vcpu::{self, Buses, PauseControl, Vcpu};
 use crate::{
     cpu, BootTimings, Error, ExitReason, VmConfig, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB,
 };
@@ -38,6 +38,8 @@ pub const VIRTIO_FIRST_IRQ: u32 = 5;
 pub const MAX_VIRTIO_DEVICES: usize = 19;
 /// How long `start` waits for the boot vCPU thread to reach `KVM_RUN`.
 const FIRST_RUN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a snapshot waits for every vCPU to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What `validate` settled on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +52,24 @@ pub struct Plan {
 /// Checks a config without touching KVM: every user mistake gets its named
 /// error here, before any resource is allocated.
 pub fn validate(config: &VmConfig, kvm_pvm: bool) -> Result<Plan, Error> {
+    let plan = validate_shape(config, kvm_pvm)?;
+    if !config.kernel.is_file() {
+        return Err(Error::KernelNotFound {
+            path: config.kernel.clone(),
+        });
+    }
+    if let Some(initramfs) = &config.initramfs {
+        if !initramfs.is_file() {
+            return Err(Error::InitramfsNotFound {
+                path: initramfs.clone(),
+            });
+        }
+    }
+    Ok(plan)
+}
+
+/// [`validate`] without the boot files (a restore does not read them).
+fn validate_shape(config: &VmConfig, kvm_pvm: bool) -> Result<Plan, Error> {
     if config.vcpus == 0 {
         return Err(Error::ZeroVcpus);
     }
@@ -70,18 +90,6 @@ pub fn validate(config: &VmConfig, kvm_pvm: bool) -> Result<Plan, Error> {
             mib: config.memory_mib,
             max_mib: MAX_MEMORY_MIB,
         });
-    }
-    if !config.kernel.is_file() {
-        return Err(Error::KernelNotFound {
-            path: config.kernel.clone(),
-        });
-    }
-    if let Some(initramfs) = &config.initramfs {
-        if !initramfs.is_file() {
-            return Err(Error::InitramfsNotFound {
-                path: initramfs.clone(),
-            });
-        }
     }
     let devices = config.disks.len() + config.vsock.is_some() as usize;
     if devices > MAX_VIRTIO_DEVICES {
@@ -130,22 +138,94 @@ pub fn mmio_slots(config: &VmConfig) -> Vec<MmioSlot> {
 /// (joined in [`Running::stop`]), then devices, memory and the VM fd.
 pub struct Running {
     pub exit: Arc<ExitState>,
+    plan: Plan,
     vcpu_threads: Vec<JoinHandle<()>>,
     event_loop: Option<EventLoopHandle>,
     /// Turns PIT reinjection off beside the guest (see
     /// [`disable_pit_reinjection`]); joined before the VM fd closes.
     pit_tuning: Option<JoinHandle<()>>,
+    pause: Arc<PauseControl>,
+    /// The virtio-mmio transports in slot order (also on the MMIO bus).
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    serial: Arc<Mutex<SerialDevice>>,
     _buses: Arc<Buses>,
-    _vm_fd: Arc<VmFd>,
-    _ram: GuestRam,
+    vm_fd: Arc<VmFd>,
+    ram: GuestRam,
     _kvm: Kvm,
 }
 
 impl Running {
+    /// Saves the whole VM into `dir` (see [`crate::snapshot`]) and lets it
+    /// run on. `disks` are the VM's disk files, copied while it is paused.
+    pub fn snapshot(
+        &self,
+        dir: &Path,
+        disks: &[crate::DiskConfig],
+        vsock_cid: Option<u32>,
+    ) -> Result<crate::SnapshotTimings, crate::snapshot::Error> {
+        use crate::snapshot::{self as snap, Error as S};
+        let t0 = Instant::now();
+        if self.exit.should_stop() {
+            return Err(S::NotRunning);
+        }
+        let vcpus = self.pause.pause(&self.exit, PAUSE_TIMEOUT)?;
+        let paused = t0.elapsed();
+        // Whatever happens now, the VM runs on afterwards.
+        let result = (|| {
+            let vm = snap::vm_state::save(&self.vm_fd)?;
+            let transports: Vec<_> = self
+                .transports
+                .iter()
+                .map(|t| crate::devices::bus::lock(t).save_state())
+                .collect();
+            let serial = crate::devices::bus::lock(&self.serial).save_state();
+            let t_disk = Instant::now();
+            let mut saved_disks = Vec::with_capacity(disks.len());
+            for (i, d) in disks.iter().enumerate() {
+                let file = snap::disk_file(i);
+                snap::clone_file(&d.path, &dir.join(&file))?;
+                saved_disks.push(snap::SavedDisk {
+                    file,
+                    read_only: d.read_only,
+                    id: d.id.clone(),
+                });
+            }
+            let disk_time = t_disk.elapsed();
+            let t_mem = Instant::now();
+            let mem_path = dir.join(snap::MEMORY_FILE);
+            let written = snap::memory::write(&self.ram, &mem_path)
+                .map_err(S::io(format!("cannot write {}", mem_path.display())))?;
+            let memory_time = t_mem.elapsed();
+            let state = snap::VmSnapshot {
+                version: snap::FORMAT_VERSION,
+                memory_mib: (self.plan.memory_bytes >> 20) as u32,
+                kvm_pvm: self.plan.kvm_pvm,
+                vcpus,
+                vm,
+                serial,
+                transports,
+                disks: saved_disks,
+                vsock_cid,
+            };
+            state.store(dir)?;
+            Ok::<_, S>((disk_time, memory_time, written))
+        })();
+        self.pause.resume();
+        let (disks, memory, written) = result?;
+        Ok(crate::SnapshotTimings {
+            pause: paused,
+            disks,
+            memory,
+            memory_bytes: written.data_bytes,
+            total: t0.elapsed(),
+        })
+    }
+
     /// Stops every thread and releases every resource; returns how the VM
     /// ended.
     pub fn stop(mut self) -> ExitReason {
         self.exit.finish(ExitReason::HostStop);
+        self.pause.resume();
         self.exit.forget_vcpu_threads();
         for t in self.vcpu_threads.drain(..) {
             if t.join().is_err() {
@@ -306,18 +386,8 @@ fn setup_kvm_side(kvm: &Kvm, vm_fd: &VmFd, ram: &GuestRam) -> Result<KvmSide, Er
     })
 }
 
-/// Builds and starts the VM described by `config`.
-pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
-    let t_start = Instant::now();
-    let plan = validate(config, crate::is_kvm_pvm_host())?;
-    let mut timings = BootTimings::default();
-
-    // The device back ends first: a bad disk path or socket is the user's
-    // mistake and gets its error before any KVM work.
-    let exit = Arc::new(ExitState::new());
-    let devices = create_virtio_devices(config)?;
-
-    // KVM: the VM, the in-kernel irqchip (PIC, IO-APIC, LAPICs) and PIT.
+/// Opens KVM, checks the capabilities the monitor needs and creates a VM.
+fn open_kvm() -> Result<(Kvm, VmFd), Error> {
     let kvm = Kvm::new().map_err(|source| Error::KvmUnavailable { source })?;
     for (cap, name) in [
         (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
@@ -334,6 +404,69 @@ pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
         }
     }
     let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    Ok((kvm, vm_fd))
+}
+
+/// The serial irqfd and the virtio-mmio transports, registered with KVM.
+fn attach_devices(
+    vm_fd: &VmFd,
+    mem: &crate::devices::virtio::GuestMemory,
+    devices: &[SharedDevice],
+    slots: &[MmioSlot],
+) -> Result<(EventFd, Vec<(MmioTransport, MmioSlot)>), Error> {
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Io {
+        what: "cannot create the serial irqfd".into(),
+        source,
+    })?;
+    vm_fd
+        .register_irqfd(&serial_irq, serial::COM1_IRQ)
+        .map_err(kvm_err("KVM_IRQFD"))?;
+    let mut transports = Vec::with_capacity(devices.len());
+    for (dev, slot) in devices.iter().zip(slots) {
+        let transport =
+            MmioTransport::attach(vm_fd, dev.device.clone(), mem.clone(), slot.base, slot.irq)
+                .map_err(|e| device_err(&dev.name, e))?;
+        transports.push((transport, *slot));
+    }
+    Ok((serial_irq, transports))
+}
+
+/// What boot and restore have built before the devices and vCPUs join.
+struct Shell {
+    plan: Plan,
+    exit: Arc<ExitState>,
+    kvm: Kvm,
+    vm_fd: VmFd,
+    ram: GuestRam,
+    devices: Vec<SharedDevice>,
+    transports: Vec<(MmioTransport, MmioSlot)>,
+    serial_irq: EventFd,
+}
+
+/// How the vCPUs get their first state.
+enum CpuStart<'a> {
+    /// The PVH entry of a fresh boot.
+    Boot {
+        cpuid: kvm_bindings::CpuId,
+        entry: u64,
+    },
+    /// A snapshot's states, one per vCPU.
+    Restore(&'a crate::snapshot::VmSnapshot),
+}
+
+/// Builds and starts the VM described by `config`.
+pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
+    let t_start = Instant::now();
+    let plan = validate(config, crate::is_kvm_pvm_host())?;
+    let mut timings = BootTimings::default();
+
+    // The device back ends first: a bad disk path or socket is the user's
+    // mistake and gets its error before any KVM work.
+    let exit = Arc::new(ExitState::new());
+    let devices = create_virtio_devices(config)?;
+
+    // KVM: the VM, the in-kernel irqchip (PIC, IO-APIC, LAPICs) and PIT.
+    let (kvm, vm_fd) = open_kvm()?;
     let t_mem = Instant::now();
     timings.kvm = t_mem - t_start;
     let ram = GuestRam::new(plan.memory_bytes).map_err(|e| Error::Memory(e.to_string()))?;
@@ -351,25 +484,7 @@ pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
         let helper = scope.spawn(|| {
             let kvm_side = setup_kvm_side(&kvm, &vm_fd, &ram)?;
             let t_dev = Instant::now();
-            let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Io {
-                what: "cannot create the serial irqfd".into(),
-                source,
-            })?;
-            vm_fd
-                .register_irqfd(&serial_irq, serial::COM1_IRQ)
-                .map_err(kvm_err("KVM_IRQFD"))?;
-            let mut transports = Vec::with_capacity(devices.len());
-            for (dev, slot) in devices.iter().zip(&slots) {
-                let transport = MmioTransport::attach(
-                    &vm_fd,
-                    dev.device.clone(),
-                    mem.clone(),
-                    slot.base,
-                    slot.irq,
-                )
-                .map_err(|e| device_err(&dev.name, e))?;
-                transports.push((transport, *slot));
-            }
+            let (serial_irq, transports) = attach_devices(&vm_fd, &mem, &devices, &slots)?;
             let devices_time = t_dev.elapsed();
             let initramfs = match &config.initramfs {
                 Some(path) => Some(boot::load_initramfs(&ram, path).map_err(map_boot_err)?),
@@ -391,26 +506,212 @@ pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
     let cmdline = boot::cmdline::build(plan.kvm_pvm, &slots, &config.cmdline)
         .map_err(|e| Error::Cmdline(e.to_string()))?;
     boot::write_boot_data(&mem, &cmdline, plan.vcpus, initramfs).map_err(map_boot_err)?;
-    let supported_cpuid = kvm_side.cpuid;
     timings.kvm += kvm_side.kvm;
     timings.memory += kvm_side.memory;
     timings.kernel_load = t_load.elapsed();
+    timings.devices = devices_time;
+    let shell = Shell {
+        plan,
+        exit,
+        kvm,
+        vm_fd,
+        ram,
+        devices,
+        transports,
+        serial_irq,
+    };
+    let start = CpuStart::Boot {
+        cpuid: kvm_side.cpuid,
+        entry: kernel.entry,
+    };
+    let running = assemble(config, shell, start, &mut timings, t_start)?;
+    Ok((running, timings))
+}
+
+/// Checks that `config` describes the machine `snap` was taken of.
+fn check_restore_shape(
+    config: &VmConfig,
+    plan: &Plan,
+    snap: &crate::snapshot::VmSnapshot,
+) -> Result<(), Error> {
+    use crate::snapshot::Error as S;
+    let mismatch = |what, snapshot: String, config: String| {
+        Err(Error::Snapshot(S::Mismatch {
+            what,
+            snapshot,
+            config,
+        }))
+    };
+    if snap.memory_mib != config.memory_mib {
+        return mismatch(
+            "memory (MiB)",
+            snap.memory_mib.to_string(),
+            config.memory_mib.to_string(),
+        );
+    }
+    if snap.vcpus.len() != plan.vcpus as usize {
+        return mismatch(
+            "vcpus",
+            snap.vcpus.len().to_string(),
+            plan.vcpus.to_string(),
+        );
+    }
+    if snap.kvm_pvm != plan.kvm_pvm {
+        return mismatch(
+            "host kind (kvm_pvm)",
+            snap.kvm_pvm.to_string(),
+            plan.kvm_pvm.to_string(),
+        );
+    }
+    if snap.disks.len() != config.disks.len() {
+        return mismatch(
+            "disks",
+            snap.disks.len().to_string(),
+            config.disks.len().to_string(),
+        );
+    }
+    for (saved, disk) in snap.disks.iter().zip(&config.disks) {
+        if saved.read_only != disk.read_only {
+            return mismatch(
+                "a disk's read-only flag",
+                saved.read_only.to_string(),
+                disk.read_only.to_string(),
+            );
+        }
+    }
+    if snap.vsock_cid.is_some() != config.vsock.is_some() {
+        return mismatch(
+            "a vsock device",
+            snap.vsock_cid.is_some().to_string(),
+            config.vsock.is_some().to_string(),
+        );
+    }
+    let devices = config.disks.len() + config.vsock.is_some() as usize;
+    if snap.transports.len() != devices {
+        return Err(Error::Snapshot(S::Corrupt {
+            what: "device list".into(),
+            reason: format!("{} devices for {devices} slots", snap.transports.len()),
+        }));
+    }
+    Ok(())
+}
+
+/// Builds a VM from the snapshot in `dir` and starts it where the snapshot
+/// stopped. `config` gives the host side (console log, vsock socket, the
+/// disk files, already copied from the snapshot's) and must describe the
+/// same machine; its kernel and initramfs are not used.
+pub fn restore(
+    config: &VmConfig,
+    dir: &Path,
+    snap: &crate::snapshot::VmSnapshot,
+) -> Result<(Running, BootTimings), Error> {
+    let t_start = Instant::now();
+    let mut timings = BootTimings::default();
+    let mut plan = validate_shape(config, crate::is_kvm_pvm_host())?;
+    plan.vcpus = plan.vcpus.min(snap.vcpus.len() as u8);
+    check_restore_shape(config, &plan, snap)?;
+    let exit = Arc::new(ExitState::new());
+    let devices = create_virtio_devices(config)?;
+    let (kvm, vm_fd) = open_kvm()?;
+    let host = crate::snapshot::vcpu::host_features(
+        cpu::supported_cpuid(&kvm)
+            .map_err(|e| device_err("cpuid", e))?
+            .as_slice(),
+    );
+    for state in &snap.vcpus {
+        if let Some((leaf, register, bits)) =
+            crate::snapshot::vcpu::missing_features(&state.cpuid, &host)
+        {
+            return Err(Error::Snapshot(crate::snapshot::Error::CpuFeatures {
+                leaf,
+                register,
+                bits,
+            }));
+        }
+    }
+    timings.kvm = t_start.elapsed();
+    let t_mem = Instant::now();
+    let mem_path = dir.join(crate::snapshot::MEMORY_FILE);
+    let mem_file = File::open(&mem_path).map_err(|source| Error::Io {
+        what: format!("cannot open {}", mem_path.display()),
+        source,
+    })?;
+    let ram = GuestRam::from_snapshot(mem_file, plan.memory_bytes)
+        .map_err(|e| Error::Memory(e.to_string()))?;
+    timings.memory = t_mem.elapsed();
+    let kvm_side = setup_kvm_side(&kvm, &vm_fd, &ram)?;
+    timings.kvm += kvm_side.kvm;
+    timings.memory += kvm_side.memory;
+    let t_dev = Instant::now();
+    let slots = mmio_slots(config);
+    let (serial_irq, transports) = attach_devices(&vm_fd, ram.memory(), &devices, &slots)?;
+    crate::snapshot::vm_state::restore(&vm_fd, &snap.vm)?;
+    timings.devices = t_dev.elapsed();
+    let shell = Shell {
+        plan,
+        exit,
+        kvm,
+        vm_fd,
+        ram,
+        devices,
+        transports,
+        serial_irq,
+    };
+    let running = assemble(
+        config,
+        shell,
+        CpuStart::Restore(snap),
+        &mut timings,
+        t_start,
+    )?;
+    Ok((running, timings))
+}
+
+/// The part boot and restore share: serial, i8042 and the virtio-mmio
+/// transports on their buses, the event loop, the vCPUs, then the threads.
+fn assemble(
+    config: &VmConfig,
+    shell: Shell,
+    start: CpuStart<'_>,
+    timings: &mut BootTimings,
+    t_start: Instant,
+) -> Result<Running, Error> {
+    let Shell {
+        plan,
+        exit,
+        kvm,
+        vm_fd,
+        ram,
+        devices,
+        transports,
+        serial_irq,
+    } = shell;
     let mut t = Instant::now();
+    let restoring = match &start {
+        CpuStart::Restore(snap) => Some(*snap),
+        CpuStart::Boot { .. } => None,
+    };
 
     // Devices: COM1 on its irqfd, the i8042, the virtio-mmio transports.
     let console = match &config.console_log {
         Some(path) => Some(open_console_log(path)?),
         None => None,
     };
-    let serial = SerialDevice::new(serial_irq, ConsoleLog::new(console, exit.clone()));
+    let log = ConsoleLog::new(console, exit.clone());
+    let serial = match restoring {
+        Some(snap) => SerialDevice::restore(serial_irq, log, &snap.serial).map_err(|e| {
+            Error::Snapshot(crate::snapshot::Error::Corrupt {
+                what: "serial state".into(),
+                reason: e,
+            })
+        })?,
+        None => SerialDevice::new(serial_irq, log),
+    };
+    let serial = Arc::new(Mutex::new(serial));
     let mut pio = Bus::new();
     let bus_err = |e| device_err("bus", e);
-    pio.insert(
-        Arc::new(Mutex::new(serial)),
-        serial::COM1_BASE,
-        serial::COM1_LEN,
-    )
-    .map_err(bus_err)?;
+    pio.insert(serial.clone(), serial::COM1_BASE, serial::COM1_LEN)
+        .map_err(bus_err)?;
     pio.insert(
         Arc::new(Mutex::new(I8042::new(exit.clone()))),
         i8042::PORT_BASE,
@@ -420,32 +721,42 @@ pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
 
     let mut event_loop = EventLoop::new().map_err(|e| device_err("event loop", e))?;
     let mut mmio = Bus::new();
-    for (transport, slot) in transports {
-        mmio.insert(Arc::new(Mutex::new(transport)), slot.base, slot.size)
+    let mut shared_transports = Vec::with_capacity(transports.len());
+    for (i, (mut transport, slot)) in transports.into_iter().enumerate() {
+        if let Some(snap) = restoring {
+            transport
+                .restore_state(&snap.transports[i])
+                .map_err(|e| device_err(&devices[i].name, e))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), slot.base, slot.size)
             .map_err(bus_err)?;
+        shared_transports.push(transport);
     }
     for dev in devices {
         event_loop.add(dev.subscriber);
     }
     let buses = Arc::new(Buses { pio, mmio });
-    timings.devices = t.elapsed() + devices_time;
+    timings.devices += t.elapsed();
     t = Instant::now();
 
     // vCPUs.
+    let msrs = crate::snapshot::vcpu::msr_list(&kvm)?;
+    let pause = Arc::new(PauseControl::new(plan.vcpus as usize, msrs));
     let mut vcpu_fds = Vec::with_capacity(plan.vcpus as usize);
     for id in 0..plan.vcpus {
         let fd = vm_fd
             .create_vcpu(id as u64)
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        cpu::configure(
-            &fd,
-            id,
-            plan.vcpus,
-            &supported_cpuid,
-            kernel.entry,
-            plan.kvm_pvm,
-        )
-        .map_err(|e| device_err("vcpu", e))?;
+        match &start {
+            CpuStart::Boot { cpuid, entry } => {
+                cpu::configure(&fd, id, plan.vcpus, cpuid, *entry, plan.kvm_pvm)
+                    .map_err(|e| device_err("vcpu", e))?
+            }
+            CpuStart::Restore(snap) => {
+                crate::snapshot::vcpu::restore(&fd, &snap.vcpus[id as usize])?
+            }
+        }
         vcpu_fds.push(fd);
     }
     vcpu::install_kick_handler().map_err(kvm_err("sigaction"))?;
@@ -475,12 +786,16 @@ pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
     };
     let mut running = Running {
         exit: exit.clone(),
+        plan,
         vcpu_threads: Vec::new(),
         event_loop: Some(event_loop),
         pit_tuning,
+        pause: pause.clone(),
+        transports: shared_transports,
+        serial,
         _buses: buses.clone(),
-        _vm_fd: vm_fd,
-        _ram: ram,
+        vm_fd,
+        ram,
         _kvm: kvm,
     };
     let (first_tx, first_rx) = mpsc::channel();
@@ -490,6 +805,7 @@ pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
             fd,
             buses: buses.clone(),
             exit: exit.clone(),
+            pause: pause.clone(),
             first_run: (id == 0).then(|| first_tx.clone()),
         };
         let spawned = std::thread::Builder::new()
@@ -525,7 +841,7 @@ pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
             ));
         }
     }
-    Ok((running, timings))
+    Ok(running)
 }
 
 #[cfg(test)]

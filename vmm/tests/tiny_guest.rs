@@ -141,6 +141,7 @@ fn tiny_guests() {
     triple_fault_is_a_crash();
     bad_configs_are_named_errors();
     many_start_stop_cycles();
+    snapshot_and_restore_continue_the_guest();
 
     // Each tiny guest is a kernel file of its own, prepared once and kept
     // for the next VM: those memfds are the cache's, not a leak.
@@ -312,4 +313,125 @@ fn many_start_stop_cycles() {
         let mut vm = Vm::start(g.config()).unwrap();
         assert_eq!(vm.stop(), ExitReason::HostStop);
     }
+}
+
+/// Prints a line per letter from 'a' on, with a spin loop between lines:
+/// the letter is in a register, so a restored guest that goes on with the
+/// next letter has its vCPU state back, and its code came from the
+/// snapshot's memory.
+fn letters_guest(delay: u32) -> Vec<u8> {
+    let mut code = MOV_DX_COM1.to_vec();
+    code.extend_from_slice(&[0xb3, b'a']); // mov bl, 'a'
+    let next = code.len();
+    code.extend_from_slice(&[0x88, 0xd8, OUT_DX_AL]); // mov al, bl; out
+    code.extend_from_slice(&[0xb0, b'\n', OUT_DX_AL]);
+    code.extend_from_slice(&[0xfe, 0xc3]); // inc bl
+    code.push(0xb9); // mov ecx, delay
+    code.extend_from_slice(&delay.to_le_bytes());
+    code.extend_from_slice(&[0x49, 0x75, 0xfd]); // spin: dec ecx; jnz spin
+    let back = next as i64 - (code.len() as i64 + 2);
+    code.extend_from_slice(&[0xeb, back as i8 as u8]); // jmp next
+    code
+}
+
+fn lines(path: &Path) -> Vec<u8> {
+    std::fs::read(path)
+        .unwrap_or_default()
+        .split(|&b| b == b'\n')
+        .filter(|l| l.len() == 1)
+        .map(|l| l[0])
+        .collect()
+}
+
+fn wait_for_lines(path: &Path, n: usize) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let l = lines(path);
+        if l.len() >= n {
+            return l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} lines in {}",
+            l.len(),
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn snapshot_and_restore_continue_the_guest() {
+    use smol_vmm::snapshot::{self, Error as SnapErr};
+    use smol_vmm::Error;
+    let g = Guest::new(&letters_guest(200_000));
+    let disk = g.dir.path().join("disk.img");
+    std::fs::write(&disk, b"disk contents at the snapshot").unwrap();
+    let mut config = g.config();
+    config.disks.push(DiskConfig {
+        path: disk.clone(),
+        read_only: false,
+        id: "tiny".into(),
+    });
+    let mut vm = Vm::start(config.clone()).unwrap();
+    wait_for_lines(&g.console(), 3);
+    let snap = g.dir.path().join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let t = vm.snapshot(&snap).unwrap();
+    let at_snapshot = *lines(&g.console()).last().unwrap();
+    assert!(t.total >= t.pause && t.memory_bytes > 0, "{t:?}");
+    // The guest runs on after its snapshot.
+    let before = lines(&g.console()).len();
+    wait_for_lines(&g.console(), before + 2);
+    assert_eq!(vm.stop(), ExitReason::HostStop);
+    std::fs::write(&disk, b"changed after the snapshot").unwrap();
+    assert_eq!(
+        std::fs::read(snap.join(snapshot::disk_file(0))).unwrap(),
+        b"disk contents at the snapshot"
+    );
+
+    // Two restores of one snapshot both go on from where it stopped.
+    for round in 0..2 {
+        let console = g.dir.path().join(format!("restored-{round}.log"));
+        let disk = g.dir.path().join(format!("restored-{round}.img"));
+        snapshot::clone_file(&snap.join(snapshot::disk_file(0)), &disk).unwrap();
+        let mut c = config.clone();
+        c.console_log = Some(console.clone());
+        c.disks[0].path = disk;
+        c.kernel = g.dir.path().join("not-read-on-restore");
+        let mut vm = Vm::restore(c, &snap).unwrap();
+        let got = wait_for_lines(&console, 2);
+        assert!(
+            got[0] == at_snapshot + 1 || got[0] == at_snapshot,
+            "restored guest printed {:?} first; the snapshot was at {:?}",
+            got[0] as char,
+            at_snapshot as char
+        );
+        assert_eq!(got[1], got[0] + 1);
+        assert_eq!(vm.stop(), ExitReason::HostStop);
+    }
+
+    // What is wrong with a snapshot is named.
+    let mut c = config.clone();
+    c.memory_mib = 128;
+    c.disks[0].path = g.dir.path().join("restored-0.img");
+    let err = Vm::restore(c, &snap).err().unwrap();
+    assert!(
+        matches!(err, Error::Snapshot(SnapErr::Mismatch { .. })),
+        "{err}"
+    );
+    let err = Vm::restore(config.clone(), &g.dir.path().join("none"))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, Error::Snapshot(SnapErr::NotFound { .. })),
+        "{err}"
+    );
+    let mem = snap.join(snapshot::MEMORY_FILE);
+    let f = std::fs::OpenOptions::new().write(true).open(&mem).unwrap();
+    f.set_len(4096).unwrap();
+    let err = Vm::restore(config.clone(), &snap).err().unwrap();
+    assert!(
+        matches!(err, Error::Snapshot(SnapErr::Corrupt { .. })),
+        "{err}"
+    );
 }

@@ -15,10 +15,13 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{ActivatedQueue, GuestMemory, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    ActivatedQueue, GuestMemory, Interrupt, QueueSnapshot, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 use crate::devices::bus::{lock, BusDevice};
 
 /// "virt" in little endian.
@@ -85,6 +88,26 @@ pub enum Error {
     IrqFd(u32, #[source] kvm_ioctls::Error),
     #[error("{0} notify fds for {1} queues")]
     NotifyCount(usize, usize),
+    #[error("cannot restore the device state: {0}")]
+    Restore(String),
+}
+
+/// A transport and its device in a snapshot: the registers as the driver
+/// set them and, when the device was running, its own queue indices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub status: u32,
+    pub driver_features: u64,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub queue_sel: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    /// The queue registers (addresses, size, ready).
+    pub queues: Vec<QueueSnapshot>,
+    /// The device's queues, with the indices it had reached.
+    pub device_queues: Option<Vec<QueueSnapshot>>,
 }
 
 /// One device's virtio-mmio register window.
@@ -187,6 +210,116 @@ impl MmioTransport {
     /// The current device status register.
     pub fn status(&self) -> u32 {
         self.status
+    }
+
+    /// Saves the registers and the device's queues; the device finishes
+    /// the requests it holds first (see [`VirtioDevice::quiesce_queues`]).
+    /// Every vCPU must be parked.
+    pub fn save_state(&mut self) -> TransportState {
+        let device_queues = if self.status & STATUS_DRIVER_OK != 0 {
+            lock(&self.device)
+                .quiesce_queues()
+                .map(|qs| qs.into_iter().map(QueueSnapshot::from).collect())
+        } else {
+            None
+        };
+        TransportState {
+            device_type: self.device_type,
+            status: self.status,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            device_queues,
+        }
+    }
+
+    /// Brings a fresh transport (and its device) to `state`, activating the
+    /// device from its saved queues if it was running. Before any vCPU runs.
+    /// The state is untrusted: every queue is validated as at activation.
+    pub fn restore_state(&mut self, state: &TransportState) -> Result<(), Error> {
+        let fail = |r: String| Error::Restore(r);
+        if state.device_type != self.device_type {
+            return Err(fail(format!(
+                "saved device type {} where the vm has type {}",
+                state.device_type, self.device_type
+            )));
+        }
+        if state.driver_features & !self.avail_features != 0 {
+            return Err(fail(format!(
+                "saved features {:#x} beyond the device's {:#x}",
+                state.driver_features, self.avail_features
+            )));
+        }
+        let queue = |i: usize, q: &QueueSnapshot| {
+            let max = self.queues.get(i).map(|q| q.max_size());
+            if max != Some(q.max_size) {
+                return Err(fail(format!(
+                    "queue {i}: saved maximum size {}",
+                    q.max_size
+                )));
+            }
+            Queue::try_from(QueueState::from(*q)).map_err(|e| fail(format!("queue {i}: {e}")))
+        };
+        if state.queues.len() != self.queues.len() {
+            return Err(fail(format!(
+                "{} saved queues, the device has {}",
+                state.queues.len(),
+                self.queues.len()
+            )));
+        }
+        let registers = state
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| queue(i, q))
+            .collect::<Result<Vec<_>, _>>()?;
+        let running = state.status & STATUS_DRIVER_OK != 0;
+        let device_queues = match (&state.device_queues, running) {
+            (Some(qs), true) if qs.len() == self.queues.len() => Some(
+                qs.iter()
+                    .enumerate()
+                    .map(|(i, q)| {
+                        let q = queue(i, q)?;
+                        if q.ready() && !q.is_valid(&self.mem) {
+                            return Err(fail(format!("queue {i} is not valid in guest memory")));
+                        }
+                        Ok(q)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            (None, false) => None,
+            _ => return Err(fail("device queues do not match the device status".into())),
+        };
+        self.queues = registers;
+        self.status = state.status;
+        self.driver_features = state.driver_features;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.queue_sel = state.queue_sel;
+        self.config_generation = state.config_generation;
+        self.interrupt.set_status(state.interrupt_status);
+        let mut device = lock(&self.device);
+        if state.status & STATUS_FEATURES_OK != 0 {
+            device.set_acked_features(state.driver_features);
+        }
+        if let Some(queues) = device_queues {
+            let mut activated = Vec::with_capacity(queues.len());
+            for (queue, notify) in queues.into_iter().zip(&self.notify) {
+                let notify = notify
+                    .try_clone()
+                    .map_err(|e| fail(format!("cannot clone the notify fd: {e}")))?;
+                activated.push(ActivatedQueue { queue, notify });
+            }
+            device
+                .activate(self.mem.clone(), self.interrupt.clone(), activated)
+                .map_err(|e| fail(e.to_string()))?;
+            device.restored();
+        }
+        Ok(())
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -502,6 +635,9 @@ mod tests {
         fn is_activated(&self) -> bool {
             self.activated.is_some()
         }
+        fn quiesce_queues(&mut self) -> Option<Vec<QueueState>> {
+            None
+        }
     }
 
     struct Rig {
@@ -795,6 +931,9 @@ mod tests {
             }
             fn is_activated(&self) -> bool {
                 false
+            }
+            fn quiesce_queues(&mut self) -> Option<Vec<QueueState>> {
+                None
             }
         }
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();

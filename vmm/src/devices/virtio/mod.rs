@@ -17,7 +17,8 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -71,6 +72,11 @@ impl Interrupt {
     /// The InterruptStatus register, as the driver reads it.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
+    }
+
+    /// Sets the InterruptStatus register (restoring a snapshot).
+    pub fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
     }
 
     /// InterruptACK: the driver clears the bits it has handled.
@@ -134,4 +140,60 @@ pub trait VirtioDevice: Send {
     }
     /// Whether `activate` succeeded and no reset followed.
     fn is_activated(&self) -> bool;
+    /// For a snapshot, with every vCPU parked: finishes the requests the
+    /// device holds and returns its queues as it sees them (indices
+    /// included), or `None` when it is not activated. The device goes on
+    /// running afterwards.
+    fn quiesce_queues(&mut self) -> Option<Vec<QueueState>>;
+    /// Called once after a restore activated the device from saved queues,
+    /// before any vCPU runs: for what the guest must be told (the vsock
+    /// transport reset).
+    fn restored(&mut self) {}
+}
+
+/// A queue's state in a snapshot (virtio-queue's `QueueState`, which has
+/// no serde). Untrusted when read back: `Queue::try_from` validates it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        QueueSnapshot {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
 }

@@ -260,6 +260,14 @@ impl VirtioDevice for Block {
     fn is_activated(&self) -> bool {
         self.active.is_some()
     }
+
+    fn quiesce_queues(&mut self) -> Option<Vec<virtio_queue::QueueState>> {
+        // The event loop cannot pop more while the caller holds this
+        // device; the worker finishes what it was given.
+        let active = self.active.as_ref()?;
+        active.worker.drain();
+        Some(vec![active.queue.state()])
+    }
 }
 
 impl MutEventSubscriber for Block {

@@ -74,6 +74,11 @@ impl BlockQueue {
         }
     }
 
+    /// The queue as the device sees it (indices included).
+    pub fn state(&self) -> virtio_queue::QueueState {
+        self.lock().state()
+    }
+
     /// Interrupts the driver if it wants to hear about used buffers.
     pub fn notify_driver(&self) {
         let needed = self.lock().needs_notification(&self.mem).unwrap_or(true);
@@ -126,10 +131,18 @@ pub fn dispatch(queue: &BlockQueue, worker: &IoWorker) -> usize {
     count
 }
 
+/// What the worker thread is sent, served in order.
+#[derive(Debug)]
+enum Work {
+    Job(Job),
+    /// Answered once every job sent before it is complete.
+    Barrier(Sender<()>),
+}
+
 /// A thread that serves the jobs of one queue in order.
 #[derive(Debug)]
 pub struct IoWorker {
-    jobs: Option<Sender<Job>>,
+    jobs: Option<Sender<Work>>,
     thread: Option<JoinHandle<()>>,
     disk: Arc<DiskFile>,
     queue: Arc<BlockQueue>,
@@ -157,14 +170,28 @@ impl IoWorker {
     /// queue size bounds the chains in flight.
     pub fn submit(&self, job: Job) {
         let sent = match &self.jobs {
-            Some(tx) => tx.send(job),
-            None => Err(mpsc::SendError(job)),
+            Some(tx) => tx.send(Work::Job(job)),
+            None => Err(mpsc::SendError(Work::Job(job))),
         };
-        if let Err(mpsc::SendError(job)) = sent {
+        if let Err(mpsc::SendError(Work::Job(job))) = sent {
             // The worker died (a bug): keep the queue moving inline.
             tracing::error!("block i/o worker is gone, serving inline");
             complete(&self.disk, &self.queue, job);
             self.queue.notify_driver();
+        }
+    }
+}
+
+impl IoWorker {
+    /// Returns once every job submitted so far is complete and in the used
+    /// ring (for a snapshot: nothing may be in flight).
+    pub fn drain(&self) {
+        let (tx, rx) = mpsc::channel();
+        if let Some(jobs) = &self.jobs {
+            if jobs.send(Work::Barrier(tx)).is_ok() {
+                // An error means the worker died: nothing is in flight then.
+                let _ = rx.recv();
+            }
         }
     }
 }
@@ -182,23 +209,33 @@ impl Drop for IoWorker {
     }
 }
 
-fn run(disk: &DiskFile, queue: &BlockQueue, jobs: Receiver<Job>) {
-    while let Ok(mut job) = jobs.recv() {
-        let mut unsignalled = 0;
-        loop {
-            complete(disk, queue, job);
-            unsignalled += 1;
-            match jobs.try_recv() {
-                Ok(next) => {
-                    if unsignalled >= NOTIFY_BATCH {
+fn run(disk: &DiskFile, queue: &BlockQueue, jobs: Receiver<Work>) {
+    let mut unsignalled = 0;
+    while let Ok(work) = jobs.recv() {
+        let mut next = Some(work);
+        while let Some(work) = next.take() {
+            match work {
+                Work::Job(job) => {
+                    complete(disk, queue, job);
+                    unsignalled += 1;
+                }
+                Work::Barrier(done) => {
+                    if unsignalled > 0 {
                         queue.notify_driver();
                         unsignalled = 0;
                     }
-                    job = next;
+                    let _ = done.send(());
                 }
-                Err(_) => break,
+            }
+            next = jobs.try_recv().ok();
+            if next.is_some() && unsignalled >= NOTIFY_BATCH {
+                queue.notify_driver();
+                unsignalled = 0;
             }
         }
-        queue.notify_driver();
+        if unsignalled > 0 {
+            queue.notify_driver();
+            unsignalled = 0;
+        }
     }
 }

@@ -81,6 +81,9 @@ pub struct Vsock {
     /// Queue notification fds registered with the event loop.
     registered: Vec<EventFd>,
     muxer_registered: bool,
+    /// A transport reset the guest must still be told of (restored from a
+    /// snapshot before it had an event buffer posted).
+    reset_pending: bool,
 }
 
 impl Vsock {
@@ -101,6 +104,7 @@ impl Vsock {
             queues: None,
             registered: Vec::new(),
             muxer_registered: false,
+            reset_pending: false,
         })
     }
 
@@ -174,6 +178,9 @@ impl Vsock {
             }
             EVT_EVENT => {
                 let _ = q.event.notify.read();
+                if self.reset_pending {
+                    self.reset_pending = !q.post_transport_reset();
+                }
             }
             EVT_MUXER => {
                 self.muxer.process_host_events();
@@ -240,7 +247,26 @@ impl VirtioDevice for Vsock {
         self.activate_evt.write(1).map_err(ActivateError::Wake)
     }
 
+    fn quiesce_queues(&mut self) -> Option<Vec<virtio_queue::QueueState>> {
+        // Packets move only on the event loop, under this device's lock.
+        let q = self.queues.as_ref()?;
+        Some(vec![
+            q.rx.queue.state(),
+            q.tx.queue.state(),
+            q.event.queue.state(),
+        ])
+    }
+
+    fn restored(&mut self) {
+        // The host ends of the guest's connections did not come along.
+        self.reset_pending = match self.queues.as_mut() {
+            Some(q) => !q.post_transport_reset(),
+            None => false,
+        };
+    }
+
     fn reset(&mut self) -> bool {
+        self.reset_pending = false;
         self.queues = None;
         self.muxer.reset();
         if let Err(e) = self.activate_evt.write(1) {

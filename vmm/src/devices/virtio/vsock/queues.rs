@@ -4,12 +4,15 @@
 
 use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
+use vm_memory::Bytes;
 
 use super::muxer::VsockMuxer;
 use super::packet::MAX_PKT_DATA;
 use crate::devices::virtio::{ActivatedQueue, GuestMemory, Interrupt};
 
 pub const NUM_QUEUES: usize = 3;
+/// `struct virtio_vsock_event { le32 id }` with id TRANSPORT_RESET.
+const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// What the driver handed over at activation.
 #[derive(Debug)]
@@ -18,7 +21,7 @@ pub struct VsockQueues {
     pub interrupt: Interrupt,
     pub rx: ActivatedQueue,
     pub tx: ActivatedQueue,
-    /// Transport events (used on snapshot restore); we post none.
+    /// Transport events: the reset posted after a snapshot restore.
     pub event: ActivatedQueue,
 }
 
@@ -90,6 +93,41 @@ impl VsockQueues {
             used = true;
         }
         used
+    }
+
+    /// Posts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue: the
+    /// driver then resets every connected socket (their host ends are gone
+    /// after a restore), keeps its listeners and re-reads the guest CID.
+    /// Returns false when the driver has no event buffer posted yet.
+    pub fn post_transport_reset(&mut self) -> bool {
+        let mem = &self.mem;
+        let queue = &mut self.event.queue;
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            return false;
+        };
+        let head = chain.head_index();
+        let mut len = 0;
+        for desc in chain {
+            if desc.is_write_only() && desc.len() >= 4 {
+                if mem
+                    .write_obj(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, desc.addr())
+                    .is_ok()
+                {
+                    len = 4;
+                }
+                break;
+            }
+        }
+        if len == 0 {
+            tracing::debug!("vsock: event buffer {head} cannot hold an event");
+        }
+        if let Err(e) = queue.add_used(mem, head, len) {
+            tracing::debug!("vsock: event add_used: {e}");
+        }
+        if let Err(e) = self.interrupt.signal_used_queue() {
+            tracing::warn!("vsock: cannot signal the event queue: {e}");
+        }
+        true
     }
 
     /// Raises the interrupt if the driver wants to hear about used buffers.

@@ -1,0 +1,70 @@
+//! The VM-wide KVM state: PIT, kvm-clock, the two PICs and the IO-APIC.
+//! Saved while every vCPU is parked; restored after the irqchip and PIT
+//! exist and before any vCPU runs.
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+};
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+
+use super::Error;
+
+#[derive(Serialize, Deserialize)]
+pub struct VmState {
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+}
+
+fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { op, source }
+}
+
+fn get_chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, Error> {
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut chip).map_err(kvm("KVM_GET_IRQCHIP"))?;
+    Ok(chip)
+}
+
+pub fn save(vm: &VmFd) -> Result<VmState, Error> {
+    let pit = vm.get_pit2().map_err(kvm("KVM_GET_PIT2"))?;
+    let mut clock = vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?;
+    // KVM_SET_CLOCK takes no TSC_STABLE/REALTIME flags from us: the guest
+    // clock resumes where it stopped and the agent steps the wall clock.
+    clock.flags = 0;
+    Ok(VmState {
+        pit,
+        clock,
+        pic_master: get_chip(vm, KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: get_chip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: get_chip(vm, KVM_IRQCHIP_IOAPIC)?,
+    })
+}
+
+pub fn restore(vm: &VmFd, state: &VmState) -> Result<(), Error> {
+    vm.set_pit2(&state.pit).map_err(kvm("KVM_SET_PIT2"))?;
+    let mut clock = state.clock;
+    clock.flags = 0;
+    vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
+    for (chip, id) in [
+        (&state.pic_master, KVM_IRQCHIP_PIC_MASTER),
+        (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+        (&state.ioapic, KVM_IRQCHIP_IOAPIC),
+    ] {
+        if chip.chip_id != id {
+            return Err(Error::Corrupt {
+                what: "irqchip state".into(),
+                reason: format!("chip id {} where {id} belongs", chip.chip_id),
+            });
+        }
+        vm.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
+    }
+    Ok(())
+}
