@@ -733,6 +733,7 @@ fn assemble(
             .map_err(bus_err)?;
         shared_transports.push(transport);
     }
+    let names: Vec<String> = devices.iter().map(|d| d.name.clone()).collect();
     for dev in devices {
         event_loop.add(dev.subscriber);
     }
@@ -758,6 +759,15 @@ fn assemble(
             }
         }
         vcpu_fds.push(fd);
+    }
+    if restoring.is_some() {
+        // Only now: an interrupt injected before the LAPICs were restored
+        // would be lost with their old state.
+        for (t, dev) in shared_transports.iter().zip(&names) {
+            crate::devices::bus::lock(t)
+                .raise_restored_interrupt()
+                .map_err(|e| device_err(dev, e))?;
+        }
     }
     vcpu::install_kick_handler().map_err(kvm_err("sigaction"))?;
     timings.vcpus = t.elapsed();

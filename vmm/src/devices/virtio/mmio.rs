@@ -20,7 +20,8 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    ActivatedQueue, GuestMemory, Interrupt, QueueSnapshot, VirtioDevice, VIRTIO_F_VERSION_1,
+    ActivatedQueue, DeviceState, GuestMemory, Interrupt, QueueSnapshot, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 use crate::devices::bus::{lock, BusDevice};
 
@@ -108,6 +109,9 @@ pub struct TransportState {
     pub queues: Vec<QueueSnapshot>,
     /// The device's queues, with the indices it had reached.
     pub device_queues: Option<Vec<QueueSnapshot>>,
+    /// What the device keeps beyond its queues.
+    #[serde(default)]
+    pub device: DeviceState,
 }
 
 /// One device's virtio-mmio register window.
@@ -216,13 +220,16 @@ impl MmioTransport {
     /// the requests it holds first (see [`VirtioDevice::quiesce_queues`]).
     /// Every vCPU must be parked.
     pub fn save_state(&mut self) -> TransportState {
+        let mut device = lock(&self.device);
         let device_queues = if self.status & STATUS_DRIVER_OK != 0 {
-            lock(&self.device)
+            device
                 .quiesce_queues()
                 .map(|qs| qs.into_iter().map(QueueSnapshot::from).collect())
         } else {
             None
         };
+        let device_state = device.save_device();
+        drop(device);
         TransportState {
             device_type: self.device_type,
             status: self.status,
@@ -234,6 +241,7 @@ impl MmioTransport {
             interrupt_status: self.interrupt.status(),
             queues: self.queues.iter().map(|q| q.state().into()).collect(),
             device_queues,
+            device: device_state,
         }
     }
 
@@ -317,9 +325,15 @@ impl MmioTransport {
             device
                 .activate(self.mem.clone(), self.interrupt.clone(), activated)
                 .map_err(|e| fail(e.to_string()))?;
-            device.restored();
+            device.restored(&state.device);
         }
         Ok(())
+    }
+
+    /// After a restore, once the vCPUs' LAPICs are restored: raises the
+    /// interrupt the saved or restored status holds.
+    pub fn raise_restored_interrupt(&self) -> io::Result<()> {
+        self.interrupt.raise_if_pending()
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {

@@ -64,6 +64,21 @@ impl Interrupt {
         self.signal(VIRTIO_MMIO_INT_CONFIG)
     }
 
+    /// Sets the used-ring bit without raising the line: for a restore,
+    /// which raises it once the vCPUs' interrupt state is in place.
+    pub fn mark_used_queue(&self) {
+        self.status
+            .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+    }
+
+    /// Raises the line if the status has bits set (after a restore).
+    pub fn raise_if_pending(&self) -> io::Result<()> {
+        if self.status() != 0 {
+            self.irq_evt.write(1)?;
+        }
+        Ok(())
+    }
+
     fn signal(&self, bit: u32) -> io::Result<()> {
         self.status.fetch_or(bit, Ordering::SeqCst);
         self.irq_evt.write(1)
@@ -145,10 +160,28 @@ pub trait VirtioDevice: Send {
     /// included), or `None` when it is not activated. The device goes on
     /// running afterwards.
     fn quiesce_queues(&mut self) -> Option<Vec<QueueState>>;
+    /// What the device keeps beyond its queues, for a snapshot.
+    fn save_device(&self) -> DeviceState {
+        DeviceState::None
+    }
     /// Called once after a restore activated the device from saved queues,
-    /// before any vCPU runs: for what the guest must be told (the vsock
-    /// transport reset).
-    fn restored(&mut self) {}
+    /// before any vCPU runs, with what [`VirtioDevice::save_device`] gave:
+    /// for what the guest must be told (the vsock transport reset). It must
+    /// not raise the interrupt: restoring the LAPICs afterwards would drop
+    /// it (or leave a level-triggered pin waiting for an EOI forever); mark
+    /// it with [`Interrupt::mark_used_queue`] and the restore raises it.
+    fn restored(&mut self, _state: &DeviceState) {}
+}
+
+/// Device-specific state in a snapshot, beside the queues.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DeviceState {
+    /// Nothing beyond the queues (virtio-blk: the disk is copied apart).
+    #[default]
+    None,
+    /// virtio-vsock: where host connections' local ports go on.
+    Vsock { next_local_port: u32 },
 }
 
 /// A queue's state in a snapshot (virtio-queue's `QueueState`, which has

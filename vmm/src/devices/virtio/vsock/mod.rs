@@ -31,7 +31,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::queues::{VsockQueues, NUM_QUEUES};
 use super::{
-    ActivateError, ActivatedQueue, GuestMemory, Interrupt, VirtioDevice, TYPE_VSOCK,
+    ActivateError, ActivatedQueue, DeviceState, GuestMemory, Interrupt, VirtioDevice, TYPE_VSOCK,
     VIRTIO_F_VERSION_1,
 };
 
@@ -84,6 +84,12 @@ pub struct Vsock {
     /// A transport reset the guest must still be told of (restored from a
     /// snapshot before it had an event buffer posted).
     reset_pending: bool,
+    /// A transport reset posted and not yet handled by the driver. Host
+    /// connections wait meanwhile: the guest resets every socket connected
+    /// when it handles the event, without telling the peer, so a host
+    /// stream opened before that would hang. The driver refills and kicks
+    /// the event queue right after handling it.
+    reset_unacked: bool,
 }
 
 impl Vsock {
@@ -105,6 +111,7 @@ impl Vsock {
             registered: Vec::new(),
             muxer_registered: false,
             reset_pending: false,
+            reset_unacked: false,
         })
     }
 
@@ -131,7 +138,7 @@ impl Vsock {
             }
             return;
         }
-        if !self.muxer_registered {
+        if !self.muxer_registered && !self.reset_unacked {
             match ops.add(Events::with_data(&self.muxer, EVT_MUXER, EventSet::IN)) {
                 Ok(()) => self.muxer_registered = true,
                 Err(e) => tracing::error!("vsock: cannot register the muxer: {e:?}"),
@@ -180,6 +187,14 @@ impl Vsock {
                 let _ = q.event.notify.read();
                 if self.reset_pending {
                     self.reset_pending = !q.post_transport_reset();
+                    if !self.reset_pending {
+                        if let Err(e) = q.interrupt.raise_if_pending() {
+                            tracing::warn!("vsock: cannot signal the event queue: {e}");
+                        }
+                    }
+                } else if self.reset_unacked {
+                    tracing::debug!("vsock: the driver handled the transport reset");
+                    self.reset_unacked = false;
                 }
             }
             EVT_MUXER => {
@@ -257,16 +272,26 @@ impl VirtioDevice for Vsock {
         ])
     }
 
-    fn restored(&mut self) {
+    fn save_device(&self) -> DeviceState {
+        DeviceState::Vsock {
+            next_local_port: self.muxer.next_local_port(),
+        }
+    }
+
+    fn restored(&mut self, state: &DeviceState) {
+        if let DeviceState::Vsock { next_local_port } = state {
+            self.muxer.set_next_local_port(*next_local_port);
+        }
         // The host ends of the guest's connections did not come along.
-        self.reset_pending = match self.queues.as_mut() {
-            Some(q) => !q.post_transport_reset(),
-            None => false,
-        };
+        if let Some(q) = self.queues.as_mut() {
+            self.reset_pending = !q.post_transport_reset();
+            self.reset_unacked = true;
+        }
     }
 
     fn reset(&mut self) -> bool {
         self.reset_pending = false;
+        self.reset_unacked = false;
         self.queues = None;
         self.muxer.reset();
         if let Err(e) = self.activate_evt.write(1) {
@@ -298,6 +323,12 @@ impl MutEventSubscriber for Vsock {
                 let _ = self.activate_evt.read();
                 self.sync_registration(ops);
                 // Host streams that arrived before activation may be waiting.
+                self.handle(EVT_MUXER);
+            }
+            EVT_EVENT => {
+                self.handle(EVT_EVENT);
+                // The reset handled: host connections may go ahead.
+                self.sync_registration(ops);
                 self.handle(EVT_MUXER);
             }
             token => self.handle(token),

@@ -113,6 +113,18 @@ impl VsockMuxer {
         &self.uds_path
     }
 
+    /// The local port the next host connection gets.
+    pub fn next_local_port(&self) -> u32 {
+        self.next_local_port
+    }
+
+    /// Continues a snapshot's port numbering: the restored guest may still
+    /// hold closing sockets of the ports handed out before, and a new
+    /// connection from one of them would be taken for the old one.
+    pub fn set_next_local_port(&mut self, port: u32) {
+        self.next_local_port = port.max(FIRST_LOCAL_PORT);
+    }
+
     /// Open vsock streams (handshakes not included).
     pub fn connection_count(&self) -> usize {
         self.conns.len()

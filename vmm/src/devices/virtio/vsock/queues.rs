@@ -98,7 +98,8 @@ impl VsockQueues {
     /// Posts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue: the
     /// driver then resets every connected socket (their host ends are gone
     /// after a restore), keeps its listeners and re-reads the guest CID.
-    /// Returns false when the driver has no event buffer posted yet.
+    /// Returns false when the driver has no event buffer posted yet. The
+    /// interrupt is marked, not raised (see `VirtioDevice::restored`).
     pub fn post_transport_reset(&mut self) -> bool {
         let mem = &self.mem;
         let queue = &mut self.event.queue;
@@ -124,9 +125,7 @@ impl VsockQueues {
         if let Err(e) = queue.add_used(mem, head, len) {
             tracing::debug!("vsock: event add_used: {e}");
         }
-        if let Err(e) = self.interrupt.signal_used_queue() {
-            tracing::warn!("vsock: cannot signal the event queue: {e}");
-        }
+        self.interrupt.mark_used_queue();
         true
     }
 
