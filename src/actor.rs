@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use smol_agent::protocol::{Request, Response, PROTOCOL_VERSION, READY_LINE};
+use smol_agent::protocol::{MachineFacts, Request, Response, PROTOCOL_VERSION, READY_LINE};
 use smol_vmm::{DiskConfig, ExitReason, Vm, VmConfig, VsockConfig};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -44,6 +44,11 @@ pub(crate) enum Command {
     Timings(oneshot::Sender<Option<BootTimings>>),
     /// Boot; the duration is the preparation already spent (by `create`).
     Start(Duration, oneshot::Sender<Result<()>>),
+    /// Start from the snapshot in the directory instead of booting (the
+    /// disk is in place already); the duration as for `Start`.
+    Restore(PathBuf, Duration, oneshot::Sender<Result<()>>),
+    /// Snapshot the running machine into the directory; it runs on.
+    Snapshot(PathBuf, oneshot::Sender<Result<smol_vmm::SnapshotTimings>>),
     Stop(oneshot::Sender<Result<()>>),
     Delete(oneshot::Sender<Result<()>>),
 }
@@ -84,6 +89,10 @@ impl MachineActor {
         }
     }
 
+    pub fn config(&self) -> &crate::config::MachineConfig {
+        &self.record.config
+    }
+
     pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         while let Some(cmd) = rx.recv().await {
             self.handle(cmd).await;
@@ -110,7 +119,15 @@ impl MachineActor {
                 let _ = reply.send(self.timings);
             }
             Command::Start(prepare, reply) => {
-                let r = self.start(prepare).await;
+                let r = self.start(prepare, None).await;
+                let _ = reply.send(r);
+            }
+            Command::Restore(dir, prepare, reply) => {
+                let r = self.start(prepare, Some(dir)).await;
+                let _ = reply.send(r);
+            }
+            Command::Snapshot(dir, reply) => {
+                let r = self.snapshot(dir).await;
                 let _ = reply.send(r);
             }
             Command::Stop(reply) => {
@@ -165,7 +182,10 @@ impl MachineActor {
         }
     }
 
-    async fn start(&mut self, prepare: Duration) -> Result<()> {
+    /// Boots the machine, or with `snapshot` restores it from that
+    /// directory (whose disk the caller copied into place), then waits for
+    /// the agent and tells it the machine's own facts.
+    async fn start(&mut self, prepare: Duration, snapshot: Option<PathBuf>) -> Result<()> {
         if self.deleted {
             return Err(self.not_found());
         }
@@ -174,7 +194,14 @@ impl MachineActor {
             return Ok(());
         }
         let begin = Instant::now();
-        let assets = GuestAssets::locate()?;
+        // A restore reads neither the kernel nor the initramfs.
+        let assets = match &snapshot {
+            None => GuestAssets::locate()?,
+            Some(_) => GuestAssets {
+                kernel: PathBuf::new(),
+                initramfs: PathBuf::new(),
+            },
+        };
         // A socket left by an earlier boot would make the bind fail; the
         // console log holds this boot only.
         remove_if_exists(&self.paths.vsock)?;
@@ -198,18 +225,25 @@ impl MachineActor {
                 id: DISK_ID.to_string(),
             }],
         };
-        let vm = tokio::task::spawn_blocking(move || Vm::start(config))
-            .await
-            .map_err(|e| Error::Internal(format!("vm start task: {e}")))?
-            .map_err(|source| Error::Vmm {
-                name: self.name.clone(),
-                source,
-            })?;
+        let restoring = snapshot.is_some();
+        let name = self.name.clone();
+        let vm = tokio::task::spawn_blocking(move || match &snapshot {
+            None => Vm::start(config).map_err(|source| Error::Vmm { name, source }),
+            Some(dir) => Vm::restore(config, dir).map_err(|e| match e {
+                smol_vmm::Error::Snapshot(source) => Error::Snapshot {
+                    path: dir.clone(),
+                    source,
+                },
+                source => Error::Vmm { name, source },
+            }),
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("vm start task: {e}")))??;
         let vm_setup = begin.elapsed();
         let vmm = vm.timings();
         self.vm = Some(vm);
         let ready_from = Instant::now();
-        match self.wait_for_agent(boot_timeout()).await {
+        match self.wait_for_agent(boot_timeout(), restoring).await {
             Ok(()) => {
                 self.state = MachineState::Running;
                 let agent_ready = ready_from.elapsed();
@@ -219,8 +253,9 @@ impl MachineActor {
                     agent_ready,
                     total: prepare + begin.elapsed(),
                     vmm,
+                    restored: restoring,
                 });
-                tracing::info!(machine = %self.name, ?agent_ready, "machine running");
+                tracing::info!(machine = %self.name, ?agent_ready, restored = restoring, "machine running");
                 Ok(())
             }
             Err(e) => {
@@ -232,17 +267,61 @@ impl MachineActor {
         }
     }
 
+    /// What makes this machine itself after a boot or a restore, sent
+    /// with the first Hello: fresh entropy (a restored pool is every
+    /// clone's), the host's clock (a restored clock is the snapshot's), its
+    /// name as hostname.
+    fn facts(&self) -> MachineFacts {
+        MachineFacts {
+            entropy: rand::random::<[u8; 64]>().to_vec(),
+            unix_time_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1),
+            hostname: self.name.clone(),
+        }
+    }
+
+    /// Snapshots the running VM into `dir` (the monitor's part: memory,
+    /// vCPU and device state, the disk).
+    async fn snapshot(&mut self, dir: PathBuf) -> Result<smol_vmm::SnapshotTimings> {
+        if self.deleted {
+            return Err(self.not_found());
+        }
+        self.refresh().await;
+        let Some(vm) = self.vm.take() else {
+            return Err(Error::NotRunning {
+                name: self.name.clone(),
+                state: self.state,
+            });
+        };
+        let (vm, r) = tokio::task::spawn_blocking(move || {
+            let r = vm.snapshot(&dir).map_err(|e| match e {
+                smol_vmm::Error::Snapshot(source) => Error::Snapshot { path: dir, source },
+                other => Error::Internal(format!("snapshot: {other}")),
+            });
+            (vm, r)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("vm snapshot task: {e}")))?;
+        self.vm = Some(vm);
+        r
+    }
+
     /// Waits until the agent answers a Hello, the VM exits, or the deadline
     /// passes. The console is watched for the agent's ready line (a host
     /// file read, free for the guest); until it shows, Hello is tried only
     /// every [`SLOW_ATTEMPT_EVERY`] (each refused connection costs a guest
     /// that emulates its kernel real time), after it with a short backoff.
     /// No fixed sleeps.
-    async fn wait_for_agent(&mut self, timeout: Duration) -> Result<()> {
+    /// A restored agent printed its ready line before the snapshot: it is
+    /// tried at once (`restored`).
+    async fn wait_for_agent(&mut self, timeout: Duration, restored: bool) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let mut backoff = Duration::from_millis(2);
         let mut last = String::from("no attempt made");
         let mut console = ConsoleWatch::new(self.paths.console_log.clone(), READY_LINE);
+        console.seen |= restored;
         let mut next_attempt = Instant::now();
         loop {
             if let Some(reason) = self.vm.as_ref().and_then(|vm| vm.try_exit()) {
@@ -266,11 +345,12 @@ impl MachineActor {
                 next_attempt = now + SLOW_ATTEMPT_EVERY;
                 let uds = self.paths.vsock.clone();
                 let name = self.name.clone();
+                let facts = self.facts();
                 let attempt = async move {
                     let mut conn = AgentConnection::open(&uds, &name)
                         .await
                         .map_err(|e| e.to_string())?;
-                    conn.hello().await.map_err(|e| e.to_string())
+                    conn.hello(Some(facts)).await.map_err(|e| e.to_string())
                 };
                 match tokio::time::timeout(ATTEMPT_TIMEOUT.min(deadline - now), attempt).await {
                     Ok(Ok((version, agent))) if version == PROTOCOL_VERSION => {
@@ -292,6 +372,11 @@ impl MachineActor {
     }
 
     fn boot_error(&self, reason: String) -> Error {
+        // Where the guest is stuck, in the log (at info), for diagnosis.
+        if let Some(vm) = &self.vm {
+            vm.log_vcpu_state();
+            std::thread::sleep(Duration::from_millis(50));
+        }
         Error::Boot {
             name: self.name.clone(),
             reason,

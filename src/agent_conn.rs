@@ -6,8 +6,8 @@ use std::io;
 use std::path::Path;
 
 use smol_agent::protocol::{
-    asyncio, AgentError, Frame, FrameKind, ProtocolError, Request, Response, AGENT_PORT,
-    PROTOCOL_VERSION,
+    asyncio, AgentError, Frame, FrameKind, MachineFacts, ProtocolError, Request, Response,
+    AGENT_PORT, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -65,20 +65,18 @@ impl AgentConnection {
     }
 
     /// The version handshake: `Hello` answered by `Response::Hello`.
-    pub async fn hello(&mut self) -> Result<(u32, String)> {
+    /// Says hello and returns the agent's protocol version and name; with
+    /// `facts` the agent applies them before it answers.
+    pub async fn hello(&mut self, facts: Option<MachineFacts>) -> Result<(u32, String)> {
         self.send(&Request::Hello {
             version: PROTOCOL_VERSION,
+            facts,
         })
         .await?;
+        // The caller compares the version: a mismatch is final, not a
+        // reason to try again.
         match self.response(None).await? {
-            Response::Hello { version, agent } => {
-                if version != PROTOCOL_VERSION {
-                    return Err(Error::Protocol(format!(
-                        "the agent speaks protocol version {version}, this smol speaks {PROTOCOL_VERSION}"
-                    )));
-                }
-                Ok((version, agent))
-            }
+            Response::Hello { version, agent } => Ok((version, agent)),
             other => Err(unexpected("hello", &other)),
         }
     }
@@ -284,7 +282,7 @@ mod tests {
     async fn handshake_then_frames() {
         let (_t, path) = fake_monitor(b"OK 1024\n").await;
         let mut c = AgentConnection::open(&path, "m").await.unwrap();
-        let (v, agent) = c.hello().await.unwrap();
+        let (v, agent) = c.hello(None).await.unwrap();
         assert_eq!(v, PROTOCOL_VERSION);
         assert!(agent.starts_with("fake "));
     }
@@ -294,7 +292,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let path = loopback::agent_socket(t.path());
         let mut c = AgentConnection::open(&path, "m").await.unwrap();
-        let (v, agent) = c.hello().await.unwrap();
+        let (v, agent) = c.hello(None).await.unwrap();
         assert_eq!(v, PROTOCOL_VERSION);
         assert!(agent.starts_with("smol-agent"), "{agent}");
     }

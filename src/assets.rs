@@ -56,14 +56,23 @@ fn pick(
 }
 
 fn assets_dir(env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
-    let cache = if let Some(d) = env("SMOL_CACHE_DIR") {
+    cache_dir_with(env).join("assets")
+}
+
+/// smol's cache directory: `SMOL_CACHE_DIR`, else `$XDG_CACHE_HOME/smol`,
+/// else `~/.cache/smol` (assets, warm snapshots).
+pub(crate) fn cache_dir() -> PathBuf {
+    cache_dir_with(&|k| std::env::var_os(k).filter(|v| !v.is_empty()))
+}
+
+fn cache_dir_with(env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
+    if let Some(d) = env("SMOL_CACHE_DIR") {
         PathBuf::from(d)
     } else if let Some(d) = env("XDG_CACHE_HOME") {
         PathBuf::from(d).join("smol")
     } else {
         home(env).join(".cache").join("smol")
-    };
-    cache.join("assets")
+    }
 }
 
 pub(crate) fn home(env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {

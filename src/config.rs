@@ -42,8 +42,11 @@ pub struct MachineConfig {
     pub auto_stop_seconds: Option<u64>,
     /// Delete after this long (not available yet).
     pub ttl_seconds: Option<u64>,
-    /// Allow live copy-on-write clones (not available yet).
+    /// Allow live clones with [`Machine::fork`](crate::Machine::fork).
     pub forkable: bool,
+    /// Boot the guest kernel instead of restoring the host's booted
+    /// snapshot of this machine shape (see [`Machine::create`](crate::Machine::create)).
+    pub cold_boot: bool,
 }
 
 /// A host directory shared into the guest.
@@ -114,6 +117,17 @@ impl MachineConfig {
         self
     }
 
+    pub fn forkable(mut self, forkable: bool) -> Self {
+        self.forkable = forkable;
+        self
+    }
+
+    /// Always boot the kernel (no warm create from a booted snapshot).
+    pub fn cold_boot(mut self, cold: bool) -> Self {
+        self.cold_boot = cold;
+        self
+    }
+
     /// Checks every field; the first bad one is named in the error.
     pub fn validate(&self) -> Result<()> {
         if let Some(name) = &self.name {
@@ -166,7 +180,6 @@ impl MachineConfig {
             (!self.mounts.is_empty(), "mounts"),
             (!self.ports.is_empty(), "port forwarding"),
             (r.network, "outbound network (resources.network)"),
-            (self.forkable, "fork (MachineConfig.forkable)"),
             (self.auto_stop_seconds.is_some(), "auto_stop_seconds"),
             (self.ttl_seconds.is_some(), "ttl_seconds"),
         ];

@@ -108,6 +108,18 @@ pub enum Error {
     /// is not a tar, no space left for it.
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
+    /// A snapshot directory is missing, truncated, corrupt, of another
+    /// format version, for another machine shape, or needs CPU features this
+    /// host lacks; or taking one failed.
+    #[error("snapshot {}", path.display())]
+    Snapshot {
+        path: PathBuf,
+        #[source]
+        source: smol_vmm::snapshot::Error,
+    },
+    /// `fork` of a machine not created with `forkable: true`.
+    #[error("machine {name:?} was not created forkable (MachineConfig.forkable)")]
+    NotForkable { name: String },
     /// Not available (yet) in this engine, e.g. the cloud target.
     #[error("unsupported: {0}")]
     Unsupported(String),

@@ -44,7 +44,9 @@ pub mod exec;
 mod files;
 pub mod image;
 mod machine;
+mod snapshot;
 mod store;
+mod warm;
 
 pub use config::{
     validate_name, ConnectOptions, MachineConfig, MountSpec, PortSpec, ResourceSpec, MAX_DISK_MB,
@@ -55,4 +57,5 @@ pub use exec::{ExecEvent, ExecOptions, ExecResult, ExecStream};
 pub use files::{FileReader, FileStream};
 pub use image::{ImageInfo, PullEvent};
 pub use machine::{BootTimings, Machine, MachineState, VmSetupTimings};
-pub use smol_vmm::is_kvm_pvm_host;
+pub use smol_vmm::snapshot::Error as SnapshotError;
+pub use smol_vmm::{is_kvm_pvm_host, SnapshotTimings};

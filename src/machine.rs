@@ -21,7 +21,9 @@ use crate::disk::create_disk;
 use crate::error::{Error, Result};
 use crate::exec::{ExecOptions, ExecResult, ExecStream, RunningExec};
 use crate::files::{check_mode, check_path, download, upload, FileStream};
+use crate::snapshot;
 use crate::store::{MachinePaths, MachineStore};
+use crate::warm::WarmShape;
 
 /// The monitor's own set-up phases (re-exported from `smol_vmm`).
 pub use smol_vmm::BootTimings as VmSetupTimings;
@@ -59,12 +61,18 @@ pub struct BootTimings {
     pub total: Duration,
     /// The monitor's breakdown of `vm_setup`.
     pub vmm: VmSetupTimings,
+    /// Restored from a snapshot (a warm create, `restore` or `fork`)
+    /// rather than booted.
+    pub restored: bool,
 }
 
 struct Shared {
     name: String,
     dir: PathBuf,
     console_log: PathBuf,
+    /// The store's root (`SMOL_HOME`), for forks.
+    home: PathBuf,
+    config: MachineConfig,
 }
 
 /// A handle to a microVM. Clone it freely (all clones drive the same
@@ -104,15 +112,26 @@ impl Machine {
         Machine::create_with(config, ConnectOptions::from_env()).await
     }
 
+    /// After the first machine of a shape (resources and guest assets) on
+    /// this host, `create` restores that machine's booted snapshot instead
+    /// of booting: see [`MachineConfig::cold_boot`] to always boot.
     pub async fn create_with(config: MachineConfig, options: ConnectOptions) -> Result<Machine> {
         options.require_local()?;
         let begin = Instant::now();
         config.validate()?;
         let image = config.image.clone();
         // Before anything is written: a missing asset fails cleanly.
-        GuestAssets::locate()?;
+        let assets = GuestAssets::locate()?;
+        let warm = match config.cold_boot {
+            true => None,
+            false => Some(WarmShape::new(
+                &crate::assets::cache_dir(),
+                &assets,
+                &config.resources,
+            )?),
+        };
         let home = options.home.clone();
-        let (record, paths, lock) = blocking(move || {
+        let (mut record, paths, lock) = blocking(move || {
             let store = MachineStore::open(home.as_deref())?;
             store.reserve(&config)
         })
@@ -122,7 +141,36 @@ impl Machine {
             dir: Some(paths.dir.clone()),
             machine: None,
         };
-        create_disk(&paths.disk, record.config.resources.disk_mb).await?;
+        // The shape's lock is held until its snapshot exists: concurrent
+        // creates of a new shape wait here and then restore.
+        let mut shape_lock = match &warm {
+            Some(w) => Some(w.lock().await?),
+            None => None,
+        };
+        let from_snapshot = match &warm {
+            Some(w) => match blocking_load(w.dir.clone()).await {
+                Ok(cid) => Some((w.dir.clone(), cid)),
+                Err(_) => None,
+            },
+            None => None,
+        };
+        if let Some((dir, cid)) = &from_snapshot {
+            shape_lock = None;
+            record.guest_cid = *cid;
+            let (dir, disk, rec, rec_path) = (
+                dir.clone(),
+                paths.disk.clone(),
+                record.clone(),
+                paths.record.clone(),
+            );
+            blocking(move || {
+                crate::store::write_record(&rec_path, &rec)?;
+                snapshot::copy_disk(&dir, &disk)
+            })
+            .await?;
+        } else {
+            create_disk(&paths.disk, record.config.resources.disk_mb).await?;
+        }
         let machine = Machine::spawn(
             MachineActor::new(record, paths.clone(), lock, MachineState::Created),
             &paths,
@@ -130,7 +178,35 @@ impl Machine {
         undo.machine = Some(machine.tx.clone());
         let prepare = begin.elapsed();
         let ready = async {
-            machine.ask(|tx| Command::Start(prepare, tx)).await??;
+            match &from_snapshot {
+                Some((dir, _)) => {
+                    let restored = machine
+                        .ask(|tx| Command::Restore(dir.clone(), prepare, tx))
+                        .await?;
+                    if let Err(e @ Error::Snapshot { .. }) = &restored {
+                        // A warm snapshot this host cannot restore: drop it
+                        // and boot; the next create of the shape makes it anew.
+                        tracing::warn!(machine = %machine.name(), "warm create failed ({e}); booting instead");
+                        if let Some(w) = &warm {
+                            let _guard = w.lock().await?;
+                            w.discard();
+                        }
+                        let disk = paths.disk.clone();
+                        let _ = std::fs::remove_file(&disk);
+                        create_disk(&disk, machine.shared.config.resources.disk_mb).await?;
+                        machine.ask(|tx| Command::Start(prepare, tx)).await??;
+                    } else {
+                        restored?;
+                    }
+                }
+                None => {
+                    machine.ask(|tx| Command::Start(prepare, tx)).await??;
+                    if let (Some(w), Some(_)) = (&warm, &shape_lock) {
+                        machine.make_warm_snapshot(w).await;
+                    }
+                }
+            }
+            drop(shape_lock);
             // MachineConfig.image: the machine comes up with the image in it.
             if let Some(image) = image {
                 machine.pull_image(&image).await?;
@@ -146,6 +222,196 @@ impl Machine {
         }
         undo.disarm();
         Ok(machine)
+    }
+
+    /// Snapshots this freshly booted machine as its shape's warm snapshot.
+    /// A failure only costs later creates their speed: it is logged.
+    async fn make_warm_snapshot(&self, shape: &WarmShape) {
+        let staging = shape.staging();
+        let _ = std::fs::remove_dir_all(&staging);
+        let made = async {
+            snapshot::prepare_dir(&staging)?;
+            let t = self
+                .ask(|tx| Command::Snapshot(staging.clone(), tx))
+                .await??;
+            snapshot::write_record(&staging, &self.shared.config)?;
+            shape.publish(&staging)?;
+            Ok::<_, Error>(t)
+        };
+        match made.await {
+            Ok(t) => tracing::info!(
+                machine = %self.name(),
+                dir = %shape.dir.display(),
+                total = ?t.total,
+                memory_bytes = t.memory_bytes,
+                "warm snapshot made for this machine shape"
+            ),
+            Err(e) => {
+                tracing::warn!(machine = %self.name(), "cannot make the warm snapshot: {e}");
+                let _ = std::fs::remove_dir_all(&staging);
+            }
+        }
+    }
+
+    /// Saves the running machine into `dir` (created if missing; it must be
+    /// empty): memory, vCPU and device state, its disk, its config. The
+    /// machine runs on. See [`Machine::restore`].
+    pub async fn snapshot(&self, dir: impl AsRef<Path>) -> Result<crate::SnapshotTimings> {
+        let dir = dir.as_ref().to_path_buf();
+        let existed = dir.exists();
+        snapshot::prepare_dir(&dir)?;
+        let made = async {
+            let t = self.ask(|tx| Command::Snapshot(dir.clone(), tx)).await??;
+            snapshot::write_record(&dir, &self.shared.config)?;
+            Ok::<_, Error>(t)
+        };
+        match made.await {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                // Nothing half-written stays: the directory was empty.
+                if existed {
+                    if let Ok(entries) = std::fs::read_dir(&dir) {
+                        for e in entries.flatten() {
+                            let _ = std::fs::remove_file(e.path());
+                        }
+                    }
+                } else {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                Err(self.explain(e).await)
+            }
+        }
+    }
+
+    /// A new machine from the snapshot in `dir`, running where the snapshot
+    /// stopped. Its name, persistence and forkability come from `config`;
+    /// resources and image from the snapshot. One snapshot can be restored
+    /// any number of times; it is never changed.
+    pub async fn restore(dir: impl AsRef<Path>, config: MachineConfig) -> Result<Machine> {
+        Machine::restore_with(dir, config, ConnectOptions::from_env()).await
+    }
+
+    pub async fn restore_with(
+        dir: impl AsRef<Path>,
+        config: MachineConfig,
+        options: ConnectOptions,
+    ) -> Result<Machine> {
+        options.require_local()?;
+        let begin = Instant::now();
+        let dir = dir.as_ref().to_path_buf();
+        config.validate()?;
+        let d = dir.clone();
+        let (saved, vm) = blocking(move || snapshot::load(&d)).await?;
+        let config = MachineConfig {
+            name: config.name,
+            persistent: config.persistent,
+            forkable: config.forkable,
+            ..saved.config
+        };
+        let home = options.home.clone();
+        let (mut record, paths, lock) = blocking(move || {
+            let store = MachineStore::open(home.as_deref())?;
+            store.reserve(&config)
+        })
+        .await?;
+        let mut undo = CreateUndo {
+            dir: Some(paths.dir.clone()),
+            machine: None,
+        };
+        if let Some(cid) = vm.vsock_cid {
+            record.guest_cid = cid;
+        }
+        let (d, disk, rec, rec_path) = (
+            dir.clone(),
+            paths.disk.clone(),
+            record.clone(),
+            paths.record.clone(),
+        );
+        blocking(move || {
+            crate::store::write_record(&rec_path, &rec)?;
+            snapshot::copy_disk(&d, &disk)
+        })
+        .await?;
+        let machine = Machine::spawn(
+            MachineActor::new(record, paths.clone(), lock, MachineState::Created),
+            &paths,
+        );
+        undo.machine = Some(machine.tx.clone());
+        let prepare = begin.elapsed();
+        if let Err(e) = machine.ask(|tx| Command::Restore(dir, prepare, tx)).await? {
+            let _ = machine.ask(Command::Delete).await;
+            undo.disarm();
+            return Err(e);
+        }
+        undo.disarm();
+        Ok(machine)
+    }
+
+    /// A live clone of this running machine, named `name`: the same
+    /// processes, memory and disk at this instant, independent afterwards
+    /// (neither sees the other's later writes), with fresh entropy, the
+    /// host's clock and its own hostname. Its vsock connections open at the
+    /// fork are reset in the clone; this machine's carry on. Needs a machine
+    /// created with [`MachineConfig::forkable`].
+    pub async fn fork(&self, name: &str) -> Result<Machine> {
+        let begin = Instant::now();
+        if !self.shared.config.forkable {
+            return Err(Error::NotForkable {
+                name: self.name().to_string(),
+            });
+        }
+        crate::config::validate_name(name)?;
+        let config = MachineConfig {
+            name: Some(name.to_string()),
+            ..self.shared.config.clone()
+        };
+        let home = self.shared.home.clone();
+        let (mut record, paths, lock) = blocking(move || {
+            let store = MachineStore::open(Some(&home))?;
+            store.reserve(&config)
+        })
+        .await?;
+        let mut undo = CreateUndo {
+            dir: Some(paths.dir.clone()),
+            machine: None,
+        };
+        // The clone's base snapshot lives in its own directory and goes
+        // with it; its disk is moved into place, not copied again.
+        let base = snapshot::fork_base(&paths.dir);
+        snapshot::prepare_dir(&base)?;
+        if let Err(e) = self.ask(|tx| Command::Snapshot(base.clone(), tx)).await? {
+            return Err(self.explain(e).await);
+        }
+        let (b, disk, rec_path) = (base.clone(), paths.disk.clone(), paths.record.clone());
+        record = blocking(move || {
+            let vm =
+                smol_vmm::snapshot::VmSnapshot::load(&b).map_err(|source| Error::Snapshot {
+                    path: b.clone(),
+                    source,
+                })?;
+            if let Some(cid) = vm.vsock_cid {
+                record.guest_cid = cid;
+            }
+            crate::store::write_record(&rec_path, &record)?;
+            std::fs::rename(b.join(snapshot::disk_file()), &disk).map_err(|e| {
+                Error::io(format!("moving the fork's disk to {}", disk.display()), e)
+            })?;
+            Ok(record)
+        })
+        .await?;
+        let clone = Machine::spawn(
+            MachineActor::new(record, paths.clone(), lock, MachineState::Created),
+            &paths,
+        );
+        undo.machine = Some(clone.tx.clone());
+        let prepare = begin.elapsed();
+        if let Err(e) = clone.ask(|tx| Command::Restore(base, prepare, tx)).await? {
+            let _ = clone.ask(Command::Delete).await;
+            undo.disarm();
+            return Err(e);
+        }
+        undo.disarm();
+        Ok(clone)
     }
 
     /// Re-opens a persistent machine from the store (it is not booted:
@@ -196,6 +462,13 @@ impl Machine {
             name,
             dir: paths.dir.clone(),
             console_log: paths.console_log.clone(),
+            home: paths
+                .dir
+                .parent()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+            config: actor.config().clone(),
         });
         registry()
             .lock()
@@ -428,6 +701,12 @@ impl Drop for CreateUndo {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// Loads the snapshot in `dir` (a warm one) and returns its vsock CID.
+async fn blocking_load(dir: PathBuf) -> Result<u32> {
+    let (_, vm) = blocking(move || snapshot::load(&dir)).await?;
+    Ok(vm.vsock_cid.unwrap_or(0))
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {

@@ -7,6 +7,7 @@ pub mod files;
 pub mod image;
 pub mod protocol;
 pub mod reaper;
+pub mod reseed;
 pub mod server;
 pub mod system;
 pub mod vsock;

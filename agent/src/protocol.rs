@@ -16,7 +16,9 @@
 //! [`FrameKind::Data`]) carry raw bytes; [`FrameKind::Eof`] is empty.
 //!
 //! One connection carries one request:
-//! - `Hello`: the agent answers `Response::Hello`.
+//! - `Hello`: the agent answers `Response::Hello`. With `facts` (sent after
+//!   every boot and restore: fresh entropy, the host's clock, the hostname)
+//!   it applies them first, or answers `Error`.
 //! - `Exec`: the agent answers `Response::Started` (or `Error`), then Stdout
 //!   and Stderr frames as output is produced, then one `Exit` (or `Error`).
 //!   With `stdin: true` the host may send Stdin frames and an `Eof`.
@@ -45,7 +47,7 @@ use serde::{Deserialize, Serialize};
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
 /// Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest payload either side accepts in one frame.
 pub const MAX_FRAME_LEN: u32 = 1 << 20;
 /// Size in which data (output, file contents) is cut into frames.
@@ -266,16 +268,46 @@ pub mod asyncio {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    Hello { version: u32 },
+    Hello {
+        version: u32,
+        #[serde(default)]
+        facts: Option<MachineFacts>,
+    },
     Exec(ExecRequest),
-    WriteFile { path: String, mode: Option<u32> },
-    ReadFile { path: String },
+    WriteFile {
+        path: String,
+        mode: Option<u32>,
+    },
+    ReadFile {
+        path: String,
+    },
     Shutdown,
-    PutLayer { digest: String, size: u64 },
-    MissingLayers { digests: Vec<String> },
+    PutLayer {
+        digest: String,
+        size: u64,
+    },
+    MissingLayers {
+        digests: Vec<String>,
+    },
     RecordImage(crate::image::ImageRecord),
     ListImages,
 }
+
+/// What makes a machine itself rather than a copy of the snapshot it was
+/// restored from: sent with the first `Hello` after every boot and restore.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineFacts {
+    /// Random bytes from the host, mixed into the guest's entropy pool
+    /// before its CRNG is reseeded (at most [`MAX_ENTROPY_LEN`]).
+    pub entropy: Vec<u8>,
+    /// The host's wall clock, in nanoseconds since the Unix epoch.
+    pub unix_time_ns: u64,
+    /// The machine's name, as its hostname.
+    pub hostname: String,
+}
+
+/// Most entropy bytes a `Refresh` may carry.
+pub const MAX_ENTROPY_LEN: usize = 512;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRequest {

@@ -95,7 +95,13 @@ impl Agent {
         let frame = frame.expect(FrameKind::Request)?;
         let req: Request = frame.parse("request")?;
         match req {
-            Request::Hello { .. } => {
+            Request::Hello { facts, .. } => {
+                if let Some(facts) = facts {
+                    if let Err(e) = crate::reseed::apply(&facts) {
+                        send_error(s, &e)?;
+                        return Ok(());
+                    }
+                }
                 let agent = format!("smol-agent {}", env!("CARGO_PKG_VERSION"));
                 send_response(
                     s,
@@ -245,6 +251,7 @@ mod tests {
     fn hello_answers_version() {
         let mut c = connect();
         c.send(&Request::Hello {
+            facts: None,
             version: PROTOCOL_VERSION,
         });
         match c.response().unwrap() {

@@ -1,0 +1,159 @@
+//! Warm creates: one booted snapshot per machine shape per host.
+//!
+//! A shape is what a booted guest depends on: the kernel and initramfs
+//! (by file identity: device, inode, size, modification time), memory,
+//! vCPUs, disk size, the agent protocol and the snapshot formats. The first
+//! create of a shape boots and then snapshots its machine into
+//! `<cache>/warm/<shape>/`; every later create restores that snapshot
+//! instead of booting. Rebuilt assets give a new shape, so an old snapshot
+//! is never restored with new assets. A lock file per shape makes
+//! concurrent creates of a new shape boot once: the others wait for the
+//! snapshot and restore it.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use sha2::{Digest, Sha256};
+
+use crate::assets::GuestAssets;
+use crate::config::ResourceSpec;
+use crate::error::{Error, Result};
+
+/// One machine shape's place in the warm cache.
+#[derive(Debug, Clone)]
+pub(crate) struct WarmShape {
+    /// The snapshot directory (present once the shape was booted).
+    pub dir: PathBuf,
+    lock: PathBuf,
+}
+
+/// Held while a shape's snapshot is looked up or made.
+pub(crate) struct ShapeLock {
+    _lock: Flock<File>,
+}
+
+fn identity(path: &Path) -> Result<String> {
+    let m =
+        std::fs::metadata(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    Ok(format!(
+        "{}:{}:{}:{}.{}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec()
+    ))
+}
+
+impl WarmShape {
+    /// The shape of a machine with `resources` booted from `assets`, in
+    /// the cache directory `cache`.
+    pub fn new(cache: &Path, assets: &GuestAssets, resources: &ResourceSpec) -> Result<WarmShape> {
+        let mut h = Sha256::new();
+        for part in [
+            format!("snapshot {}", smol_vmm::snapshot::FORMAT_VERSION),
+            format!("record {}", crate::snapshot::RECORD_VERSION),
+            format!("protocol {}", smol_agent::protocol::PROTOCOL_VERSION),
+            format!("kvm_pvm {}", smol_vmm::is_kvm_pvm_host()),
+            format!("kernel {}", identity(&assets.kernel)?),
+            format!("initramfs {}", identity(&assets.initramfs)?),
+            format!(
+                "cpus {} memory {} disk {}",
+                resources.cpus, resources.memory_mb, resources.disk_mb
+            ),
+        ] {
+            h.update(part.as_bytes());
+            h.update(b"\n");
+        }
+        let key = hex::encode(&h.finalize()[..12]);
+        let warm = cache.join("warm");
+        Ok(WarmShape {
+            dir: warm.join(&key),
+            lock: warm.join(format!("{key}.lock")),
+        })
+    }
+
+    /// Takes the shape's lock, waiting for a create that is making its
+    /// snapshot (a guest boot: up to minutes on kvm_pvm hosts).
+    pub async fn lock(&self) -> Result<ShapeLock> {
+        let path = self.lock.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+            }
+            let file = File::options()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+            let lock = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| {
+                Error::io(format!("locking {}", path.display()), errno.into())
+            })?;
+            Ok(ShapeLock { _lock: lock })
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("warm cache lock task: {e}")))?
+    }
+
+    /// A fresh directory beside the snapshot's, to fill and then
+    /// [`WarmShape::publish`].
+    pub fn staging(&self) -> PathBuf {
+        let name = self
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.dir
+            .with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+    }
+
+    /// Moves a filled staging directory into place (under the lock).
+    pub fn publish(&self, staging: &Path) -> Result<()> {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        std::fs::rename(staging, &self.dir)
+            .map_err(|e| Error::io(format!("publishing {}", self.dir.display()), e))
+    }
+
+    /// Drops a snapshot that failed to restore, so the next create boots.
+    pub fn discard(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_follow_resources_and_assets() {
+        let t = tempfile::tempdir().unwrap();
+        let k = t.path().join("vmlinux");
+        let i = t.path().join("initramfs.cpio");
+        std::fs::write(&k, b"kernel").unwrap();
+        std::fs::write(&i, b"initramfs").unwrap();
+        let assets = GuestAssets {
+            kernel: k.clone(),
+            initramfs: i,
+        };
+        let r = ResourceSpec::default();
+        let a = WarmShape::new(t.path(), &assets, &r).unwrap();
+        assert_eq!(a.dir, WarmShape::new(t.path(), &assets, &r).unwrap().dir);
+        let bigger = ResourceSpec {
+            memory_mb: 256,
+            ..r
+        };
+        assert_ne!(
+            a.dir,
+            WarmShape::new(t.path(), &assets, &bigger).unwrap().dir
+        );
+        // A rebuilt kernel is another shape.
+        std::fs::remove_file(&k).unwrap();
+        std::fs::write(&k, b"kernel 2").unwrap();
+        assert_ne!(a.dir, WarmShape::new(t.path(), &assets, &r).unwrap().dir);
+        assert!(a.staging().starts_with(t.path().join("warm")));
+    }
+}
