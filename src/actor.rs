@@ -256,6 +256,7 @@ impl MachineActor {
                     restored: restoring,
                 });
                 tracing::info!(machine = %self.name, ?agent_ready, restored = restoring, "machine running");
+                note_boot(&self.name, restoring, prepare + begin.elapsed());
                 Ok(())
             }
             Err(e) => {
@@ -499,6 +500,28 @@ impl Drop for MachineActor {
         } else {
             let _ = std::fs::remove_file(&self.paths.vsock);
         }
+    }
+}
+
+/// With `SMOL_BOOT_LOG` set, appends a line per machine start to that
+/// file: `cold|restored <name> <ms>` (the test suite counts its boots).
+fn note_boot(name: &str, restored: bool, took: Duration) {
+    use std::io::Write;
+    let Some(path) = std::env::var_os("SMOL_BOOT_LOG").filter(|p| !p.is_empty()) else {
+        return;
+    };
+    let line = format!(
+        "{} {name} {}\n",
+        if restored { "restored" } else { "cold" },
+        took.as_millis()
+    );
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        tracing::debug!("SMOL_BOOT_LOG {}: {e}", path.to_string_lossy());
     }
 }
 

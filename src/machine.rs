@@ -314,7 +314,7 @@ impl Machine {
             store.reserve(&config)
         })
         .await?;
-        let mut undo = CreateUndo {
+        let undo = CreateUndo {
             dir: Some(paths.dir.clone()),
             machine: None,
         };
@@ -332,6 +332,20 @@ impl Machine {
             snapshot::copy_disk(&d, &disk)
         })
         .await?;
+        Machine::start_restored(record, paths, lock, dir, begin, undo).await
+    }
+
+    /// The end of `restore` and `fork`: the actor of a reserved machine
+    /// whose disk is in place, restored from `dir`; on failure nothing of
+    /// it remains.
+    async fn start_restored(
+        record: crate::store::MachineRecord,
+        paths: MachinePaths,
+        lock: crate::store::MachineLock,
+        dir: PathBuf,
+        begin: Instant,
+        mut undo: CreateUndo,
+    ) -> Result<Machine> {
         let machine = Machine::spawn(
             MachineActor::new(record, paths.clone(), lock, MachineState::Created),
             &paths,
@@ -371,7 +385,7 @@ impl Machine {
             store.reserve(&config)
         })
         .await?;
-        let mut undo = CreateUndo {
+        let undo = CreateUndo {
             dir: Some(paths.dir.clone()),
             machine: None,
         };
@@ -399,19 +413,7 @@ impl Machine {
             Ok(record)
         })
         .await?;
-        let clone = Machine::spawn(
-            MachineActor::new(record, paths.clone(), lock, MachineState::Created),
-            &paths,
-        );
-        undo.machine = Some(clone.tx.clone());
-        let prepare = begin.elapsed();
-        if let Err(e) = clone.ask(|tx| Command::Restore(base, prepare, tx)).await? {
-            let _ = clone.ask(Command::Delete).await;
-            undo.disarm();
-            return Err(e);
-        }
-        undo.disarm();
-        Ok(clone)
+        Machine::start_restored(record, paths, lock, base, begin, undo).await
     }
 
     /// Re-opens a persistent machine from the store (it is not booted:

@@ -27,6 +27,8 @@ pub(crate) struct WarmShape {
     /// The snapshot directory (present once the shape was booted).
     pub dir: PathBuf,
     lock: PathBuf,
+    /// The part of the name that changes with the guest assets.
+    assets_key: String,
 }
 
 /// Held while a shape's snapshot is looked up or made.
@@ -49,7 +51,8 @@ fn identity(path: &Path) -> Result<String> {
 
 impl WarmShape {
     /// The shape of a machine with `resources` booted from `assets`, in
-    /// the cache directory `cache`.
+    /// the cache directory `cache`: `<cache>/warm/<assets>-<resources>`,
+    /// where `<assets>` hashes the boot files' identities and the formats.
     pub fn new(cache: &Path, assets: &GuestAssets, resources: &ResourceSpec) -> Result<WarmShape> {
         let mut h = Sha256::new();
         for part in [
@@ -59,19 +62,20 @@ impl WarmShape {
             format!("kvm_pvm {}", smol_vmm::is_kvm_pvm_host()),
             format!("kernel {}", identity(&assets.kernel)?),
             format!("initramfs {}", identity(&assets.initramfs)?),
-            format!(
-                "cpus {} memory {} disk {}",
-                resources.cpus, resources.memory_mb, resources.disk_mb
-            ),
         ] {
             h.update(part.as_bytes());
             h.update(b"\n");
         }
-        let key = hex::encode(&h.finalize()[..12]);
+        let assets_key = hex::encode(&h.finalize()[..8]);
+        let key = format!(
+            "{assets_key}-{}cpu-{}m-{}d",
+            resources.cpus, resources.memory_mb, resources.disk_mb
+        );
         let warm = cache.join("warm");
         Ok(WarmShape {
             dir: warm.join(&key),
             lock: warm.join(format!("{key}.lock")),
+            assets_key,
         })
     }
 
@@ -111,11 +115,28 @@ impl WarmShape {
             .with_file_name(format!(".{name}.{}.tmp", std::process::id()))
     }
 
-    /// Moves a filled staging directory into place (under the lock).
+    /// Moves a filled staging directory into place (under the lock), and
+    /// removes the snapshots of assets that are gone (a machine running
+    /// from one keeps its memory mapped).
     pub fn publish(&self, staging: &Path) -> Result<()> {
         let _ = std::fs::remove_dir_all(&self.dir);
         std::fs::rename(staging, &self.dir)
-            .map_err(|e| Error::io(format!("publishing {}", self.dir.display()), e))
+            .map_err(|e| Error::io(format!("publishing {}", self.dir.display()), e))?;
+        let Some(warm) = self.dir.parent() else {
+            return Ok(());
+        };
+        for entry in std::fs::read_dir(warm).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale = !name.starts_with('.')
+                && !name.ends_with(".lock")
+                && !name.starts_with(&format!("{}-", self.assets_key));
+            if stale && entry.path().is_dir() {
+                tracing::info!(dir = %entry.path().display(), "removing the warm snapshot of older guest assets");
+                let _ = std::fs::remove_dir_all(entry.path());
+                let _ = std::fs::remove_file(warm.join(format!("{name}.lock")));
+            }
+        }
+        Ok(())
     }
 
     /// Drops a snapshot that failed to restore, so the next create boots.
@@ -155,5 +176,16 @@ mod tests {
         std::fs::write(&k, b"kernel 2").unwrap();
         assert_ne!(a.dir, WarmShape::new(t.path(), &assets, &r).unwrap().dir);
         assert!(a.staging().starts_with(t.path().join("warm")));
+
+        // Publishing the new assets' snapshot drops the old assets' one.
+        let b = WarmShape::new(t.path(), &assets, &r).unwrap();
+        std::fs::create_dir_all(&a.dir).unwrap();
+        let staging = b.staging();
+        std::fs::create_dir_all(&staging).unwrap();
+        b.publish(&staging).unwrap();
+        assert!(b.dir.is_dir() && !staging.exists());
+        assert!(!a.dir.exists(), "the old assets' snapshot is gone");
+        let name = b.dir.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.ends_with("-1cpu-128m-1024d"), "{name}");
     }
 }

@@ -83,14 +83,14 @@ fn fork_snapshot_restore_and_warm_create() {
 async fn run(home: &Path, snaps: &Path) {
     let o = opts(home);
     let mut c = Checks::new("fork");
+    // The disk size the other guest tests use: one machine shape, so one
+    // warm snapshot serves the whole suite.
+    let shape = MachineConfig::default().disk_mb(256);
 
     let t = Instant::now();
-    let golden = Machine::create_with(
-        MachineConfig::default().name("golden").forkable(true),
-        o.clone(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("creating the golden machine failed:\n{e}"));
+    let golden = Machine::create_with(shape.clone().name("golden").forkable(true), o.clone())
+        .await
+        .unwrap_or_else(|e| panic!("creating the golden machine failed:\n{e}"));
     let tm = golden
         .boot_timings()
         .await
@@ -398,7 +398,7 @@ async fn run(home: &Path, snaps: &Path) {
     .await;
 
     let t = Instant::now();
-    let warm = Machine::create_with(MachineConfig::default().name("warm"), o.clone()).await;
+    let warm = Machine::create_with(shape.clone().name("warm"), o.clone()).await;
     c.run("a second create of the shape is warm", async {
         let warm = warm.ctx("create")?;
         let tm = warm

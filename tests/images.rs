@@ -960,7 +960,7 @@ async fn guest_checks(home: &Path) {
             let before = blob_times(home);
             let config = MachineConfig {
                 image: Some(by_digest.clone()),
-                ..MachineConfig::default().name("img-b").disk_mb(128)
+                ..MachineConfig::default().name("img-b").disk_mb(256)
             };
             let t = Instant::now();
             let b = Machine::create_with(config, o.clone())

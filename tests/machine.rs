@@ -773,7 +773,7 @@ async fn end_to_end(home: &std::path::Path) {
     c.run(
         "a dropped non-persistent machine is stopped and removed",
         async {
-            let b = Machine::create_with(MachineConfig::default().disk_mb(64), o.clone())
+            let b = Machine::create_with(MachineConfig::default().disk_mb(256), o.clone())
                 .await
                 .ctx("create b")?;
             let r = b.exec(["echo", "b"]).await.ctx("exec")?;

@@ -163,8 +163,26 @@ fn test(extra: &[String]) -> Result<(), String> {
     check_single_rust_vmm(&a)?;
     let mut args = vec!["test", "--workspace", "--all-features"];
     args.extend(extra.iter().map(String::as_str));
-    run("cargo test", cargo(&args, &a))?;
-    Ok(())
+    // Every machine start of the SDK tests is logged, to count the boots.
+    let boot_log = std::env::temp_dir().join(format!("smol-boots-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&boot_log);
+    let mut cmd = cargo(&args, &a);
+    cmd.env("SMOL_BOOT_LOG", &boot_log);
+    let result = run("cargo test", cmd);
+    let log = std::fs::read_to_string(&boot_log).unwrap_or_default();
+    let _ = std::fs::remove_file(&boot_log);
+    let cold: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("cold "))
+        .map(|l| l.split(' ').next().unwrap_or(""))
+        .collect();
+    let restored = log.lines().filter(|l| l.starts_with("restored ")).count();
+    println!(
+        "xtask: SDK machines in the tests: {} cold boots ({}), {restored} restored from snapshots",
+        cold.len(),
+        cold.join(", ")
+    );
+    result
 }
 
 fn demo() -> Result<(), String> {
