@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::signal::{killpg, Signal};
-use nix::unistd::{fork, pipe2, ForkResult, Pid};
+use nix::unistd::{pipe2, ForkResult, Pid};
 
 use crate::image::container::{Container, CONTAINER_STAGE};
 use crate::protocol::{
@@ -215,7 +215,70 @@ enum ChildStage {
     Exec = 3,
 }
 
-/// Runs in the forked child: only async-signal-safe calls, no allocation.
+/// The signals the agent installs handlers for (main.rs: SIGTERM); a
+/// spawned child resets them before it unblocks signals.
+pub const CAUGHT_SIGNALS: &[libc::c_int] = &[libc::SIGTERM];
+
+/// Stack of a [`spawn_vfork`] child: child_exec's frames and the syscalls'.
+const VFORK_STACK: usize = 64 * 1024;
+
+/// Starts a child that shares the agent's memory and runs `child` on a stack
+/// of its own until it execs or exits: clone(CLONE_VM | CLONE_VFORK), as
+/// posix_spawn does. Unlike fork(), nothing of the multi-threaded agent's
+/// address space is copied, which is most of an exec's cost where the guest
+/// kernel is emulated. The calling thread waits meanwhile; signals are
+/// blocked in it so that no handler of ours runs in the child before
+/// child_exec resets them.
+///
+/// # Safety
+///
+/// `child` must only make async-signal-safe calls that neither allocate nor
+/// lock (it shares the heap with the agent's other threads), and should
+/// exec or `_exit` (a return ends the child with status 127).
+unsafe fn spawn_vfork<F: FnMut()>(child: &mut F) -> Result<Pid, Errno> {
+    extern "C" fn trampoline<F: FnMut()>(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the `&mut F` spawn_vfork passed, alive until the
+        // child execs or exits, since the parent waits until then.
+        let f = unsafe { &mut *arg.cast::<F>() };
+        f();
+        // `child` does not return; should it, the child must not run on.
+        // SAFETY: _exit ends the child without touching shared state.
+        unsafe { libc::_exit(127) }
+    }
+    let mut stack = vec![0u8; VFORK_STACK];
+    // SAFETY: sigset_t is plain data; the mask calls take valid pointers.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    // The stack grows down from its 16-byte aligned end.
+    let top = (stack.as_mut_ptr() as usize + VFORK_STACK) & !15;
+    // SAFETY: `top` is the end of a live buffer the child alone uses; the
+    // trampoline gets a pointer to `child`, which outlives the child's use
+    // of it (CLONE_VFORK: clone returns once the child execs or exits).
+    let pid = unsafe {
+        libc::clone(
+            trampoline::<F>,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (child as *mut F).cast(),
+        )
+    };
+    let err = Errno::last();
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    drop(stack);
+    if pid < 0 {
+        Err(err)
+    } else {
+        Ok(Pid::from_raw(pid))
+    }
+}
+
+/// Runs in the child (of spawn_vfork, or of a container's clone): only
+/// async-signal-safe calls, no allocation.
 fn child_exec(
     p: &Prepared,
     argv: &[*const libc::c_char],
@@ -238,6 +301,11 @@ fn child_exec(
     // SAFETY: all of these are async-signal-safe syscalls on values prepared
     // before the fork; none allocates or takes a lock.
     unsafe {
+        // The agent's handlers must not run here (the child may share its
+        // memory): back to the defaults before any signal is unblocked.
+        for &sig in CAUGHT_SIGNALS {
+            libc::signal(sig, libc::SIG_DFL);
+        }
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         // The agent blocks SIGTERM and ignores SIGPIPE; programs expect neither.
@@ -305,10 +373,13 @@ fn start(
         .spawn(|| {
             // SAFETY: the child runs only Container::enter and child_exec,
             // which are async-signal-safe; child_exec never returns.
-            let forked = match container {
-                Some(c) => unsafe { c.clone_child() },
-                None => unsafe { fork() },
-            }?;
+            let Some(c) = container else {
+                let mut child = || child_exec(p, &argv, &envp, fds, status_fd);
+                // SAFETY: the child runs only child_exec (async-signal-safe,
+                // no allocation, never returns) on its own stack.
+                return unsafe { spawn_vfork(&mut child) };
+            };
+            let forked = unsafe { c.clone_child() }?;
             match forked {
                 ForkResult::Child => {
                     if let Some(Err((stage, errno))) = container.map(Container::enter) {

@@ -27,6 +27,7 @@ enum Stop {
     Request,
 }
 
+/// The agent's only signal handler (keep `exec::CAUGHT_SIGNALS` in step).
 extern "C" fn ignore_signal(_: libc::c_int) {}
 
 /// Routes SIGTERM to a thread that waits for it. The kernel drops signals to

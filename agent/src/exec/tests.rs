@@ -230,6 +230,30 @@ fn concurrent_execs_do_not_wait_for_each_other() {
 }
 
 #[test]
+fn sixty_four_concurrent_execs_get_their_own_output() {
+    // Many spawns at once share the agent's memory with their vfork
+    // children: each must still run its own argv with its own pipes.
+    let handles: Vec<_> = (0..64)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let o = run(exec_req(&[
+                    "sh",
+                    "-c",
+                    &format!("echo out-{i}; echo err-{i} >&2; exit {}", i % 7),
+                ]));
+                (i, o)
+            })
+        })
+        .collect();
+    for h in handles {
+        let (i, o) = h.join().unwrap();
+        assert_eq!(o.out(), format!("out-{i}\n"), "{o:?}");
+        assert_eq!(String::from_utf8_lossy(&o.stderr), format!("err-{i}\n"));
+        assert_eq!(o.exit.unwrap().code, Some(i % 7));
+    }
+}
+
+#[test]
 fn host_disconnect_kills_the_program() {
     let mut c = connect();
     c.send(&Request::Exec(exec_req(&["sleep", "600"])));
