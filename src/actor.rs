@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use smol_agent::protocol::{MachineFacts, Request, Response, PROTOCOL_VERSION, READY_LINE};
+use smol_protocol::{MachineFacts, Request, Response, PROTOCOL_VERSION, READY_LINE};
 use smol_vmm::{DiskConfig, ExitReason, Vm, VmConfig, VsockConfig};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;

@@ -1,11 +1,11 @@
 //! One connection to the guest agent: the monitor's Unix socket, the
 //! `CONNECT <port>\n` / `OK <port>\n` handshake, then protocol frames.
-//! One connection carries one request (see `smol_agent::protocol`).
+//! One connection carries one request (see `smol_protocol`).
 
 use std::io;
 use std::path::Path;
 
-use smol_agent::protocol::{
+use smol_protocol::{
     asyncio, AgentError, Frame, FrameKind, MachineFacts, ProtocolError, Request, Response,
     AGENT_PORT, PROTOCOL_VERSION,
 };

@@ -8,12 +8,12 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use smol_agent::protocol::{AgentError, ProtocolError};
+use smol_protocol::{AgentError, ProtocolError};
 
 use crate::machine::MachineState;
 
 /// What kind of error the guest agent reported (see [`Error::Guest`]).
-pub use smol_agent::protocol::ErrorKind as GuestErrorKind;
+pub use smol_protocol::ErrorKind as GuestErrorKind;
 
 /// `Result<T, smol::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::{BoxStream, Stream};
-use smol_agent::protocol::{AgentError, ExecRequest, ExitStatus, FrameKind, Request, Response};
+use smol_protocol::{AgentError, ExecRequest, ExitStatus, FrameKind, Request, Response};
 use tokio::time::Instant;
 
 use crate::agent_conn::{parse, unexpected, AgentConnection};

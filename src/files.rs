@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use futures::stream::{BoxStream, Stream, StreamExt};
-use smol_agent::protocol::{asyncio, AgentError, FrameKind, Request, Response, DATA_CHUNK};
+use smol_protocol::{asyncio, AgentError, FrameKind, Request, Response, DATA_CHUNK};
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 use crate::agent_conn::{parse, unexpected, AgentConnection};

@@ -65,7 +65,7 @@ pub(crate) fn prepare_dir(dir: &Path) -> Result<()> {
 pub(crate) fn write_record(dir: &Path, config: &MachineConfig) -> Result<()> {
     let record = SnapshotRecord {
         version: RECORD_VERSION,
-        protocol: smol_agent::protocol::PROTOCOL_VERSION,
+        protocol: smol_protocol::PROTOCOL_VERSION,
         config: MachineConfig {
             name: None,
             ..config.clone()
@@ -114,11 +114,11 @@ pub(crate) fn load(dir: &Path) -> Result<(SnapshotRecord, VmSnapshot)> {
             },
         ));
     }
-    if record.protocol != smol_agent::protocol::PROTOCOL_VERSION {
+    if record.protocol != smol_protocol::PROTOCOL_VERSION {
         return Err(corrupt(format!(
             "its agent speaks protocol {}, this smol speaks {}",
             record.protocol,
-            smol_agent::protocol::PROTOCOL_VERSION
+            smol_protocol::PROTOCOL_VERSION
         )));
     }
     record

@@ -58,7 +58,7 @@ impl WarmShape {
         for part in [
             format!("snapshot {}", smol_vmm::snapshot::FORMAT_VERSION),
             format!("record {}", crate::snapshot::RECORD_VERSION),
-            format!("protocol {}", smol_agent::protocol::PROTOCOL_VERSION),
+            format!("protocol {}", smol_protocol::PROTOCOL_VERSION),
             format!("kvm_pvm {}", smol_vmm::is_kvm_pvm_host()),
             format!("kernel {}", identity(&assets.kernel)?),
             format!("initramfs {}", identity(&assets.initramfs)?),

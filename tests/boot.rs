@@ -12,7 +12,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use smol_agent::protocol::{self, Frame, FrameKind, Request, Response, AGENT_PORT, READY_LINE};
+use smol_protocol::{
+    self as protocol, Frame, FrameKind, Request, Response, AGENT_PORT, READY_LINE,
+};
 use smol_vmm::{Error, ExitReason, Vm, VmConfig, VsockConfig, MIN_MEMORY_MIB};
 
 /// Generous: a kvm_pvm host boots in ~60 s when idle, but minutes when its two

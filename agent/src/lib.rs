@@ -1,11 +1,12 @@
-//! The guest agent's library side: the host/guest protocol, shared with the
-//! smol SDK, and the request handlers the agent binary (`main.rs`, PID 1 in
-//! the guest) serves over vsock.
+//! The guest agent's library side: the request handlers the agent binary
+//! (`main.rs`, PID 1 in the guest) serves over vsock. The protocol they
+//! speak is the `smol-protocol` crate, which the SDK shares.
 
 pub mod exec;
 pub mod files;
 pub mod image;
-pub mod protocol;
+/// The wire protocol, shared with the SDK (the `smol-protocol` crate).
+pub use smol_protocol as protocol;
 pub mod reaper;
 pub mod reseed;
 pub mod server;

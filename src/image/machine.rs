@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use futures::{StreamExt, TryStreamExt};
-use smol_agent::protocol::{AgentError, FrameKind, Request, Response, DATA_CHUNK};
+use smol_protocol::{AgentError, FrameKind, Request, Response, DATA_CHUNK};
 use tokio::io::AsyncReadExt;
 
 use super::progress::PROGRESS_STEP;
@@ -223,7 +223,7 @@ async fn container_request<L: AgentLink, I, S>(
     image: &str,
     argv: I,
     options: ExecOptions,
-) -> Result<smol_agent::protocol::ExecRequest>
+) -> Result<smol_protocol::ExecRequest>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<str>,

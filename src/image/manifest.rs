@@ -225,7 +225,7 @@ pub fn select_platform<'a>(
 }
 
 /// The parts of an image config a container needs (OCI `config` object).
-pub use smol_agent::image::ImageConfig;
+pub use smol_protocol::image::ImageConfig;
 
 /// A parsed image config file.
 #[derive(Debug, Clone, PartialEq, Default)]

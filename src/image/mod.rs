@@ -33,7 +33,7 @@ pub use error::ImageError;
 pub use manifest::{ConfigFile, Descriptor, ImageConfig};
 pub use progress::{ProgressFn, PullEvent};
 pub use reference::{is_loopback, ImageRef, ImageSource};
-pub use smol_agent::image::{ContainerSpec, ImageRecord, LayerRecord};
+pub use smol_protocol::image::{ContainerSpec, ImageRecord, LayerRecord};
 pub use store::{smol_home, BlobLock, BlobStore, Digest};
 
 /// One layer of an image.

@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 pub mod container;
@@ -28,118 +27,9 @@ pub mod unpack;
 
 pub use unpack::{unpack_layer, UnpackStats};
 
-/// The runtime part of an image config (the OCI `config` object).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageConfig {
-    /// `KEY=value` entries.
-    #[serde(default)]
-    pub env: Vec<String>,
-    #[serde(default)]
-    pub working_dir: Option<String>,
-    /// `uid`, `uid:gid`, `name` or `name:group`.
-    #[serde(default)]
-    pub user: Option<String>,
-    #[serde(default)]
-    pub entrypoint: Vec<String>,
-    #[serde(default)]
-    pub cmd: Vec<String>,
-}
-
-/// The PATH a container gets when its image sets none (docker's default).
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// A command as it runs in a container of an image.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResolvedCommand {
-    pub argv: Vec<String>,
-    pub env: Vec<(String, String)>,
-    pub workdir: String,
-    pub user: Option<String>,
-}
-
-impl ImageConfig {
-    /// Applies docker's rules: `argv` replaces Cmd, Entrypoint is prefixed;
-    /// the image's Env is overlaid by `env`; `workdir` overrides WorkingDir.
-    pub fn resolve(
-        &self,
-        argv: &[String],
-        env: &[(String, String)],
-        workdir: Option<&str>,
-    ) -> Result<ResolvedCommand, ImageError> {
-        let mut full = self.entrypoint.clone();
-        full.extend_from_slice(if argv.is_empty() { &self.cmd } else { argv });
-        if full.is_empty() {
-            return Err(ImageError::NoCommand);
-        }
-        let mut vars: Vec<(String, String)> = Vec::new();
-        let mut set = |k: &str, v: &str| match vars.iter_mut().find(|(key, _)| key == k) {
-            Some(slot) => slot.1 = v.to_string(),
-            None => vars.push((k.to_string(), v.to_string())),
-        };
-        set("PATH", DEFAULT_PATH);
-        for e in &self.env {
-            if let Some((k, v)) = e.split_once('=') {
-                if !k.is_empty() {
-                    set(k, v);
-                }
-            }
-        }
-        for (k, v) in env {
-            set(k, v);
-        }
-        let workdir = workdir
-            .map(str::to_string)
-            .or_else(|| self.working_dir.clone())
-            .unwrap_or_else(|| "/".into());
-        Ok(ResolvedCommand {
-            argv: full,
-            env: vars,
-            workdir,
-            user: self.user.clone(),
-        })
-    }
-}
-
-/// One layer of a recorded image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LayerRecord {
-    pub digest: String,
-    pub media_type: String,
-    pub size: u64,
-}
-
-/// An image as the machine knows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageRecord {
-    /// The manifest digest.
-    pub digest: String,
-    /// Every reference this image was recorded under, newest first (a tag
-    /// moves to the newest image recorded with it).
-    #[serde(default)]
-    pub references: Vec<String>,
-    /// Bottom layer first.
-    pub layers: Vec<LayerRecord>,
-    #[serde(default)]
-    pub config: ImageConfig,
-    #[serde(default)]
-    pub created: Option<String>,
-    /// Compressed layers plus config, in bytes.
-    #[serde(default)]
-    pub size: u64,
-}
-
-/// The container an exec runs in.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ContainerSpec {
-    /// The image's manifest digest (or a reference it was recorded under).
-    pub image: String,
-    /// `uid[:gid]` or a user name looked up in the image's /etc/passwd.
-    #[serde(default)]
-    pub user: Option<String>,
-    /// The container's hostname; the image digest's first 12 hex digits when absent.
-    #[serde(default)]
-    pub hostname: Option<String>,
-}
+pub use smol_protocol::image::{
+    ContainerSpec, ImageConfig, ImageRecord, LayerRecord, NoCommand, ResolvedCommand, DEFAULT_PATH,
+};
 
 /// What storing one layer did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,8 +59,8 @@ pub enum ImageError {
     ImageNotFound(String),
     #[error("layer {0} is not in this machine")]
     LayerMissing(String),
-    #[error("the image has no command: give one (no entrypoint or cmd in its config)")]
-    NoCommand,
+    #[error(transparent)]
+    NoCommand(#[from] NoCommand),
     #[error("no space left on the device for {0}")]
     NoSpace(String),
     #[error("malformed image record {path}: {reason}")]
@@ -489,7 +379,7 @@ mod tests {
         assert_eq!(plain.workdir, "/");
         assert!(matches!(
             ImageConfig::default().resolve(&[], &[], None),
-            Err(ImageError::NoCommand)
+            Err(NoCommand)
         ));
     }
 

@@ -35,10 +35,15 @@
 //!   by `Response::Image` (the record as kept). `ListImages`: answered by
 //!   `Response::Images`.
 //! - An `Exec` with a `container` runs in a container of that image (see
-//!   `crate::image::container`); everything else is as for any exec.
+//!   (the agent's `image::container`); everything else is as for any exec.
+//!
+//! The crate is shared by the SDK and the guest agent (serde types and
+//! framing only), so the SDK never compiles the agent.
 //!
 //! Both sides treat the peer's bytes as untrusted: unknown kinds, oversized
 //! frames and bad JSON are errors, never panics.
+
+pub mod image;
 
 use std::io::{self, Read, Write};
 
