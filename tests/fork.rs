@@ -420,6 +420,38 @@ async fn run(home: &Path, snaps: &Path) {
     })
     .await;
 
+    c.run("concurrent first creates of a new shape boot once", async {
+        // A shape no other test uses (disk 300 MiB); on a host whose warm
+        // cache has it already there is nothing to race, and it says so.
+        let shape = MachineConfig::default().disk_mb(300);
+        let (a, b) = futures::future::join(
+            Machine::create_with(shape.clone().name("race-a"), o.clone()),
+            Machine::create_with(shape.clone().name("race-b"), o.clone()),
+        )
+        .await;
+        let (a, b) = (a.ctx("create race-a")?, b.ctx("create race-b")?);
+        let mut booted = 0;
+        for m in [&a, &b] {
+            let tm = m.boot_timings().await.ctx("timings")?.ok_or("no timings")?;
+            booted += usize::from(!tm.restored);
+            let h = sh(m, "hostname").await?;
+            ensure!(h == m.name(), "{} has hostname {h:?}", m.name());
+        }
+        ensure!(booted <= 1, "both creates of the new shape booted");
+        report!(
+            "[fork] concurrent creates of a new shape: {booted} booted{}",
+            if booted == 0 {
+                " (the shape was warm already on this host)"
+            } else {
+                ", the other restored its snapshot"
+            }
+        );
+        a.delete().await.ctx("delete")?;
+        b.delete().await.ctx("delete")?;
+        Ok(())
+    })
+    .await;
+
     c1.delete().await.ok();
     golden.delete().await.ok();
     c.run("nothing of any machine is left", async {

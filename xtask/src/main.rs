@@ -189,7 +189,9 @@ fn demo() -> Result<(), String> {
     let a = assets()?;
     run(
         "demo",
-        cargo(&["run", "--release", "--quiet", "--example", "demo"], &a),
+        // Not --quiet: a first build takes minutes, and cargo's progress
+        // shows that something happens.
+        cargo(&["run", "--release", "--example", "demo"], &a),
     )
 }
 
