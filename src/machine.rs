@@ -156,18 +156,7 @@ impl Machine {
         };
         if let Some((dir, cid)) = &from_snapshot {
             shape_lock = None;
-            record.guest_cid = *cid;
-            let (dir, disk, rec, rec_path) = (
-                dir.clone(),
-                paths.disk.clone(),
-                record.clone(),
-                paths.record.clone(),
-            );
-            blocking(move || {
-                crate::store::write_record(&rec_path, &rec)?;
-                snapshot::copy_disk(&dir, &disk)
-            })
-            .await?;
+            place_snapshot(&mut record, *cid, &paths, dir).await?;
         } else {
             create_disk(&paths.disk, record.config.resources.disk_mb).await?;
         }
@@ -318,20 +307,7 @@ impl Machine {
             dir: Some(paths.dir.clone()),
             machine: None,
         };
-        if let Some(cid) = vm.vsock_cid {
-            record.guest_cid = cid;
-        }
-        let (d, disk, rec, rec_path) = (
-            dir.clone(),
-            paths.disk.clone(),
-            record.clone(),
-            paths.record.clone(),
-        );
-        blocking(move || {
-            crate::store::write_record(&rec_path, &rec)?;
-            snapshot::copy_disk(&d, &disk)
-        })
-        .await?;
+        place_snapshot(&mut record, vm.vsock_cid, &paths, &dir).await?;
         Machine::start_restored(record, paths, lock, dir, begin, undo).await
     }
 
@@ -705,10 +681,35 @@ impl Drop for CreateUndo {
     }
 }
 
+/// Makes a reserved machine the snapshot's in `dir`: its record takes the
+/// snapshot's vsock CID (the restored guest keeps its own), and its disk is
+/// a copy of the snapshot's.
+async fn place_snapshot(
+    record: &mut crate::store::MachineRecord,
+    cid: Option<u32>,
+    paths: &MachinePaths,
+    dir: &Path,
+) -> Result<()> {
+    if let Some(cid) = cid {
+        record.guest_cid = cid;
+    }
+    let (dir, disk, rec, rec_path) = (
+        dir.to_path_buf(),
+        paths.disk.clone(),
+        record.clone(),
+        paths.record.clone(),
+    );
+    blocking(move || {
+        crate::store::write_record(&rec_path, &rec)?;
+        snapshot::copy_disk(&dir, &disk)
+    })
+    .await
+}
+
 /// Loads the snapshot in `dir` (a warm one) and returns its vsock CID.
-async fn blocking_load(dir: PathBuf) -> Result<u32> {
+async fn blocking_load(dir: PathBuf) -> Result<Option<u32>> {
     let (_, vm) = blocking(move || snapshot::load(&dir)).await?;
-    Ok(vm.vsock_cid.unwrap_or(0))
+    Ok(vm.vsock_cid)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {

@@ -542,49 +542,36 @@ fn check_restore_shape(
             config,
         }))
     };
-    if snap.memory_mib != config.memory_mib {
-        return mismatch(
+    let read_only = |flags: Vec<bool>| format!("{flags:?}");
+    let pairs = [
+        (
             "memory (MiB)",
             snap.memory_mib.to_string(),
             config.memory_mib.to_string(),
-        );
-    }
-    if snap.vcpus.len() != plan.vcpus as usize {
-        return mismatch(
+        ),
+        (
             "vcpus",
             snap.vcpus.len().to_string(),
             plan.vcpus.to_string(),
-        );
-    }
-    if snap.kvm_pvm != plan.kvm_pvm {
-        return mismatch(
+        ),
+        (
             "host kind (kvm_pvm)",
             snap.kvm_pvm.to_string(),
             plan.kvm_pvm.to_string(),
-        );
-    }
-    if snap.disks.len() != config.disks.len() {
-        return mismatch(
-            "disks",
-            snap.disks.len().to_string(),
-            config.disks.len().to_string(),
-        );
-    }
-    for (saved, disk) in snap.disks.iter().zip(&config.disks) {
-        if saved.read_only != disk.read_only {
-            return mismatch(
-                "a disk's read-only flag",
-                saved.read_only.to_string(),
-                disk.read_only.to_string(),
-            );
-        }
-    }
-    if snap.vsock_cid.is_some() != config.vsock.is_some() {
-        return mismatch(
+        ),
+        (
+            "disks (read-only flags)",
+            read_only(snap.disks.iter().map(|d| d.read_only).collect()),
+            read_only(config.disks.iter().map(|d| d.read_only).collect()),
+        ),
+        (
             "a vsock device",
             snap.vsock_cid.is_some().to_string(),
             config.vsock.is_some().to_string(),
-        );
+        ),
+    ];
+    if let Some((what, snapshot, config)) = pairs.into_iter().find(|(_, s, c)| s != c) {
+        return mismatch(what, snapshot, config);
     }
     let devices = config.disks.len() + config.vsock.is_some() as usize;
     if snap.transports.len() != devices {
