@@ -7,7 +7,6 @@
 
 #![allow(dead_code)]
 
-use std::fmt::Display;
 use std::future::Future;
 use std::io::Write;
 use std::path::Path;
@@ -46,9 +45,18 @@ pub trait Ctx<T> {
     fn ctx(self, what: &str) -> Result<T, String>;
 }
 
-impl<T, E: Display> Ctx<T> for Result<T, E> {
+impl<T, E: std::error::Error> Ctx<T> for Result<T, E> {
+    /// The error with its causes, which name what went wrong deep down.
     fn ctx(self, what: &str) -> Result<T, String> {
-        self.map_err(|e| format!("{what}: {e}"))
+        self.map_err(|e| {
+            let mut text = format!("{what}: {e}");
+            let mut cause = e.source();
+            while let Some(c) = cause {
+                text.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            text
+        })
     }
 }
 

@@ -61,11 +61,25 @@ pub struct Buses {
 
 /// Parks every vCPU outside `KVM_RUN` for a snapshot: each saves its own
 /// state on its thread, then waits until [`PauseControl::resume`].
+///
+/// Pauses are numbered: a vCPU still parked from the previous pause when
+/// the next one begins (a resume and a new pause in quick succession)
+/// saves its state again for the new one instead of being counted stale.
 pub struct PauseControl {
+    /// Fast check for the vCPU loop; the truth is in `state`.
     requested: AtomicBool,
-    parked: Mutex<Vec<Option<Result<VcpuState, snapshot::Error>>>>,
+    state: Mutex<PauseState>,
     cond: Condvar,
     msrs: Vec<u32>,
+}
+
+type SavedState = Result<VcpuState, snapshot::Error>;
+
+struct PauseState {
+    requested: bool,
+    generation: u64,
+    /// Per vCPU: the pause it saved for, and what it saved.
+    parked: Vec<Option<(u64, SavedState)>>,
 }
 
 impl PauseControl {
@@ -73,7 +87,11 @@ impl PauseControl {
     pub fn new(count: usize, msrs: Vec<u32>) -> Self {
         PauseControl {
             requested: AtomicBool::new(false),
-            parked: Mutex::new((0..count).map(|_| None).collect()),
+            state: Mutex::new(PauseState {
+                requested: false,
+                generation: 0,
+                parked: (0..count).map(|_| None).collect(),
+            }),
             cond: Condvar::new(),
             msrs,
         }
@@ -86,18 +104,31 @@ impl PauseControl {
     /// vCPU side, after `KVM_RUN` returned EINTR (so no I/O is pending):
     /// saves the state and waits for the resume (or the VM's end).
     fn park(&self, id: u8, fd: &VcpuFd, exit: &ExitState) {
-        let state = snapshot::vcpu::save(fd, &self.msrs);
-        let mut parked = lock(&self.parked);
-        if let Some(slot) = parked.get_mut(id as usize) {
-            *slot = Some(state);
-        }
-        self.cond.notify_all();
-        while self.requested() && !exit.should_stop() {
-            parked = self
-                .cond
-                .wait_timeout(parked, Duration::from_millis(50))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        self.park_with(id, exit, || snapshot::vcpu::save(fd, &self.msrs));
+    }
+
+    /// [`PauseControl::park`] with the state saved by `save`.
+    fn park_with(&self, id: u8, exit: &ExitState, mut save: impl FnMut() -> SavedState) {
+        let mut st = lock(&self.state);
+        while st.requested && !exit.should_stop() {
+            let generation = st.generation;
+            drop(st);
+            let saved = save();
+            st = lock(&self.state);
+            if st.generation == generation {
+                if let Some(slot) = st.parked.get_mut(id as usize) {
+                    *slot = Some((generation, saved));
+                }
+                self.cond.notify_all();
+            }
+            while st.requested && st.generation == generation && !exit.should_stop() {
+                st = self
+                    .cond
+                    .wait_timeout(st, Duration::from_millis(50))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            // Resumed, stopped, or a newer pause: save again for that one.
         }
     }
 
@@ -109,20 +140,27 @@ impl PauseControl {
         timeout: Duration,
     ) -> Result<Vec<VcpuState>, snapshot::Error> {
         let deadline = Instant::now() + timeout;
-        {
-            let mut parked = lock(&self.parked);
-            parked.iter_mut().for_each(|s| *s = None);
+        let generation = {
+            let mut st = lock(&self.state);
+            st.generation += 1;
+            st.requested = true;
             self.requested.store(true, Ordering::SeqCst);
-        }
+            self.cond.notify_all();
+            st.generation
+        };
         exit.kick_vcpus();
-        let mut parked = lock(&self.parked);
+        let mut st = lock(&self.state);
         loop {
-            if parked.iter().all(Option::is_some) {
+            let done = st
+                .parked
+                .iter()
+                .all(|s| matches!(s, Some((g, _)) if *g == generation));
+            if done {
                 break;
             }
             let now = Instant::now();
             if exit.should_stop() || now >= deadline {
-                drop(parked);
+                drop(st);
                 self.resume();
                 return Err(snapshot::Error::Pause(if exit.should_stop() {
                     "the vm stopped".into()
@@ -130,17 +168,17 @@ impl PauseControl {
                     format!("the vcpus did not stop within {timeout:?}")
                 }));
             }
-            parked = self
+            st = self
                 .cond
-                .wait_timeout(parked, (deadline - now).min(Duration::from_millis(50)))
+                .wait_timeout(st, (deadline - now).min(Duration::from_millis(50)))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        let states: Vec<_> = parked.iter_mut().map(|s| s.take()).collect();
-        drop(parked);
+        let states: Vec<_> = st.parked.iter_mut().map(|s| s.take()).collect();
+        drop(st);
         let mut out = Vec::with_capacity(states.len());
-        for s in states.into_iter().flatten() {
-            match s {
+        for (_, saved) in states.into_iter().flatten() {
+            match saved {
                 Ok(state) => out.push(state),
                 Err(e) => {
                     self.resume();
@@ -153,7 +191,8 @@ impl PauseControl {
 
     /// Lets parked vCPUs run again.
     pub fn resume(&self) {
-        let _parked = lock(&self.parked);
+        let mut st = lock(&self.state);
+        st.requested = false;
         self.requested.store(false, Ordering::SeqCst);
         self.cond.notify_all();
     }
@@ -305,5 +344,44 @@ impl Vcpu {
             internal.suberror,
             &internal.data[..ndata]
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn back_to_back_pauses_each_get_the_state() {
+        // A vCPU stand-in that parks whenever asked; the host side pauses
+        // and resumes as fast as it can, so a new pause often begins before
+        // the vCPU has seen the last resume.
+        let pause = Arc::new(PauseControl::new(1, Vec::new()));
+        let exit = Arc::new(ExitState::new());
+        let saves = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let vcpu = {
+            let (pause, exit, saves) = (pause.clone(), exit.clone(), saves.clone());
+            std::thread::spawn(move || {
+                while !exit.should_stop() {
+                    if pause.requested() {
+                        pause.park_with(0, &exit, || {
+                            saves.fetch_add(1, Ordering::SeqCst);
+                            Err(snapshot::Error::NotRunning)
+                        });
+                    }
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        for i in 0..2000 {
+            match pause.pause(&exit, Duration::from_secs(5)) {
+                Err(snapshot::Error::NotRunning) => {}
+                other => panic!("pause {i}: {other:?}"),
+            }
+            pause.resume();
+        }
+        assert!(saves.load(Ordering::SeqCst) >= 2000);
+        exit.finish(crate::ExitReason::HostStop);
+        vcpu.join().unwrap();
     }
 }

@@ -379,6 +379,15 @@ fn snapshot_and_restore_continue_the_guest() {
     let t = vm.snapshot(&snap).unwrap();
     let at_snapshot = *lines(&g.console()).last().unwrap();
     assert!(t.total >= t.pause && t.memory_bytes > 0, "{t:?}");
+    // Snapshots back to back: a new pause may begin before the vCPU has
+    // seen the resume of the last one, and must still get its state.
+    for i in 0..30 {
+        let d = g.dir.path().join(format!("again-{i}"));
+        std::fs::create_dir(&d).unwrap();
+        vm.snapshot(&d)
+            .unwrap_or_else(|e| panic!("snapshot {i} of a series: {e}"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
     // The guest runs on after its snapshot.
     let before = lines(&g.console()).len();
     wait_for_lines(&g.console(), before + 2);
