@@ -19,9 +19,34 @@ nix::ioctl_write_ptr_bad!(
 );
 nix::ioctl_none!(rnd_reseed_crng, b'R', 0x07);
 
-/// Applies `facts`; the first failure is returned, after trying the rest.
+/// The host's clock in the newest facts applied. Facts come with every
+/// Hello, and a boot tries Hello many times: an attempt the host gave up on
+/// can still be served after a newer one (or, in a clone, after the
+/// clone's own), and must not set the clock or hostname back.
+static NEWEST: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
+
+/// Whether facts from host time `ns` are newer than the newest applied
+/// (`newest`), which they then become.
+fn take_if_newer(newest: &mut u64, ns: u64) -> bool {
+    if ns <= *newest {
+        return false;
+    }
+    *newest = ns;
+    true
+}
+
+/// Applies `facts` unless newer ones were applied already; the first
+/// failure is returned, after trying the rest.
 pub fn apply(facts: &MachineFacts) -> Result<(), AgentError> {
     check(facts)?;
+    // Held while applying, so an older set cannot interleave with a newer.
+    let mut newest = NEWEST.lock().unwrap_or_else(|e| e.into_inner());
+    if !take_if_newer(&mut newest, facts.unix_time_ns) {
+        crate::log(format_args!(
+            "refresh: ignoring facts older than the ones applied"
+        ));
+        return Ok(());
+    }
     let mut first: Option<AgentError> = None;
     let mut note = |e: AgentError| {
         crate::log(format_args!("refresh: {}", e.message));
@@ -105,6 +130,19 @@ mod tests {
             unix_time_ns: 1_800_000_000_000_000_000,
             hostname: "clone-1".into(),
         }
+    }
+
+    #[test]
+    fn older_facts_are_ignored() {
+        let mut newest = 0;
+        assert!(take_if_newer(&mut newest, 100));
+        assert!(
+            !take_if_newer(&mut newest, 50),
+            "an attempt the host gave up on"
+        );
+        assert!(!take_if_newer(&mut newest, 100), "the same facts again");
+        assert!(take_if_newer(&mut newest, 101));
+        assert_eq!(newest, 101);
     }
 
     #[test]
