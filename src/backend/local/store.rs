@@ -5,8 +5,13 @@
 //! Two `flock`s keep processes apart: `machines/.lock` while a machine is
 //! being reserved or opened (names, guest CIDs), and `<name>/lock` for as
 //! long as a process has the machine open. A directory whose lock nobody
-//! holds and whose record is not persistent is left over from a process that
-//! died: it is swept away.
+//! holds and whose record says it is not persistent is left over from a
+//! process that died: it is swept away. A record that cannot be read (an
+//! I/O error, bad JSON, a version this smol does not know) is never a
+//! reason to delete anything: it is reported and left as it is.
+//!
+//! Records are written crash-safely: a temporary file, fsync, rename, then
+//! fsync of the directory.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
@@ -247,6 +252,7 @@ impl MachineStore {
     }
 
     /// Every readable record, in name order.
+    #[cfg(test)]
     pub fn records(&self) -> Vec<MachineRecord> {
         let mut out: Vec<MachineRecord> = fs::read_dir(&self.machines)
             .into_iter()
@@ -258,9 +264,18 @@ impl MachineStore {
         out
     }
 
+    /// The lowest CID no machine directory claims, counting records this
+    /// smol cannot fully read (a newer version's) by their `guest_cid`.
     fn free_cid(&self) -> u32 {
-        let used: std::collections::BTreeSet<u32> =
-            self.records().iter().map(|r| r.guest_cid).collect();
+        let used: std::collections::BTreeSet<u32> = fs::read_dir(&self.machines)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| fs::read(e.path().join("machine.json")).ok())
+            .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .filter_map(|v| v.get("guest_cid")?.as_u64())
+            .filter_map(|c| u32::try_from(c).ok())
+            .collect();
         (FIRST_CID..)
             .find(|c| !used.contains(c))
             .unwrap_or(FIRST_CID)
@@ -278,10 +293,7 @@ impl MachineStore {
                 continue;
             }
             let paths = MachinePaths::new(dir.clone());
-            let persistent = read_record(&paths.record)
-                .map(|r| r.config.persistent)
-                .unwrap_or(false);
-            if persistent {
+            if !is_sweepable(&paths) {
                 continue;
             }
             if let Ok(Ok(lock)) = MachineLock::try_take(&paths.lock) {
@@ -289,6 +301,24 @@ impl MachineStore {
                 let _ = fs::remove_dir_all(&dir);
                 drop(lock);
             }
+        }
+    }
+}
+
+/// Whether a machine directory nobody holds may be removed: its record says
+/// it is not persistent, or it has neither record nor disk (a reservation
+/// cut short). Anything else, an unreadable record included, is kept.
+fn is_sweepable(paths: &MachinePaths) -> bool {
+    match read_record(&paths.record) {
+        Ok(r) => !r.config.persistent,
+        Err(Error::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound && !paths.disk.exists() =>
+        {
+            true
+        }
+        Err(e) => {
+            tracing::warn!(dir = %paths.dir.display(), "keeping a machine whose record cannot be read: {e}");
+            false
         }
     }
 }
@@ -301,7 +331,7 @@ fn default_home(env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
     if let Some(d) = env("XDG_DATA_HOME") {
         return PathBuf::from(d).join("smol");
     }
-    crate::assets::home(env)
+    crate::backend::local::assets::home(env)
         .join(".local")
         .join("share")
         .join("smol")
@@ -313,16 +343,29 @@ fn set_private(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("restricting {}", dir.display()), e))
 }
 
-/// Writes the record atomically (temporary file, then rename).
+/// Writes the record crash-safely: a temporary file, fsync, rename over the
+/// old record, fsync of the directory. A crash leaves the old record or the
+/// new one, never a torn one.
 pub(crate) fn write_record(path: &Path, record: &MachineRecord) -> Result<()> {
+    use std::io::Write;
     let tmp = path.with_extension("json.tmp");
     let json = serde_json::to_vec_pretty(record).map_err(|e| Error::Store {
         path: path.to_path_buf(),
         reason: format!("encoding the record: {e}"),
     })?;
-    fs::write(&tmp, json).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    let written = File::create(&tmp).and_then(|mut f| {
+        f.write_all(&json)?;
+        f.sync_all()
+    });
+    written.map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
     fs::rename(&tmp, path)
-        .map_err(|e| Error::io(format!("renaming {} into place", tmp.display()), e))
+        .map_err(|e| Error::io(format!("renaming {} into place", tmp.display()), e))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(format!("syncing {}", dir.display()), e))?;
+    }
+    Ok(())
 }
 
 pub(crate) fn read_record(path: &Path) -> Result<MachineRecord> {
@@ -434,6 +477,59 @@ mod tests {
         drop(l3);
         s.reserve(&MachineConfig::default().name("x")).unwrap();
         assert!(p3.dir.exists());
+    }
+
+    /// Issue 12: a record that cannot be read is never swept, whatever the
+    /// reason; a reservation cut short (no record, no disk) is.
+    #[test]
+    fn unreadable_records_are_kept() {
+        let (_t, s) = store();
+        let mut kept = Vec::new();
+        for (name, bytes) in [
+            ("torn", &b"{\"version\": 1, \"na"[..]),
+            (
+                "newer",
+                &br#"{"version": 99, "name": "newer", "guest_cid": 3}"#[..],
+            ),
+            ("empty", &b""[..]),
+        ] {
+            let (_r, p, lock) = s
+                .reserve(&MachineConfig::default().name(name).persistent(true))
+                .unwrap();
+            fs::write(&p.disk, b"precious").unwrap();
+            fs::write(&p.record, bytes).unwrap();
+            drop(lock);
+            kept.push(p);
+        }
+        // A record that is a directory cannot be read either.
+        let (_r, p, lock) = s
+            .reserve(&MachineConfig::default().name("dir").persistent(true))
+            .unwrap();
+        fs::remove_file(&p.record).unwrap();
+        fs::create_dir(&p.record).unwrap();
+        fs::write(&p.disk, b"precious").unwrap();
+        drop(lock);
+        kept.push(p);
+        // A reservation cut short: a directory and its lock, nothing else.
+        let (_r, cut, lock) = s.reserve(&MachineConfig::default().name("cut")).unwrap();
+        fs::remove_file(&cut.record).unwrap();
+        drop(lock);
+
+        let (r, _p, _l) = s.reserve(&MachineConfig::default().name("next")).unwrap();
+        for p in &kept {
+            assert_eq!(
+                fs::read(&p.disk).unwrap(),
+                b"precious",
+                "{}",
+                p.dir.display()
+            );
+        }
+        assert!(!cut.dir.exists(), "the cut-short reservation stays");
+        // The newer record's CID (3) is not handed out again.
+        assert_ne!(r.guest_cid, 3);
+        let e = s.open_machine("torn").unwrap_err();
+        assert!(matches!(e, Error::Store { .. }), "{e}");
+        assert!(kept[0].disk.exists());
     }
 
     #[test]
