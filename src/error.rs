@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use smol_protocol::{AgentError, ProtocolError};
 
-use crate::machine::MachineState;
+use crate::state::MachineState;
 
 /// What kind of error the guest agent reported (see [`Error::Guest`]).
 pub use smol_protocol::ErrorKind as GuestErrorKind;

@@ -34,19 +34,15 @@
 //! come from `SMOL_KERNEL` / `SMOL_INITRAMFS`, else from the cache that
 //! `cargo xtask assets` fills (`~/.cache/smol/assets`).
 
-mod actor;
-mod agent_conn;
-mod assets;
+mod agent;
+mod backend;
 mod config;
-mod disk;
 mod error;
 pub mod exec;
 mod files;
 pub mod image;
 mod machine;
-mod snapshot;
-mod store;
-mod warm;
+mod state;
 
 pub use config::{
     validate_name, ConnectOptions, MachineConfig, MountSpec, PortSpec, ResourceSpec, MAX_DISK_MB,
@@ -56,6 +52,7 @@ pub use error::{Error, GuestErrorKind, Result};
 pub use exec::{ExecEvent, ExecOptions, ExecResult, ExecStream};
 pub use files::{FileReader, FileStream};
 pub use image::{ImageInfo, PullEvent};
-pub use machine::{BootTimings, Machine, MachineState, VmSetupTimings};
+pub use machine::Machine;
 pub use smol_vmm::snapshot::Error as SnapshotError;
 pub use smol_vmm::{is_kvm_pvm_host, SnapshotTimings};
+pub use state::{BootTimings, MachineState, VmSetupTimings};

@@ -390,7 +390,7 @@ async fn run(home: &Path, snaps: &Path) {
 
     c.run("a clone stops and deletes like any machine", async {
         c2.stop().await.ctx("stop")?;
-        let dir = c2.dir().to_path_buf();
+        let dir = c2.dir().expect("a local machine").to_path_buf();
         c2.delete().await.ctx("delete")?;
         ensure!(!dir.exists(), "{} remains", dir.display());
         Ok(())

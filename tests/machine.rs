@@ -655,7 +655,7 @@ async fn end_to_end(home: &std::path::Path) {
         report!(
             "[e2e] console of {} (tail), for the failures above:\n{}",
             a.name(),
-            common::console_tail(a.console_log_path(), 40)
+            common::console_tail(a.console_log_path().expect("a local machine"), 40)
         );
     }
 
@@ -704,7 +704,7 @@ async fn end_to_end(home: &std::path::Path) {
     .await;
 
     // Drop every handle of the persistent machine: its record and disk stay.
-    let dir = a.dir().to_path_buf();
+    let dir = a.dir().expect("a local machine").to_path_buf();
     drop(a);
     c.run(
         "a dropped persistent machine keeps its record and disk",
@@ -750,7 +750,7 @@ async fn end_to_end(home: &std::path::Path) {
         c.run(
             "delete leaves no file, socket, thread, fd or process",
             async {
-                let dir = m.dir().to_path_buf();
+                let dir = m.dir().expect("a local machine").to_path_buf();
                 m.delete().await.ctx("delete")?;
                 ensure!(common::gone(&dir), "{} still exists", dir.display());
                 let e = m.state().await.unwrap_err();
@@ -778,7 +778,7 @@ async fn end_to_end(home: &std::path::Path) {
                 .ctx("create b")?;
             let r = b.exec(["echo", "b"]).await.ctx("exec")?;
             ensure!(r.stdout_lossy() == "b\n", "{r:?}");
-            let dir = b.dir().to_path_buf();
+            let dir = b.dir().expect("a local machine").to_path_buf();
             drop(b);
             ensure!(
                 common::eventually(Duration::from_secs(30), || common::gone(&dir)).await,

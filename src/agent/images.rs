@@ -1,4 +1,4 @@
-//! The image half of the [`Machine`] API: `pull_image`, `list_images` and
+//! Images in a machine, over its agent: `pull_image`, `list_images` and
 //! `run` (a command in a container of an image, through the exec path).
 //!
 //! A pull gets the image into the host's blob cache (shared by every
@@ -17,16 +17,13 @@ use futures::{StreamExt, TryStreamExt};
 use smol_protocol::{AgentError, FrameKind, Request, Response, DATA_CHUNK};
 use tokio::io::AsyncReadExt;
 
-use super::progress::PROGRESS_STEP;
-use super::{
-    ContainerSpec, Descriptor, Digest, ImageError, ImageInfo, ImageRecord, ImageResolver,
-    ImageSource, ProgressFn, PullEvent,
+use super::{parse, unexpected, AgentLink};
+use crate::error::{Error, GuestErrorKind, Result};
+use crate::exec::{ExecOptions, ExecResult};
+use crate::image::{
+    BlobStore, ContainerSpec, Descriptor, Digest, ImageError, ImageInfo, ImageRecord,
+    ImageResolver, ImageSource, ProgressFn, PullEvent, PROGRESS_STEP,
 };
-use crate::agent_conn::{unexpected, AgentConnection};
-use crate::error::{Error, Result};
-use crate::exec::{ExecOptions, ExecResult, ExecStream, RunningExec};
-use crate::machine::Machine;
-use crate::GuestErrorKind;
 
 /// Layers sent to one machine at once.
 const CONCURRENT_SENDS: usize = 2;
@@ -42,7 +39,7 @@ fn resolver_for(root: &Path) -> Result<Arc<ImageResolver>> {
     if let Some(r) = map.get(root) {
         return Ok(r.clone());
     }
-    let r = Arc::new(ImageResolver::new(super::BlobStore::open(root)?)?);
+    let r = Arc::new(ImageResolver::new(BlobStore::open(root)?)?);
     map.insert(root.to_path_buf(), r.clone());
     Ok(r)
 }
@@ -50,141 +47,6 @@ fn resolver_for(root: &Path) -> Result<Arc<ImageResolver>> {
 /// Whether a guest error names `prefix` (the agent's image error messages).
 fn agent_says(e: &AgentError, prefix: &str) -> bool {
     e.message.starts_with(prefix) || e.message.contains(&format!(": {prefix}"))
-}
-
-/// How image calls reach a machine's agent: the [`Machine`] in real use,
-/// a loopback socket to the agent's own handlers in host tests.
-pub(crate) trait AgentLink: Sync {
-    async fn connect(&self) -> Result<AgentConnection>;
-    /// Turns a broken connection into what happened to the machine.
-    async fn explain(&self, e: Error) -> Error;
-    fn label(&self) -> &str;
-    /// The blob cache this machine's images go through.
-    fn images_root(&self) -> PathBuf;
-}
-
-impl AgentLink for Machine {
-    async fn connect(&self) -> Result<AgentConnection> {
-        self.agent().await
-    }
-
-    async fn explain(&self, e: Error) -> Error {
-        Machine::explain(self, e).await
-    }
-
-    fn label(&self) -> &str {
-        self.name()
-    }
-
-    /// `<home>/images`, next to `<home>/machines/<name>`.
-    fn images_root(&self) -> PathBuf {
-        match self.dir().parent().and_then(Path::parent) {
-            Some(home) => home.join("images"),
-            None => super::BlobStore::default_root(),
-        }
-    }
-}
-
-impl Machine {
-    /// Pulls `reference` (a registry reference, `oci-layout:<dir>[:<tag>]`,
-    /// `docker-archive:<file>[:<tag>]`, or a path to either) into the host's
-    /// blob cache when needed, sends the layers this machine lacks, and
-    /// records the image in the machine.
-    pub async fn pull_image(&self, reference: &str) -> Result<ImageInfo> {
-        pull_image(self, reference, None).await
-    }
-
-    /// [`Machine::pull_image`], calling `progress` with each [`PullEvent`]
-    /// as it happens: the image resolved, layer bytes and layers into the
-    /// host's cache, then layers sent to the machine. It is called from the
-    /// pulling tasks, so it should return quickly (update a progress bar,
-    /// send on a channel).
-    ///
-    /// [`Machine::run`] pulls an image the machine lacks without progress:
-    /// pull it with this first to show it.
-    ///
-    /// ```no_run
-    /// # async fn demo(m: smol::Machine) -> smol::Result<()> {
-    /// use smol::PullEvent;
-    /// m.pull_image_with_progress("alpine:3.20", |ev: &PullEvent| {
-    ///     if let PullEvent::LayerDone { index, size, .. } = ev {
-    ///         eprintln!("layer {} ready ({size} bytes)", index + 1);
-    ///     }
-    /// })
-    /// .await?;
-    /// let r = m.run("alpine:3.20", ["echo", "hi"]).await?;
-    /// # Ok(()) }
-    /// ```
-    pub async fn pull_image_with_progress(
-        &self,
-        reference: &str,
-        progress: impl Fn(&PullEvent) + Send + Sync + 'static,
-    ) -> Result<ImageInfo> {
-        pull_image(self, reference, Some(Arc::new(progress))).await
-    }
-
-    /// The images in this machine's storage.
-    pub async fn list_images(&self) -> Result<Vec<ImageInfo>> {
-        Ok(image_records(self)
-            .await?
-            .iter()
-            .map(ImageInfo::from)
-            .collect())
-    }
-
-    /// Runs `argv` in a container of `image` (pulled first if the machine
-    /// does not have it). The image's Entrypoint is prefixed; an empty
-    /// `argv` runs its Cmd.
-    pub async fn run<I, S>(&self, image: &str, argv: I) -> Result<ExecResult>
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        self.run_with(image, argv, ExecOptions::default()).await
-    }
-
-    /// [`Machine::run`] with options: `env` is added to the image's Env,
-    /// `workdir` replaces its WorkingDir; timeouts behave as for `exec`.
-    pub async fn run_with<I, S>(
-        &self,
-        image: &str,
-        argv: I,
-        options: ExecOptions,
-    ) -> Result<ExecResult>
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        run_collect(self, image, argv, options).await
-    }
-
-    /// [`Machine::run`] streaming its output, as [`Machine::exec_stream`].
-    pub async fn run_stream<I, S>(&self, image: &str, argv: I) -> Result<ExecStream>
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        self.run_stream_with(image, argv, ExecOptions::default())
-            .await
-    }
-
-    pub async fn run_stream_with<I, S>(
-        &self,
-        image: &str,
-        argv: I,
-        options: ExecOptions,
-    ) -> Result<ExecStream>
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        let req = container_request(self, image, argv, options).await?;
-        let conn = self.agent().await?;
-        match RunningExec::start(conn, req).await {
-            Ok(running) => Ok(running.into_stream(self.clone())),
-            Err(e) => Err(Machine::explain(self, e).await),
-        }
-    }
 }
 
 pub(crate) async fn pull_image<L: AgentLink>(
@@ -197,38 +59,24 @@ pub(crate) async fn pull_image<L: AgentLink>(
     Ok(ImageInfo::from(&record))
 }
 
-pub(crate) async fn run_collect<L: AgentLink, I, S>(
+pub(crate) async fn run_collect<L: AgentLink>(
     link: &L,
     image: &str,
-    argv: I,
+    argv: Vec<String>,
     options: ExecOptions,
-) -> Result<ExecResult>
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<str>,
-{
+) -> Result<ExecResult> {
     let req = container_request(link, image, argv, options).await?;
-    let conn = link.connect().await?;
-    let run = async { RunningExec::start(conn, req).await?.collect().await };
-    match run.await {
-        Ok(r) => Ok(r),
-        Err(e) => Err(link.explain(e).await),
-    }
+    super::exec::exec(link, req).await
 }
 
 /// The exec request of a `run`: the image's config applied, the container
 /// target set. An image the machine has is used as it is.
-async fn container_request<L: AgentLink, I, S>(
+pub(crate) async fn container_request<L: AgentLink>(
     link: &L,
     image: &str,
-    argv: I,
+    argv: Vec<String>,
     options: ExecOptions,
-) -> Result<smol_protocol::ExecRequest>
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<str>,
-{
-    let argv: Vec<String> = argv.into_iter().map(|a| a.as_ref().to_string()).collect();
+) -> Result<smol_protocol::ExecRequest> {
     let record = match Digest::parse(image) {
         // A manifest digest names an image the machine already has.
         Ok(d) => find_record(link, d.as_str())
@@ -272,9 +120,8 @@ async fn ask<L: AgentLink, T>(
     what: &str,
     pick: impl FnOnce(Response) -> std::result::Result<T, Box<Response>>,
 ) -> Result<T> {
-    let mut conn = link.connect().await?;
     let asked = async {
-        conn.send(&req).await?;
+        let mut conn = link.request(&req).await?;
         pick(conn.response(None).await?).map_err(|other| unexpected(what, &other))
     };
     match asked.await {
@@ -410,13 +257,12 @@ async fn send_layer<L: AgentLink>(
     let mut file = tokio::fs::File::open(path)
         .await
         .map_err(|e| Error::io(format!("opening cached blob {}", path.display()), e))?;
-    let mut conn = link.connect().await?;
     let sent = async {
-        conn.send(&Request::PutLayer {
+        let put = Request::PutLayer {
             digest: digest.clone(),
             size: layer.size,
-        })
-        .await?;
+        };
+        let mut conn = link.request(&put).await?;
         let mut buf = vec![0u8; DATA_CHUNK];
         let (mut sent, mut next_report) = (0u64, PROGRESS_STEP);
         progress(0);
@@ -439,15 +285,11 @@ async fn send_layer<L: AgentLink>(
         // Read the answer raw: image errors get their own names.
         let f = conn.next().await?;
         match f.kind {
-            FrameKind::Response => match crate::agent_conn::parse::<Response>(&f, "response")? {
+            FrameKind::Response => match parse::<Response>(&f, "response")? {
                 Response::LayerStored { .. } => Ok(()),
                 other => Err(unexpected("put layer", &other)),
             },
-            FrameKind::Error => Err(layer_error(
-                link.label(),
-                &digest,
-                crate::agent_conn::parse(&f, "error")?,
-            )),
+            FrameKind::Error => Err(layer_error(link.label(), &digest, parse(&f, "error")?)),
             other => Err(Error::Protocol(format!(
                 "expected a response frame, got {other:?}"
             ))),

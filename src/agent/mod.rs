@@ -1,9 +1,14 @@
-//! One connection to the guest agent: the monitor's Unix socket, the
-//! `CONNECT <port>\n` / `OK <port>\n` handshake, then protocol frames.
-//! One connection carries one request (see `smol_protocol`).
+//! Talking to the guest agent: one connection through the monitor's Unix
+//! socket, the `CONNECT <port>\n` / `OK <port>\n` handshake, then protocol
+//! frames. One connection carries one request (see `smol_protocol`): an
+//! exec ([`exec`]), a file transfer ([`files`]), an image call ([`images`]).
+
+pub(crate) mod exec;
+pub(crate) mod files;
+pub(crate) mod images;
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use smol_protocol::{
     asyncio, AgentError, Frame, FrameKind, MachineFacts, ProtocolError, Request, Response,
@@ -55,36 +60,45 @@ pub(crate) struct AgentConnection {
 }
 
 impl AgentConnection {
-    /// Connects through the monitor's socket to the agent's port.
-    pub async fn open(uds: &Path, machine: &str) -> std::result::Result<Self, HandshakeError> {
-        let stream = vsock_connect(uds, AGENT_PORT).await?;
+    /// Connects and sends `first` in the same write as the handshake: the
+    /// monitor leaves the bytes after the `CONNECT` line in the socket, so
+    /// the request reaches the agent as soon as the guest accepts, with no
+    /// wait for `OK` in between.
+    pub async fn open_with(
+        uds: &Path,
+        machine: &str,
+        first: &Request,
+    ) -> std::result::Result<Self, HandshakeError> {
+        let frame = Frame::json(FrameKind::Request, first).encode();
+        let stream = vsock_connect(uds, AGENT_PORT, &frame).await?;
         Ok(AgentConnection {
             stream,
             machine: machine.to_string(),
         })
     }
 
-    /// The version handshake: `Hello` answered by `Response::Hello`.
-    /// Says hello and returns the agent's protocol version and name; with
-    /// `facts` the agent applies them before it answers.
-    pub async fn hello(&mut self, facts: Option<MachineFacts>) -> Result<(u32, String)> {
-        self.send(&Request::Hello {
+    /// The version handshake on a new connection: `Hello` (sent with the
+    /// opening) answered by `Response::Hello`. Returns the agent's protocol
+    /// version and name; with `facts` the agent applies them before it
+    /// answers.
+    pub async fn hello(
+        uds: &Path,
+        machine: &str,
+        facts: Option<MachineFacts>,
+    ) -> std::result::Result<(u32, String), String> {
+        let hello = Request::Hello {
             version: PROTOCOL_VERSION,
             facts,
-        })
-        .await?;
+        };
+        let mut conn = AgentConnection::open_with(uds, machine, &hello)
+            .await
+            .map_err(|e| e.to_string())?;
         // The caller compares the version: a mismatch is final, not a
         // reason to try again.
-        match self.response(None).await? {
+        match conn.response(None).await.map_err(|e| e.to_string())? {
             Response::Hello { version, agent } => Ok((version, agent)),
-            other => Err(unexpected("hello", &other)),
+            other => Err(unexpected("hello", &other).to_string()),
         }
-    }
-
-    /// Sends the request frame.
-    pub async fn send(&mut self, req: &Request) -> Result<()> {
-        let f = Frame::json(FrameKind::Request, req);
-        self.write(f.kind, &f.payload).await
     }
 
     pub async fn write(&mut self, kind: FrameKind, payload: &[u8]) -> Result<()> {
@@ -135,6 +149,18 @@ impl AgentConnection {
     }
 }
 
+/// How a call reaches a machine's agent: the local engine's machine in
+/// real use, a loopback socket to the agent's own handlers in host tests.
+pub(crate) trait AgentLink: Sync {
+    /// A new connection whose first request, `first`, is already sent.
+    async fn request(&self, first: &Request) -> Result<AgentConnection>;
+    /// Turns a broken connection into what happened to the machine.
+    async fn explain(&self, e: Error) -> Error;
+    fn label(&self) -> &str;
+    /// The blob cache this machine's images go through.
+    fn images_root(&self) -> PathBuf;
+}
+
 /// Decodes a control frame's JSON into a protocol error we can report.
 pub(crate) fn parse<T: for<'de> serde::Deserialize<'de>>(
     f: &Frame,
@@ -148,17 +174,24 @@ pub(crate) fn unexpected(what: &str, got: &Response) -> Error {
     Error::Protocol(format!("unexpected answer to {what}: {got:?}"))
 }
 
-/// `CONNECT <port>\n`, then reads `OK <port>\n` byte by byte so that no
-/// byte of the stream after it is consumed.
-async fn vsock_connect(uds: &Path, port: u32) -> std::result::Result<UnixStream, HandshakeError> {
+/// `CONNECT <port>\n` followed by `first` (the stream's first payload
+/// bytes, possibly none) in one write, then reads `OK <port>\n` byte by
+/// byte so that no byte of the stream after it is consumed.
+async fn vsock_connect(
+    uds: &Path,
+    port: u32,
+    first: &[u8],
+) -> std::result::Result<UnixStream, HandshakeError> {
     let mut stream = UnixStream::connect(uds)
         .await
         .map_err(|source| HandshakeError::Connect {
             path: uds.display().to_string(),
             source,
         })?;
+    let mut opening = format!("CONNECT {port}\n").into_bytes();
+    opening.extend_from_slice(first);
     stream
-        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .write_all(&opening)
         .await
         .map_err(|e| refused_or(e, port))?;
     let mut line = Vec::with_capacity(16);
@@ -193,7 +226,49 @@ fn refused_or(e: io::Error, port: u32) -> HandshakeError {
 pub(crate) mod loopback {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixListener;
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
+
+    use smol_protocol::Request;
+
+    use super::{AgentConnection, AgentLink};
+    use crate::error::{Error, Result};
+
+    /// A link to the agent's handlers behind [`agent_socket`], its images
+    /// cached under `root`.
+    pub struct Link {
+        pub uds: PathBuf,
+        pub root: PathBuf,
+    }
+
+    impl Link {
+        /// Serves `<dir>/vsock.sock`; the blob cache is `<dir>/images`.
+        pub fn new(dir: &Path) -> Link {
+            Link {
+                uds: agent_socket(dir),
+                root: dir.join("images"),
+            }
+        }
+    }
+
+    impl AgentLink for Link {
+        async fn request(&self, first: &Request) -> Result<AgentConnection> {
+            AgentConnection::open_with(&self.uds, "loopback", first)
+                .await
+                .map_err(|e| Error::Protocol(e.to_string()))
+        }
+
+        async fn explain(&self, e: Error) -> Error {
+            e
+        }
+
+        fn label(&self) -> &str {
+            "loopback"
+        }
+
+        fn images_root(&self) -> PathBuf {
+            self.root.clone()
+        }
+    }
 
     /// Serves every connection to `<dir>/vsock.sock` with
     /// `smol_agent::server::Agent`, after the `CONNECT`/`OK` handshake.
@@ -281,8 +356,7 @@ mod tests {
     #[tokio::test]
     async fn handshake_then_frames() {
         let (_t, path) = fake_monitor(b"OK 1024\n").await;
-        let mut c = AgentConnection::open(&path, "m").await.unwrap();
-        let (v, agent) = c.hello(None).await.unwrap();
+        let (v, agent) = AgentConnection::hello(&path, "m", None).await.unwrap();
         assert_eq!(v, PROTOCOL_VERSION);
         assert!(agent.starts_with("fake "));
     }
@@ -291,8 +365,7 @@ mod tests {
     async fn hello_against_the_real_agent_handlers() {
         let t = tempfile::tempdir().unwrap();
         let path = loopback::agent_socket(t.path());
-        let mut c = AgentConnection::open(&path, "m").await.unwrap();
-        let (v, agent) = c.hello(None).await.unwrap();
+        let (v, agent) = AgentConnection::hello(&path, "m", None).await.unwrap();
         assert_eq!(v, PROTOCOL_VERSION);
         assert!(agent.starts_with("smol-agent"), "{agent}");
     }
@@ -301,22 +374,22 @@ mod tests {
     async fn handshake_failures() {
         let (_t, path) = fake_monitor(b"").await;
         assert!(matches!(
-            AgentConnection::open(&path, "m").await,
+            AgentConnection::open_with(&path, "m", &Request::ListImages).await,
             Err(HandshakeError::Refused(1024))
         ));
         let (_t, path) = fake_monitor(b"NOPE\n").await;
         assert!(matches!(
-            AgentConnection::open(&path, "m").await,
+            AgentConnection::open_with(&path, "m", &Request::ListImages).await,
             Err(HandshakeError::BadReply(_))
         ));
         let (_t, path) = fake_monitor(&[b'O'; 200]).await;
         assert!(matches!(
-            AgentConnection::open(&path, "m").await,
+            AgentConnection::open_with(&path, "m", &Request::ListImages).await,
             Err(HandshakeError::BadReply(_))
         ));
         let missing = std::path::Path::new("/nonexistent/smol.sock");
         assert!(matches!(
-            AgentConnection::open(missing, "m").await,
+            AgentConnection::open_with(missing, "m", &Request::ListImages).await,
             Err(HandshakeError::Connect { .. })
         ));
     }

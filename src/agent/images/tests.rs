@@ -8,32 +8,6 @@ use super::*;
 #[path = "../../../tests/support/images.rs"]
 mod images;
 
-/// The agent's handlers behind a Unix socket, as the monitor would relay.
-struct Loopback {
-    uds: PathBuf,
-    root: PathBuf,
-}
-
-impl AgentLink for Loopback {
-    async fn connect(&self) -> Result<AgentConnection> {
-        AgentConnection::open(&self.uds, "loopback")
-            .await
-            .map_err(|e| Error::Protocol(e.to_string()))
-    }
-
-    async fn explain(&self, e: Error) -> Error {
-        e
-    }
-
-    fn label(&self) -> &str {
-        "loopback"
-    }
-
-    fn images_root(&self) -> PathBuf {
-        self.root.clone()
-    }
-}
-
 /// Modification times of the agent's unpacked layers.
 fn layer_times(store: &Path) -> Vec<(PathBuf, std::time::SystemTime)> {
     let mut v: Vec<_> = std::fs::read_dir(store.join("layers"))
@@ -50,7 +24,7 @@ fn layer_times(store: &Path) -> Vec<(PathBuf, std::time::SystemTime)> {
 #[test]
 fn machine_futures_are_send() {
     fn send<T: Send>(_: &T) {}
-    fn check(m: &Machine) {
+    fn check(m: &crate::Machine) {
         send(&m.pull_image("x"));
         send(&m.pull_image_with_progress("x", |_| {}));
         send(&m.list_images());
@@ -70,10 +44,7 @@ async fn pull_and_run_against_the_agents_handlers() {
     let agent_store = home.path().join("agent-store");
     // The agent's store is process-wide; no other test of this crate uses it.
     std::env::set_var("SMOL_AGENT_IMAGE_STORE", &agent_store);
-    let link = Loopback {
-        uds: crate::agent_conn::loopback::agent_socket(home.path()),
-        root: home.path().join("images"),
-    };
+    let link = crate::agent::loopback::Link::new(home.path());
 
     let layout = home.path().join("layout");
     let bb = images::busybox_image();
@@ -141,7 +112,9 @@ async fn pull_and_run_against_the_agents_handlers() {
     let r = run_collect(
         &link,
         &src("bb"),
-        ["sh", "-c", "echo $GREETING; pwd; cat /etc/motd"],
+        ["sh", "-c", "echo $GREETING; pwd; cat /etc/motd"]
+            .map(String::from)
+            .to_vec(),
         ExecOptions::default(),
     )
     .await
@@ -179,7 +152,9 @@ async fn pull_and_run_against_the_agents_handlers() {
     let r = run_collect(
         &link,
         &bb.digest(),
-        ["sh", "-c", "echo $GREETING $(pwd) $$"],
+        ["sh", "-c", "echo $GREETING $(pwd) $$"]
+            .map(String::from)
+            .to_vec(),
         opts,
     )
     .await
@@ -205,7 +180,9 @@ async fn pull_and_run_against_the_agents_handlers() {
     let r = run_collect(
         &link,
         &format!("docker-archive:{}", archive.display()),
-        ["sh", "-c", "echo $SOURCE; ls /etc"],
+        ["sh", "-c", "echo $SOURCE; ls /etc"]
+            .map(String::from)
+            .to_vec(),
         ExecOptions::default(),
     )
     .await
@@ -220,7 +197,7 @@ async fn pull_and_run_against_the_agents_handlers() {
     let e = run_collect(
         &link,
         &images::sha256(b"nothing"),
-        ["true"],
+        ["true"].map(String::from).to_vec(),
         ExecOptions::default(),
     )
     .await

@@ -2,9 +2,10 @@
 //! store lock and its state. [`Machine`](crate::Machine) handles talk to it
 //! over a bounded channel, each request carrying a oneshot for the answer.
 //!
-//! The actor does only the lifecycle (boot, stop, delete) and hands out the
-//! vsock socket path; execs and file transfers open their own connections,
-//! so they run concurrently and never queue behind one another.
+//! The actor does only the lifecycle (boot, stop, delete); execs and file
+//! transfers open their own connections to the monitor's socket, without a
+//! word to the actor, so they run concurrently and never queue behind one
+//! another or behind a boot.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,12 +15,12 @@ use smol_vmm::{DiskConfig, ExitReason, Vm, VmConfig, VsockConfig};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::agent_conn::{unexpected, AgentConnection};
-use crate::assets::GuestAssets;
-use crate::disk::{DISK_CMDLINE, DISK_ID};
+use crate::agent::{unexpected, AgentConnection};
+use crate::backend::local::assets::GuestAssets;
+use crate::backend::local::disk::{DISK_CMDLINE, DISK_ID};
+use crate::backend::local::store::{MachineLock, MachinePaths, MachineRecord};
 use crate::error::{sanitize, Error, Result};
-use crate::machine::{BootTimings, MachineState};
-use crate::store::{MachineLock, MachinePaths, MachineRecord};
+use crate::state::{BootTimings, MachineState};
 
 /// Requests waiting for the actor; senders wait when it is full.
 pub(crate) const CHANNEL_CAPACITY: usize = 32;
@@ -38,8 +39,6 @@ const CONSOLE_TAIL_LINES: usize = 30;
 
 /// A request to the actor.
 pub(crate) enum Command {
-    /// The vsock socket of the running VM (or NotRunning).
-    Session(oneshot::Sender<Result<PathBuf>>),
     State(oneshot::Sender<Result<MachineState>>),
     Timings(oneshot::Sender<Option<BootTimings>>),
     /// Boot; the duration is the preparation already spent (by `create`).
@@ -102,10 +101,6 @@ impl MachineActor {
 
     async fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Session(reply) => {
-                let r = self.session().await;
-                let _ = reply.send(r);
-            }
             Command::State(reply) => {
                 let r = if self.deleted {
                     Err(self.not_found())
@@ -149,20 +144,6 @@ impl MachineActor {
         Error::NotFound {
             name: self.name.clone(),
         }
-    }
-
-    async fn session(&mut self) -> Result<PathBuf> {
-        if self.deleted {
-            return Err(self.not_found());
-        }
-        self.refresh().await;
-        if self.state != MachineState::Running {
-            return Err(Error::NotRunning {
-                name: self.name.clone(),
-                state: self.state,
-            });
-        }
-        Ok(self.paths.vsock.clone())
     }
 
     /// Notices a VM that ended on its own (guest poweroff, crash) and
@@ -347,12 +328,7 @@ impl MachineActor {
                 let uds = self.paths.vsock.clone();
                 let name = self.name.clone();
                 let facts = self.facts();
-                let attempt = async move {
-                    let mut conn = AgentConnection::open(&uds, &name)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    conn.hello(Some(facts)).await.map_err(|e| e.to_string())
-                };
+                let attempt = async move { AgentConnection::hello(&uds, &name, Some(facts)).await };
                 match tokio::time::timeout(ATTEMPT_TIMEOUT.min(deadline - now), attempt).await {
                     Ok(Ok((version, agent))) if version == PROTOCOL_VERSION => {
                         tracing::debug!(machine = %self.name, %agent, "agent answered");
@@ -438,10 +414,10 @@ impl MachineActor {
     }
 
     async fn ask_shutdown(&self) -> Result<()> {
-        let mut conn = AgentConnection::open(&self.paths.vsock, &self.name)
-            .await
-            .map_err(|e| Error::Protocol(e.to_string()))?;
-        conn.send(&Request::Shutdown).await?;
+        let mut conn =
+            AgentConnection::open_with(&self.paths.vsock, &self.name, &Request::Shutdown)
+                .await
+                .map_err(|e| Error::Protocol(e.to_string()))?;
         match conn.response(None).await? {
             Response::Ok => Ok(()),
             other => Err(unexpected("shutdown", &other)),
@@ -618,6 +594,57 @@ pub(crate) fn console_tail(path: &std::path::Path, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An agent of another protocol version is a final error at once,
+    /// naming both versions, not retried until the boot deadline.
+    #[tokio::test]
+    async fn a_protocol_mismatch_fails_at_once() {
+        use smol_protocol::{asyncio, Frame, FrameKind};
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let t = tempfile::tempdir().unwrap();
+        let store = crate::backend::local::store::MachineStore::open(Some(t.path())).unwrap();
+        let (record, paths, lock) = store
+            .reserve(&crate::config::MachineConfig::default().name("old"))
+            .unwrap();
+        let listener = tokio::net::UnixListener::bind(&paths.vsock).unwrap();
+        let answers = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = answers.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut s = tokio::io::BufReader::new(s);
+                let mut line = String::new();
+                s.read_line(&mut line).await.unwrap();
+                s.get_mut().write_all(b"OK 1024\n").await.unwrap();
+                let _hello = asyncio::read_frame(&mut s).await.unwrap().unwrap();
+                let old = Response::Hello {
+                    version: 999,
+                    agent: "smol-agent 0.0.1".into(),
+                };
+                let f = Frame::json(FrameKind::Response, &old);
+                asyncio::write_frame(s.get_mut(), f.kind, &f.payload)
+                    .await
+                    .unwrap();
+            }
+        });
+        let mut actor = MachineActor::new(record, paths, lock, MachineState::Created);
+        let begin = std::time::Instant::now();
+        let e = actor
+            .wait_for_agent(Duration::from_secs(60), true)
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("999") && text.contains(&PROTOCOL_VERSION.to_string()),
+            "{text}"
+        );
+        assert!(
+            begin.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            begin.elapsed()
+        );
+        assert_eq!(answers.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
 
     #[test]
     fn console_watch_finds_a_line_written_in_pieces() {

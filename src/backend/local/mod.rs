@@ -1,96 +1,61 @@
-//! [`Machine`]: the cloneable handle users hold. Each call becomes a message
-//! to the machine's actor (lifecycle) or its own vsock connection to the
-//! guest agent (exec, files).
+//! The local engine: machines run by this process on its own KVM monitor.
+//! [`LocalMachine`] is the [`Backend`] the public handle drives: lifecycle
+//! calls go to the machine's actor ([`actor`]), execs and files open their
+//! own vsock connection to the guest agent ([`crate::agent`]).
+//!
+//! Its parts: the record store ([`store`]), disks ([`disk`]), guest assets
+//! ([`assets`]), snapshot directories ([`snapshot`]) and warm shapes
+//! ([`warm`]).
+
+pub(crate) mod actor;
+pub(crate) mod assets;
+pub(crate) mod disk;
+pub(crate) mod snapshot;
+pub(crate) mod store;
+pub(crate) mod warm;
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
-use tokio::io::AsyncRead;
+use futures::FutureExt;
+use smol_protocol::{ExecRequest, Request};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::actor::{Command, MachineActor, CHANNEL_CAPACITY};
-use crate::agent_conn::AgentConnection;
-use crate::assets::GuestAssets;
-use crate::config::{ConnectOptions, MachineConfig};
-use crate::disk::create_disk;
+use self::actor::{Command, MachineActor, CHANNEL_CAPACITY};
+use self::assets::GuestAssets;
+use self::disk::create_disk;
+use self::store::{MachinePaths, MachineStore};
+use self::warm::WarmShape;
+use crate::agent::files::{download, upload};
+use crate::agent::images;
+use crate::agent::{self, AgentConnection, AgentLink};
+use crate::backend::{Backend, Call, Source};
+use crate::config::MachineConfig;
 use crate::error::{Error, Result};
-use crate::exec::{ExecOptions, ExecResult, ExecStream, RunningExec};
-use crate::files::{check_mode, check_path, download, upload, FileStream};
-use crate::snapshot;
-use crate::store::{MachinePaths, MachineStore};
-use crate::warm::WarmShape;
-
-/// The monitor's own set-up phases (re-exported from `smol_vmm`).
-pub use smol_vmm::BootTimings as VmSetupTimings;
-
-/// Where a machine is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MachineState {
-    /// Recorded, never booted yet.
-    Created,
-    Running,
-    Stopped,
-}
-
-impl fmt::Display for MachineState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            MachineState::Created => "created",
-            MachineState::Running => "running",
-            MachineState::Stopped => "stopped",
-        })
-    }
-}
-
-/// How long the last boot of a machine took, phase by phase.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BootTimings {
-    /// Record, directory and disk (format included); zero for `start`.
-    pub prepare: Duration,
-    /// Building the VM on the host (`Vm::start`), up to its first run.
-    pub vm_setup: Duration,
-    /// From the VM running to the agent answering its first Hello.
-    pub agent_ready: Duration,
-    /// The whole `create` or `start`.
-    pub total: Duration,
-    /// The monitor's breakdown of `vm_setup`.
-    pub vmm: VmSetupTimings,
-    /// Restored from a snapshot (a warm create, `restore` or `fork`)
-    /// rather than booted.
-    pub restored: bool,
-}
+use crate::exec::{ExecOptions, ExecResult, ExecStream};
+use crate::files::FileStream;
+use crate::image::{ImageInfo, ProgressFn};
+use crate::state::{BootTimings, MachineState};
 
 struct Shared {
     name: String,
     dir: PathBuf,
     console_log: PathBuf,
+    /// The monitor's vsock socket: execs and files connect to it directly.
+    vsock: PathBuf,
     /// The store's root (`SMOL_HOME`), for forks.
     home: PathBuf,
     config: MachineConfig,
 }
 
-/// A handle to a microVM. Clone it freely (all clones drive the same
-/// machine); it is `Send + Sync`. When the last clone (and the last stream
-/// made from it) is dropped, a non-persistent machine is stopped and deleted,
-/// a persistent one is shut down and kept.
-///
-/// ```no_run
-/// # async fn demo() -> smol::Result<()> {
-/// use smol::{Machine, MachineConfig};
-/// let m = Machine::create(MachineConfig::default()).await?;
-/// let r = m.exec(["uname", "-a"]).await?;
-/// println!("{}", r.stdout_lossy());
-/// m.delete().await?;
-/// # Ok(()) }
-/// ```
+/// One machine of the local engine: its actor's channel and what never
+/// changes about it. Clones drive the same machine; the actor cleans up
+/// when the last clone is gone.
 #[derive(Clone)]
-pub struct Machine {
+pub(crate) struct LocalMachine {
     shared: Arc<Shared>,
     tx: mpsc::Sender<Command>,
 }
@@ -104,33 +69,25 @@ fn registry() -> &'static Registry {
     OPEN.get_or_init(Default::default)
 }
 
-impl Machine {
-    /// Creates and boots a machine with the default engine (local, or the
-    /// cloud when `SMOL_CLOUD_TOKEN` is set). Returns once the guest agent
-    /// answers.
-    pub async fn create(config: MachineConfig) -> Result<Machine> {
-        Machine::create_with(config, ConnectOptions::from_env()).await
-    }
-
+impl LocalMachine {
     /// After the first machine of a shape (resources and guest assets) on
     /// this host, `create` restores that machine's booted snapshot instead
     /// of booting: see [`MachineConfig::cold_boot`] to always boot.
-    pub async fn create_with(config: MachineConfig, options: ConnectOptions) -> Result<Machine> {
-        options.require_local()?;
+    /// `config` is validated by the caller; `home` is the store's root
+    /// (`SMOL_HOME` when `None`).
+    pub async fn create(config: MachineConfig, home: Option<PathBuf>) -> Result<LocalMachine> {
         let begin = Instant::now();
-        config.validate()?;
         let image = config.image.clone();
         // Before anything is written: a missing asset fails cleanly.
         let assets = GuestAssets::locate()?;
         let warm = match config.cold_boot {
             true => None,
             false => Some(WarmShape::new(
-                &crate::assets::cache_dir(),
+                &assets::cache_dir(),
                 &assets,
                 &config.resources,
             )?),
         };
-        let home = options.home.clone();
         let (mut record, paths, lock) = blocking(move || {
             let store = MachineStore::open(home.as_deref())?;
             store.reserve(&config)
@@ -160,7 +117,7 @@ impl Machine {
         } else {
             create_disk(&paths.disk, record.config.resources.disk_mb).await?;
         }
-        let machine = Machine::spawn(
+        let machine = LocalMachine::spawn(
             MachineActor::new(record, paths.clone(), lock, MachineState::Created),
             &paths,
         );
@@ -198,7 +155,7 @@ impl Machine {
             drop(shape_lock);
             // MachineConfig.image: the machine comes up with the image in it.
             if let Some(image) = image {
-                machine.pull_image(&image).await?;
+                images::pull_image(&machine, &image, None).await?;
             }
             Ok::<(), Error>(())
         };
@@ -242,11 +199,9 @@ impl Machine {
         }
     }
 
-    /// Saves the running machine into `dir` (created if missing; it must be
-    /// empty): memory, vCPU and device state, its disk, its config. The
-    /// machine runs on. See [`Machine::restore`].
-    pub async fn snapshot(&self, dir: impl AsRef<Path>) -> Result<crate::SnapshotTimings> {
-        let dir = dir.as_ref().to_path_buf();
+    /// Saves the running machine into `dir` (see `Machine::snapshot`).
+    async fn snapshot(&self, dir: &Path) -> Result<crate::SnapshotTimings> {
+        let dir = dir.to_path_buf();
         let existed = dir.exists();
         snapshot::prepare_dir(&dir)?;
         let made = async {
@@ -272,23 +227,15 @@ impl Machine {
         }
     }
 
-    /// A new machine from the snapshot in `dir`, running where the snapshot
-    /// stopped. Its name, persistence and forkability come from `config`;
-    /// resources and image from the snapshot. One snapshot can be restored
-    /// any number of times; it is never changed.
-    pub async fn restore(dir: impl AsRef<Path>, config: MachineConfig) -> Result<Machine> {
-        Machine::restore_with(dir, config, ConnectOptions::from_env()).await
-    }
-
-    pub async fn restore_with(
-        dir: impl AsRef<Path>,
+    /// A new machine from the snapshot in `dir` (see `Machine::restore`);
+    /// `config` is validated by the caller.
+    pub async fn restore(
+        dir: &Path,
         config: MachineConfig,
-        options: ConnectOptions,
-    ) -> Result<Machine> {
-        options.require_local()?;
+        home: Option<PathBuf>,
+    ) -> Result<LocalMachine> {
         let begin = Instant::now();
-        let dir = dir.as_ref().to_path_buf();
-        config.validate()?;
+        let dir = dir.to_path_buf();
         let d = dir.clone();
         let (saved, vm) = blocking(move || snapshot::load(&d)).await?;
         let config = MachineConfig {
@@ -297,7 +244,6 @@ impl Machine {
             forkable: config.forkable,
             ..saved.config
         };
-        let home = options.home.clone();
         let (mut record, paths, lock) = blocking(move || {
             let store = MachineStore::open(home.as_deref())?;
             store.reserve(&config)
@@ -308,21 +254,21 @@ impl Machine {
             machine: None,
         };
         place_snapshot(&mut record, vm.vsock_cid, &paths, &dir).await?;
-        Machine::start_restored(record, paths, lock, dir, begin, undo).await
+        LocalMachine::start_restored(record, paths, lock, dir, begin, undo).await
     }
 
     /// The end of `restore` and `fork`: the actor of a reserved machine
     /// whose disk is in place, restored from `dir`; on failure nothing of
     /// it remains.
     async fn start_restored(
-        record: crate::store::MachineRecord,
+        record: store::MachineRecord,
         paths: MachinePaths,
-        lock: crate::store::MachineLock,
+        lock: store::MachineLock,
         dir: PathBuf,
         begin: Instant,
         mut undo: CreateUndo,
-    ) -> Result<Machine> {
-        let machine = Machine::spawn(
+    ) -> Result<LocalMachine> {
+        let machine = LocalMachine::spawn(
             MachineActor::new(record, paths.clone(), lock, MachineState::Created),
             &paths,
         );
@@ -337,20 +283,14 @@ impl Machine {
         Ok(machine)
     }
 
-    /// A live clone of this running machine, named `name`: the same
-    /// processes, memory and disk at this instant, independent afterwards
-    /// (neither sees the other's later writes), with fresh entropy, the
-    /// host's clock and its own hostname. Its vsock connections open at the
-    /// fork are reset in the clone; this machine's carry on. Needs a machine
-    /// created with [`MachineConfig::forkable`].
-    pub async fn fork(&self, name: &str) -> Result<Machine> {
+    /// A live clone named `name` (validated by the caller).
+    async fn fork(&self, name: &str) -> Result<LocalMachine> {
         let begin = Instant::now();
         if !self.shared.config.forkable {
             return Err(Error::NotForkable {
                 name: self.name().to_string(),
             });
         }
-        crate::config::validate_name(name)?;
         let config = MachineConfig {
             name: Some(name.to_string()),
             ..self.shared.config.clone()
@@ -382,54 +322,46 @@ impl Machine {
             if let Some(cid) = vm.vsock_cid {
                 record.guest_cid = cid;
             }
-            crate::store::write_record(&rec_path, &record)?;
+            store::write_record(&rec_path, &record)?;
             std::fs::rename(b.join(snapshot::disk_file()), &disk).map_err(|e| {
                 Error::io(format!("moving the fork's disk to {}", disk.display()), e)
             })?;
             Ok(record)
         })
         .await?;
-        Machine::start_restored(record, paths, lock, base, begin, undo).await
+        LocalMachine::start_restored(record, paths, lock, base, begin, undo).await
     }
 
-    /// Re-opens a persistent machine from the store (it is not booted:
-    /// call [`Machine::start`]). A machine already open in this process
-    /// yields another handle to it.
-    pub async fn connect(name: &str) -> Result<Machine> {
-        Machine::connect_with(name, ConnectOptions::from_env()).await
-    }
-
-    pub async fn connect_with(name: &str, options: ConnectOptions) -> Result<Machine> {
-        options.require_local()?;
-        crate::config::validate_name(name)?;
-        let home = options.home.clone();
+    /// Re-opens a persistent machine from the store (not booted); one
+    /// already open in this process yields another handle to it.
+    pub async fn connect(name: &str, home: Option<PathBuf>) -> Result<LocalMachine> {
         let store = blocking(move || MachineStore::open(home.as_deref())).await?;
         let paths = store.paths(name);
-        if let Some(m) = Machine::from_registry(&paths.dir) {
+        if let Some(m) = LocalMachine::from_registry(&paths.dir) {
             return Ok(m);
         }
         let n = name.to_string();
         let (record, paths, lock) = blocking(move || store.open_machine(&n)).await?;
         // Another task may have opened it meanwhile: use theirs.
-        if let Some(m) = Machine::from_registry(&paths.dir) {
+        if let Some(m) = LocalMachine::from_registry(&paths.dir) {
             return Ok(m);
         }
-        Ok(Machine::spawn(
+        Ok(LocalMachine::spawn(
             MachineActor::new(record, paths.clone(), lock, MachineState::Stopped),
             &paths,
         ))
     }
 
-    fn from_registry(dir: &Path) -> Option<Machine> {
+    fn from_registry(dir: &Path) -> Option<LocalMachine> {
         let reg = registry().lock().unwrap_or_else(|p| p.into_inner());
         let (weak, shared) = reg.get(dir)?;
-        Some(Machine {
+        Some(LocalMachine {
             tx: weak.upgrade()?,
             shared: shared.clone(),
         })
     }
 
-    fn spawn(actor: MachineActor, paths: &MachinePaths) -> Machine {
+    fn spawn(actor: MachineActor, paths: &MachinePaths) -> LocalMachine {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let name = paths
             .dir
@@ -440,6 +372,7 @@ impl Machine {
             name,
             dir: paths.dir.clone(),
             console_log: paths.console_log.clone(),
+            vsock: paths.vsock.clone(),
             home: paths
                 .dir
                 .parent()
@@ -453,47 +386,14 @@ impl Machine {
             .unwrap_or_else(|p| p.into_inner())
             .insert(paths.dir.clone(), (tx.downgrade(), shared.clone()));
         tokio::spawn(actor.run(rx));
-        Machine { shared, tx }
+        LocalMachine { shared, tx }
     }
 
-    pub fn name(&self) -> &str {
+    fn name(&self) -> &str {
         &self.shared.name
     }
 
-    /// The machine's directory in the store (record, disk, socket, log).
-    pub fn dir(&self) -> &Path {
-        &self.shared.dir
-    }
-
-    /// The guest's serial console of the current (or last) boot.
-    pub fn console_log_path(&self) -> &Path {
-        &self.shared.console_log
-    }
-
-    pub async fn state(&self) -> Result<MachineState> {
-        self.ask(Command::State).await?
-    }
-
-    /// Phases of the last `create` or `start`, once it has booted.
-    pub async fn boot_timings(&self) -> Result<Option<BootTimings>> {
-        self.ask(Command::Timings).await
-    }
-
-    /// Boots a stopped machine again (same disk). Running: no-op.
-    pub async fn start(&self) -> Result<()> {
-        self.ask(|tx| Command::Start(Duration::ZERO, tx)).await?
-    }
-
-    /// Asks the guest to power off cleanly, waits for it, and stops the VM
-    /// from the host if it does not. Stopped: no-op.
-    pub async fn stop(&self) -> Result<()> {
-        self.ask(Command::Stop).await?
-    }
-
-    /// Stops the machine and removes everything of it (directory, disk,
-    /// socket, record), persistent or not. Other handles then get
-    /// [`Error::NotFound`].
-    pub async fn delete(&self) -> Result<()> {
+    async fn delete(&self) -> Result<()> {
         self.ask(Command::Delete).await??;
         let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
         if reg
@@ -505,90 +405,14 @@ impl Machine {
         Ok(())
     }
 
-    /// Runs `argv` (no shell) and collects its output.
-    pub async fn exec<I, S>(&self, argv: I) -> Result<ExecResult>
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        self.exec_with(argv, ExecOptions::default()).await
-    }
-
-    /// [`Machine::exec`] with a timeout, environment and working directory.
-    /// A timeout gives `Ok` with `timed_out` set (see [`crate::exec`]).
-    pub async fn exec_with<I, S>(&self, argv: I, options: ExecOptions) -> Result<ExecResult>
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        let req = options.request(argv)?;
-        let conn = self.agent().await?;
-        let run = async { RunningExec::start(conn, req).await?.collect().await };
-        match run.await {
-            Ok(r) => Ok(r),
-            Err(e) => Err(self.explain(e).await),
-        }
-    }
-
-    /// Runs `argv` and streams its output as it is produced.
-    pub async fn exec_stream<I, S>(&self, argv: I) -> Result<ExecStream>
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        self.exec_stream_with(argv, ExecOptions::default()).await
-    }
-
-    pub async fn exec_stream_with<I, S>(&self, argv: I, options: ExecOptions) -> Result<ExecStream>
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        let req = options.request(argv)?;
-        let conn = self.agent().await?;
-        match RunningExec::start(conn, req).await {
-            Ok(running) => Ok(running.into_stream(self.clone())),
-            Err(e) => Err(self.explain(e).await),
-        }
-    }
-
-    /// Writes `data` to `path` in the guest, atomically, with `mode` (else
-    /// 0644, the agent's default).
-    pub async fn write_file(
-        &self,
-        path: impl AsRef<str>,
-        data: impl Into<Bytes>,
-        mode: Option<u32>,
-    ) -> Result<()> {
-        let data: Bytes = data.into();
-        self.write_file_from(path, &data[..], mode)
-            .await
-            .map(|_| ())
-    }
-
-    /// Streams `src` into `path` in the guest, one chunk at a time (bounded
-    /// memory whatever the size); returns the bytes written.
-    pub async fn write_file_from<R>(
-        &self,
-        path: impl AsRef<str>,
-        src: R,
-        mode: Option<u32>,
-    ) -> Result<u64>
-    where
-        R: AsyncRead + Unpin + Send,
-    {
-        let path = path.as_ref();
-        check_path(path)?;
-        check_mode(mode)?;
-        let conn = self.agent().await?;
-        match upload(conn, path, mode, src).await {
+    async fn write_file(&self, path: &str, mode: Option<u32>, src: Source<'_>) -> Result<u64> {
+        match upload(self, path, mode, src).await {
             Ok(n) => Ok(n),
             Err(e) => Err(self.explain(e).await),
         }
     }
 
-    /// Reads the whole file at `path` in the guest.
-    pub async fn read_file(&self, path: impl AsRef<str>) -> Result<Bytes> {
+    async fn read_file(&self, path: &str) -> Result<Bytes> {
         let s = self.read_file_stream(path).await?;
         match s.bytes().await {
             Ok(b) => Ok(b),
@@ -596,22 +420,19 @@ impl Machine {
         }
     }
 
-    /// Reads `path` as a stream of chunks (or an `AsyncRead` with
-    /// [`FileStream::into_reader`]); a missing file fails here.
-    pub async fn read_file_stream(&self, path: impl AsRef<str>) -> Result<FileStream> {
-        let path = path.as_ref();
-        check_path(path)?;
-        let conn = self.agent().await?;
-        match download(conn, path).await {
+    async fn read_file_stream(&self, path: &str) -> Result<FileStream> {
+        match download(self, path).await {
             Ok(s) => Ok(s),
             Err(e) => Err(self.explain(e).await),
         }
     }
 
     /// A fresh connection to the agent of the running machine.
-    pub(crate) async fn agent(&self) -> Result<AgentConnection> {
-        let uds = self.ask(Command::Session).await??;
-        match AgentConnection::open(&uds, self.name()).await {
+    /// A connection to the agent with `first` sent in its opening. Straight
+    /// to the monitor's socket, with no word to the actor: a machine that is
+    /// not running has no socket, and `explain` says why.
+    async fn agent(&self, first: &Request) -> Result<AgentConnection> {
+        match AgentConnection::open_with(&self.shared.vsock, self.name(), first).await {
             Ok(c) => Ok(c),
             Err(e) => Err(self.explain(Error::Protocol(e.to_string())).await),
         }
@@ -632,6 +453,10 @@ impl Machine {
         }
     }
 
+    async fn state(&self) -> Result<MachineState> {
+        self.ask(Command::State).await?
+    }
+
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).await.map_err(|_| {
@@ -643,15 +468,6 @@ impl Machine {
                 self.name()
             ))
         })
-    }
-}
-
-impl fmt::Debug for Machine {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Machine")
-            .field("name", &self.shared.name)
-            .field("dir", &self.shared.dir)
-            .finish()
     }
 }
 
@@ -685,7 +501,7 @@ impl Drop for CreateUndo {
 /// snapshot's vsock CID (the restored guest keeps its own), and its disk is
 /// a copy of the snapshot's.
 async fn place_snapshot(
-    record: &mut crate::store::MachineRecord,
+    record: &mut store::MachineRecord,
     cid: Option<u32>,
     paths: &MachinePaths,
     dir: &Path,
@@ -700,7 +516,7 @@ async fn place_snapshot(
         paths.record.clone(),
     );
     blocking(move || {
-        crate::store::write_record(&rec_path, &rec)?;
+        store::write_record(&rec_path, &rec)?;
         snapshot::copy_disk(&dir, &disk)
     })
     .await
@@ -718,79 +534,130 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| Error::Internal(format!("blocking task: {e}")))?
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn assert_send_sync<T: Send + Sync + Clone>() {}
-
-    #[test]
-    fn handle_is_send_sync_clone() {
-        assert_send_sync::<Machine>();
-        fn stream_is_send<T: Send>() {}
-        stream_is_send::<ExecStream>();
-        stream_is_send::<FileStream>();
+impl AgentLink for LocalMachine {
+    async fn request(&self, first: &Request) -> Result<AgentConnection> {
+        self.agent(first).await
     }
 
-    #[test]
-    fn state_names() {
-        assert_eq!(MachineState::Running.to_string(), "running");
-        assert_eq!(
-            serde_json::to_string(&MachineState::Stopped).unwrap(),
-            "\"stopped\""
-        );
+    async fn explain(&self, e: Error) -> Error {
+        LocalMachine::explain(self, e).await
     }
 
-    #[tokio::test]
-    async fn cloud_is_refused_clearly() {
-        let e = Machine::create_with(MachineConfig::default(), ConnectOptions::cloud("k"))
-            .await
-            .unwrap_err();
-        assert!(matches!(e, Error::Unsupported(_)), "{e}");
-        let e = Machine::connect_with("x", ConnectOptions::cloud("k"))
-            .await
-            .unwrap_err();
-        assert!(matches!(e, Error::Unsupported(_)), "{e}");
+    fn label(&self) -> &str {
+        self.name()
     }
 
-    #[tokio::test]
-    async fn connect_unknown_machine() {
-        let t = tempfile::tempdir().unwrap();
-        let e = Machine::connect_with("ghost", ConnectOptions::local().home(t.path()))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(&e, Error::NotFound { name } if name == "ghost"),
-            "{e}"
-        );
-        let e = Machine::connect_with("Bad Name", ConnectOptions::local().home(t.path()))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(e, Error::InvalidConfig { field: "name", .. }),
-            "{e}"
-        );
+    /// `<home>/images`, next to `<home>/machines/<name>`.
+    fn images_root(&self) -> PathBuf {
+        self.shared.home.join("images")
+    }
+}
+
+impl Backend for LocalMachine {
+    fn name(&self) -> &str {
+        LocalMachine::name(self)
     }
 
-    #[tokio::test]
-    async fn invalid_config_creates_nothing() {
-        let t = tempfile::tempdir().unwrap();
-        let e = Machine::create_with(
-            MachineConfig::default().cpus(0),
-            ConnectOptions::local().home(t.path()),
-        )
-        .await
-        .unwrap_err();
-        assert!(
-            matches!(
-                e,
-                Error::InvalidConfig {
-                    field: "resources.cpus",
-                    ..
-                }
-            ),
-            "{e}"
-        );
-        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
+    fn dir(&self) -> Option<&Path> {
+        Some(&self.shared.dir)
+    }
+
+    fn console_log_path(&self) -> Option<&Path> {
+        Some(&self.shared.console_log)
+    }
+
+    fn state(&self) -> Call<'_, MachineState> {
+        LocalMachine::state(self).boxed()
+    }
+
+    fn boot_timings(&self) -> Call<'_, Option<BootTimings>> {
+        self.ask(Command::Timings).boxed()
+    }
+
+    fn start(&self) -> Call<'_, ()> {
+        async { self.ask(|tx| Command::Start(Duration::ZERO, tx)).await? }.boxed()
+    }
+
+    fn stop(&self) -> Call<'_, ()> {
+        async { self.ask(Command::Stop).await? }.boxed()
+    }
+
+    fn delete(&self) -> Call<'_, ()> {
+        LocalMachine::delete(self).boxed()
+    }
+
+    fn exec(&self, req: ExecRequest) -> Call<'_, ExecResult> {
+        agent::exec::exec(self, req).boxed()
+    }
+
+    fn exec_stream(&self, req: ExecRequest) -> Call<'_, ExecStream> {
+        agent::exec::exec_stream(self, req).boxed()
+    }
+
+    fn write_file<'a>(
+        &'a self,
+        path: &'a str,
+        mode: Option<u32>,
+        src: Source<'a>,
+    ) -> Call<'a, u64> {
+        LocalMachine::write_file(self, path, mode, src).boxed()
+    }
+
+    fn read_file<'a>(&'a self, path: &'a str) -> Call<'a, Bytes> {
+        LocalMachine::read_file(self, path).boxed()
+    }
+
+    fn read_file_stream<'a>(&'a self, path: &'a str) -> Call<'a, FileStream> {
+        LocalMachine::read_file_stream(self, path).boxed()
+    }
+
+    fn pull_image<'a>(
+        &'a self,
+        reference: &'a str,
+        progress: Option<ProgressFn>,
+    ) -> Call<'a, ImageInfo> {
+        images::pull_image(self, reference, progress).boxed()
+    }
+
+    fn list_images(&self) -> Call<'_, Vec<ImageInfo>> {
+        async {
+            let records = images::image_records(self).await?;
+            Ok(records.iter().map(ImageInfo::from).collect())
+        }
+        .boxed()
+    }
+
+    fn run<'a>(
+        &'a self,
+        image: &'a str,
+        argv: Vec<String>,
+        options: ExecOptions,
+    ) -> Call<'a, ExecResult> {
+        images::run_collect(self, image, argv, options).boxed()
+    }
+
+    fn run_stream<'a>(
+        &'a self,
+        image: &'a str,
+        argv: Vec<String>,
+        options: ExecOptions,
+    ) -> Call<'a, ExecStream> {
+        async move {
+            let req = images::container_request(self, image, argv, options).await?;
+            agent::exec::exec_stream(self, req).await
+        }
+        .boxed()
+    }
+
+    fn snapshot<'a>(&'a self, dir: &'a Path) -> Call<'a, crate::SnapshotTimings> {
+        LocalMachine::snapshot(self, dir).boxed()
+    }
+
+    fn fork<'a>(&'a self, name: &'a str) -> Call<'a, Arc<dyn Backend>> {
+        async move {
+            let clone = LocalMachine::fork(self, name).await?;
+            Ok(Arc::new(clone) as Arc<dyn Backend>)
+        }
+        .boxed()
     }
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 
-use crate::assets::GuestAssets;
+use crate::backend::local::assets::GuestAssets;
 use crate::config::ResourceSpec;
 use crate::error::{Error, Result};
 
@@ -57,7 +57,7 @@ impl WarmShape {
         let mut h = Sha256::new();
         for part in [
             format!("snapshot {}", smol_vmm::snapshot::FORMAT_VERSION),
-            format!("record {}", crate::snapshot::RECORD_VERSION),
+            format!("record {}", crate::backend::local::snapshot::RECORD_VERSION),
             format!("protocol {}", smol_protocol::PROTOCOL_VERSION),
             format!("kvm_pvm {}", smol_vmm::is_kvm_pvm_host()),
             format!("kernel {}", identity(&assets.kernel)?),

@@ -1,0 +1,62 @@
+//! What a machine is and what its last boot took: [`MachineState`] and
+//! [`BootTimings`], the same whichever engine runs it.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The monitor's own set-up phases (re-exported from `smol_vmm`).
+pub use smol_vmm::BootTimings as VmSetupTimings;
+
+/// Where a machine is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineState {
+    /// Recorded, never booted yet.
+    Created,
+    Running,
+    Stopped,
+}
+
+impl fmt::Display for MachineState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MachineState::Created => "created",
+            MachineState::Running => "running",
+            MachineState::Stopped => "stopped",
+        })
+    }
+}
+
+/// How long the last boot of a machine took, phase by phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BootTimings {
+    /// Record, directory and disk (format included); zero for `start`.
+    pub prepare: Duration,
+    /// Building the VM on the host (`Vm::start`), up to its first run.
+    pub vm_setup: Duration,
+    /// From the VM running to the agent answering its first Hello.
+    pub agent_ready: Duration,
+    /// The whole `create` or `start`.
+    pub total: Duration,
+    /// The monitor's breakdown of `vm_setup`.
+    pub vmm: VmSetupTimings,
+    /// Restored from a snapshot (a warm create, `restore` or `fork`)
+    /// rather than booted.
+    pub restored: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names() {
+        assert_eq!(MachineState::Running.to_string(), "running");
+        assert_eq!(
+            serde_json::to_string(&MachineState::Stopped).unwrap(),
+            "\"stopped\""
+        );
+    }
+}
