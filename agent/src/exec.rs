@@ -11,7 +11,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -553,15 +553,21 @@ pub fn serve<S: Duplex>(conn: &mut S, req: ExecRequest) -> Result<(), ServeError
             return Err(e.into());
         }
     }
-    let reader = conn.try_clone().and_then(|r| {
-        let c = ctl.clone();
-        std::thread::Builder::new()
-            .name("exec-input".into())
-            .spawn(move || host_reader(r, stdin, c))
-    });
-    if let Err(e) = reader {
-        ctl.kill_group();
-        return Err(e.into());
+    // With stdin to feed, a thread reads the host's frames; without, the
+    // output loop itself watches the connection for the host going away
+    // (a thread less per exec: costly where the guest kernel is emulated).
+    let watch_host = stdin.is_none();
+    if !watch_host {
+        let reader = conn.try_clone().and_then(|r| {
+            let c = ctl.clone();
+            std::thread::Builder::new()
+                .name("exec-input".into())
+                .spawn(move || host_reader(r, stdin, c))
+        });
+        if let Err(e) = reader {
+            ctl.kill_group();
+            return Err(e.into());
+        }
     }
 
     let result = send_response(
@@ -571,7 +577,7 @@ pub fn serve<S: Duplex>(conn: &mut S, req: ExecRequest) -> Result<(), ServeError
         },
     )
     .map_err(ServeError::from)
-    .and_then(|()| pump_output(conn, &stdout, &stderr, &waiter));
+    .and_then(|()| pump_output(conn, &stdout, &stderr, &waiter, watch_host));
     if result.is_err() {
         // The host is gone: nobody will read the output.
         ctl.kill_group();
@@ -610,12 +616,15 @@ pub fn serve<S: Duplex>(conn: &mut S, req: ExecRequest) -> Result<(), ServeError
 }
 
 /// Sends stdout and stderr as they come until both are closed and the
-/// program has exited (or has exited and the pipes stay quiet).
-fn pump_output<W: Write>(
-    conn: &mut W,
+/// program has exited (or has exited and the pipes stay quiet). With
+/// `watch_host`, the host closing the connection ends it with an error
+/// (bytes the host sends meanwhile mean nothing and are dropped).
+fn pump_output<S: Duplex>(
+    conn: &mut S,
     stdout: &File,
     stderr: &File,
     waiter: &Waiter,
+    watch_host: bool,
 ) -> Result<(), ServeError> {
     let mut buf = vec![0u8; DATA_CHUNK];
     let mut open = [true, true];
@@ -641,6 +650,15 @@ fn pump_output<W: Write>(
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: if watch_host {
+                    conn.as_fd().as_raw_fd()
+                } else {
+                    -1
+                },
+                events: libc::POLLIN | libc::POLLRDHUP,
+                revents: 0,
+            },
         ];
         let timeout = if exited {
             DRAIN_IDLE.as_millis() as i32
@@ -662,6 +680,15 @@ fn pump_output<W: Write>(
         if fds[2].revents != 0 {
             exited = true;
         }
+        if fds[3].revents != 0 {
+            let mut scratch = [0u8; 256];
+            match conn.read(&mut scratch) {
+                Ok(0) => return Err(host_gone()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         for (i, (pipe, kind)) in pipes.iter().enumerate() {
             if fds[i].revents == 0 {
                 continue;
@@ -675,6 +702,14 @@ fn pump_output<W: Write>(
             }
         }
     }
+}
+
+fn host_gone() -> ServeError {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "the host closed the connection",
+    )
+    .into()
 }
 
 #[cfg(test)]
