@@ -237,8 +237,13 @@ pub(crate) fn generate_name() -> String {
 #[derive(Clone, Default)]
 pub struct ConnectOptions {
     pub(crate) cloud_api_key: Option<String>,
+    pub(crate) endpoint: Option<String>,
     pub(crate) home: Option<PathBuf>,
 }
+
+/// The remote engine's address when neither [`ConnectOptions::endpoint`]
+/// nor `SMOL_CLOUD_URL` gives one: a `smol serve` on this host.
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7100";
 
 impl ConnectOptions {
     /// The embedded engine in this process, store under `SMOL_HOME`.
@@ -246,13 +251,24 @@ impl ConnectOptions {
         ConnectOptions::default()
     }
 
-    /// The remote engine (not available yet: creating a machine with it
-    /// returns [`Error::Unsupported`]).
+    /// The remote engine: a `smol serve` at `SMOL_CLOUD_URL` (else
+    /// [`DEFAULT_ENDPOINT`], or [`ConnectOptions::endpoint`]), with the API
+    /// key `api_key` (`smol key create NAME` prints one).
     pub fn cloud(api_key: impl Into<String>) -> Self {
         ConnectOptions {
             cloud_api_key: Some(api_key.into()),
+            endpoint: std::env::var("SMOL_CLOUD_URL")
+                .ok()
+                .filter(|u| !u.is_empty()),
             home: None,
         }
+    }
+
+    /// The remote engine's URL (`http://host:port`), instead of
+    /// `SMOL_CLOUD_URL`.
+    pub fn endpoint(mut self, url: impl Into<String>) -> Self {
+        self.endpoint = Some(url.into());
+        self
     }
 
     /// Cloud when `SMOL_CLOUD_TOKEN` is set and not empty, else local.
@@ -274,14 +290,24 @@ impl ConnectOptions {
         self.cloud_api_key.is_some()
     }
 
-    pub(crate) fn require_local(&self) -> Result<()> {
+    /// For what only the local engine does (restoring a snapshot from a
+    /// directory of this host).
+    pub(crate) fn require_local(&self, what: &str) -> Result<()> {
         if self.is_cloud() {
-            return Err(Error::Unsupported(
-                "the cloud engine is not available yet (unset SMOL_CLOUD_TOKEN or use ConnectOptions::local())"
-                    .into(),
-            ));
+            return Err(Error::Unsupported(format!(
+                "{what} on the remote engine (use ConnectOptions::local())"
+            )));
         }
         Ok(())
+    }
+
+    /// The remote engine's client, or `None` for the local engine.
+    pub(crate) fn remote_client(&self) -> Result<Option<crate::backend::remote::Client>> {
+        let Some(key) = &self.cloud_api_key else {
+            return Ok(None);
+        };
+        let endpoint = self.endpoint.as_deref().unwrap_or(DEFAULT_ENDPOINT);
+        crate::backend::remote::Client::new(endpoint, key).map(Some)
     }
 }
 
@@ -290,6 +316,7 @@ impl fmt::Debug for ConnectOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConnectOptions")
             .field("target", &if self.is_cloud() { "cloud" } else { "local" })
+            .field("endpoint", &self.endpoint)
             .field("home", &self.home)
             .finish()
     }
@@ -411,7 +438,7 @@ mod tests {
         let c = ConnectOptions::cloud("secret-key");
         assert!(c.is_cloud());
         assert!(!format!("{c:?}").contains("secret"));
-        assert!(matches!(c.require_local(), Err(Error::Unsupported(_))));
-        ConnectOptions::local().require_local().unwrap();
+        assert!(matches!(c.require_local("x"), Err(Error::Unsupported(_))));
+        ConnectOptions::local().require_local("x").unwrap();
     }
 }

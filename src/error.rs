@@ -123,6 +123,13 @@ pub enum Error {
     /// Not available (yet) in this engine, e.g. the cloud target.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// The remote engine refused the API key (none, wrong or revoked).
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// The remote engine could not be reached, or answered with an error
+    /// this SDK has no variant for; `code` is the server's.
+    #[error("remote engine: {message} ({code})")]
+    Remote { code: String, message: String },
     /// A bug: a task of ours panicked.
     #[error("internal error: {0}")]
     Internal(String),

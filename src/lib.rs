@@ -35,6 +35,7 @@
 //! `cargo xtask assets` fills (`~/.cache/smol/assets`).
 
 mod agent;
+pub mod api;
 mod backend;
 mod config;
 mod error;
@@ -42,6 +43,8 @@ pub mod exec;
 mod files;
 pub mod image;
 mod machine;
+#[cfg(feature = "server")]
+pub mod server;
 mod state;
 
 pub use config::{

@@ -55,8 +55,10 @@ impl Machine {
     /// this host, `create` restores that machine's booted snapshot instead
     /// of booting: see [`MachineConfig::cold_boot`] to always boot.
     pub async fn create_with(config: MachineConfig, options: ConnectOptions) -> Result<Machine> {
-        options.require_local()?;
         config.validate()?;
+        if let Some(client) = options.remote_client()? {
+            return client.create(config).await.map(Machine::from_backend);
+        }
         LocalMachine::create(config, options.home)
             .await
             .map(Machine::from_backend)
@@ -75,7 +77,7 @@ impl Machine {
         config: MachineConfig,
         options: ConnectOptions,
     ) -> Result<Machine> {
-        options.require_local()?;
+        options.require_local("restore from a snapshot directory")?;
         config.validate()?;
         LocalMachine::restore(dir.as_ref(), config, options.home)
             .await
@@ -90,8 +92,10 @@ impl Machine {
     }
 
     pub async fn connect_with(name: &str, options: ConnectOptions) -> Result<Machine> {
-        options.require_local()?;
         crate::config::validate_name(name)?;
+        if let Some(client) = options.remote_client()? {
+            return client.connect(name).await.map(Machine::from_backend);
+        }
         LocalMachine::connect(name, options.home)
             .await
             .map(Machine::from_backend)
@@ -116,8 +120,16 @@ impl Machine {
         Ok(Machine { backend })
     }
 
+    /// The machine's name; on the remote engine, the id that
+    /// [`Machine::connect`] accepts.
     pub fn name(&self) -> &str {
         self.backend.name()
+    }
+
+    /// The machine's config, as its engine completed it (its name, the
+    /// resources of a restored snapshot).
+    pub fn config(&self) -> &MachineConfig {
+        self.backend.config()
     }
 
     /// The machine's directory in the store (record, disk, socket, log),
@@ -370,12 +382,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn cloud_is_refused_clearly() {
-        let e = Machine::create_with(MachineConfig::default(), ConnectOptions::cloud("k"))
-            .await
-            .unwrap_err();
-        assert!(matches!(e, Error::Unsupported(_)), "{e}");
-        let e = Machine::connect_with("x", ConnectOptions::cloud("k"))
+    async fn cloud_needs_an_endpoint_and_a_server() {
+        let e = Machine::create_with(
+            MachineConfig::default(),
+            ConnectOptions::cloud("k").endpoint(""),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::InvalidArgument {
+                    what: "endpoint",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // Nothing listens there: a named error, quickly, with no key in it.
+        let opts = ConnectOptions::cloud("smk_secret").endpoint("http://127.0.0.1:9");
+        let e = Machine::connect_with("x", opts.clone()).await.unwrap_err();
+        assert!(
+            matches!(&e, Error::Remote { code, .. } if code == "unreachable"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("smk_secret"), "{e}");
+        assert!(!format!("{opts:?}").contains("smk_secret"));
+        let e = Machine::restore_with("/nonexistent", MachineConfig::default(), opts)
             .await
             .unwrap_err();
         assert!(matches!(e, Error::Unsupported(_)), "{e}");

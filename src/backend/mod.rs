@@ -8,6 +8,7 @@
 //! call reaches a backend; backends get the checked values.
 
 pub(crate) mod local;
+pub(crate) mod remote;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use futures::future::BoxFuture;
 use smol_protocol::ExecRequest;
 use tokio::io::AsyncRead;
 
+use crate::config::MachineConfig;
 use crate::error::Result;
 use crate::exec::{ExecOptions, ExecResult, ExecStream};
 use crate::files::FileStream;
@@ -33,6 +35,8 @@ pub(crate) type Source<'a> = Box<dyn AsyncRead + Unpin + Send + 'a>;
 /// [`Machine`](crate::Machine) goes through one of these.
 pub(crate) trait Backend: Send + Sync + 'static {
     fn name(&self) -> &str;
+    /// The machine's config (as the engine completed it: name, resources).
+    fn config(&self) -> &MachineConfig;
     /// The machine's directory on this host; `None` for a remote machine.
     fn dir(&self) -> Option<&Path>;
     /// The serial console log on this host; `None` for a remote machine.

@@ -33,6 +33,8 @@ pub use manifest::{ConfigFile, Descriptor, ImageConfig};
 pub(crate) use progress::PROGRESS_STEP;
 pub use progress::{ProgressFn, PullEvent};
 pub use reference::{is_loopback, ImageRef, ImageSource};
+/// Also for the remote engine's client: the same reqwest, without a default TLS provider.
+pub(crate) use registry::install_crypto_provider;
 pub use smol_protocol::image::{ContainerSpec, ImageRecord, LayerRecord};
 pub use store::{smol_home, BlobLock, BlobStore, Digest};
 

@@ -27,7 +27,7 @@ const MAX_INDEX_DEPTH: usize = 4;
 
 /// reqwest is built without a default TLS provider (to avoid aws-lc's C
 /// build): install ring's, once, before the first client.
-fn install_crypto_provider() {
+pub(crate) fn install_crypto_provider() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // Fails only if another provider is already installed, which is fine.

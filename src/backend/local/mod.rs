@@ -558,6 +558,10 @@ impl Backend for LocalMachine {
         LocalMachine::name(self)
     }
 
+    fn config(&self) -> &MachineConfig {
+        &self.shared.config
+    }
+
     fn dir(&self) -> Option<&Path> {
         Some(&self.shared.dir)
     }

@@ -7,6 +7,8 @@
 //! smol exec -- uname -a                      # in the bare guest
 //! smol snapshot ./tpl -- sh -c 'echo ready > /root/state'   # a template
 //! smol restore ./tpl -- cat /root/state      # a machine from it, in ~0.3 s
+//! smol key create alice                      # an API key of `smol serve`
+//! smol serve --listen 127.0.0.1:7100         # the HTTP API (smol::api)
 //! ```
 //!
 //! `run` and `exec` create a machine, use it and delete it (also on
@@ -95,6 +97,29 @@ enum Command {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         argv: Vec<String>,
     },
+    /// Serve the local engine's HTTP API (`smol::api`) until SIGTERM or
+    /// Ctrl-C; clients use `ConnectOptions::cloud(KEY)`.
+    Serve {
+        /// Address to listen on (port 0: any free port; the address is
+        /// printed on stdout).
+        #[arg(long, default_value = "127.0.0.1:7100")]
+        listen: std::net::SocketAddr,
+    },
+    /// Manage the API keys of `smol serve` (stored as hashes in SMOL_HOME).
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
+}
+
+#[derive(Subcommand, Debug, PartialEq)]
+enum KeyAction {
+    /// Make a key named NAME and print it (once: only its hash is kept).
+    Create { name: String },
+    /// The keys' names and creation times.
+    List,
+    /// Remove the key named NAME; requests with it get 401 from then on.
+    Revoke { name: String },
 }
 
 #[derive(Args, Debug, Default, PartialEq)]
@@ -165,6 +190,8 @@ enum CliError {
     Output(#[source] std::io::Error),
     #[error("the command ended without an exit status")]
     NoExit,
+    #[error("listening on {0}")]
+    Listen(std::net::SocketAddr, #[source] std::io::Error),
 }
 
 fn main() -> ExitCode {
@@ -172,7 +199,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,smol::serve=info")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -203,6 +230,20 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> Result<u8, CliError> {
     match command {
+        Command::Serve { listen } => serve(listen).await.map(|()| 0),
+        Command::Key { action } => {
+            let keys = smol::server::keys::KeyStore::new(&smol::image::smol_home());
+            match action {
+                KeyAction::Create { name } => println!("{}", keys.create(&name)?),
+                KeyAction::List => {
+                    for k in keys.list()? {
+                        println!("{}\tcreated {}", k.name, k.created_unix);
+                    }
+                }
+                KeyAction::Revoke { name } => keys.revoke(&name)?,
+            }
+            Ok(0)
+        }
         Command::Pull { image } => interruptible(pull(&image)).await.map(|()| 0),
         Command::Run {
             options,
@@ -266,6 +307,35 @@ async fn run(command: Command) -> Result<u8, CliError> {
             .await
         }
     }
+}
+
+/// `smol serve`: listens, says where on stdout, serves until SIGTERM or
+/// Ctrl-C, then cleans up its machines.
+async fn serve(listen: std::net::SocketAddr) -> Result<(), CliError> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| CliError::Listen(listen, e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CliError::Listen(listen, e))?;
+    println!("smol serve: listening on http://{addr}");
+    let _ = std::io::stdout().flush();
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async {
+                match term.as_mut() {
+                    Some(t) => { t.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {}
+        }
+        eprintln!("smol serve: shutting down");
+    };
+    smol::server::serve(listener, smol::image::smol_home(), shutdown).await?;
+    Ok(())
 }
 
 /// Pulls into the host's blob cache and says what it got on stdout.

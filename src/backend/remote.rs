@@ -1,0 +1,592 @@
+//! The remote engine's client: a [`Backend`] that drives a machine of a
+//! `smol serve` over its HTTP API ([`crate::api`]). Selected by
+//! [`ConnectOptions::cloud`](crate::ConnectOptions::cloud) (or
+//! `SMOL_CLOUD_TOKEN`), the endpoint from `SMOL_CLOUD_URL` or
+//! [`ConnectOptions::endpoint`](crate::ConnectOptions::endpoint).
+//!
+//! Every call has a deadline except the ones whose length the user chose
+//! (an exec without a timeout, a stream, a file transfer): those have a
+//! connect deadline and run as long as the data flows. Connection errors
+//! are retried only for idempotent calls (GETs). Dropping the last handle
+//! made by `create` of a non-persistent machine deletes it, as locally;
+//! handles from `connect` leave the machine to its creator.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use smol_protocol::ExecRequest;
+use tokio::io::AsyncReadExt;
+
+use super::{Backend, Call, Source};
+use crate::api::{
+    CreateMachine, ErrorBody, ExecBody, ExecResultBody, MachineBody, StreamEvent, WrittenBody,
+    MODE_HEADER, SIZE_HEADER,
+};
+use crate::config::MachineConfig;
+use crate::error::{Error, Result};
+use crate::exec::{ExecEvent, ExecOptions, ExecResult, ExecStream};
+use crate::files::FileStream;
+use crate::image::{ImageInfo, ProgressFn};
+use crate::state::{BootTimings, MachineState};
+
+/// Reaching the server at all.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A create boots (or restores) a machine on the server.
+const CREATE_TIMEOUT: Duration = Duration::from_secs(600);
+/// State, start, stop, delete.
+const CALL_TIMEOUT: Duration = Duration::from_secs(360);
+/// Beyond an exec's own timeout, for the server to report it.
+const EXEC_GRACE: Duration = Duration::from_secs(60);
+/// Retries of an idempotent call whose connection failed.
+const RETRIES: usize = 2;
+/// Longest NDJSON line of a stream we accept (a 64 KiB chunk in base64
+/// and its envelope fit easily).
+const MAX_LINE: usize = 1 << 20;
+/// Upload chunks.
+const CHUNK: usize = 256 * 1024;
+
+/// The HTTP client of one server and key, shared by its machines.
+#[derive(Clone)]
+pub(crate) struct Client {
+    http: reqwest::Client,
+    base: String,
+    key: Arc<str>,
+}
+
+impl std::fmt::Debug for Client {
+    // Never print the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("base", &self.base).finish()
+    }
+}
+
+impl Client {
+    pub fn new(endpoint: &str, key: &str) -> Result<Client> {
+        let base = endpoint.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(Error::InvalidArgument {
+                what: "endpoint",
+                reason: format!("{endpoint:?} is not an http:// or https:// URL"),
+            });
+        }
+        crate::image::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|e| Error::Remote {
+                code: "client".into(),
+                message: format!("building the HTTP client: {e}"),
+            })?;
+        Ok(Client {
+            http,
+            base,
+            key: key.into(),
+        })
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.http
+            .request(method, format!("{}/v1{path}", self.base))
+            .bearer_auth(&*self.key)
+    }
+
+    /// Sends `build()`'s request; connection failures of idempotent calls
+    /// are tried again. A non-success status becomes its [`Error`].
+    async fn send(&self, idempotent: bool, build: impl Fn() -> RequestBuilder) -> Result<Response> {
+        let mut attempt = 0;
+        loop {
+            match build().send().await {
+                Ok(r) => return check(r).await,
+                Err(e) if idempotent && e.is_connect() && attempt < RETRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+                Err(e) => return Err(self.unreachable(e)),
+            }
+        }
+    }
+
+    fn unreachable(&self, e: reqwest::Error) -> Error {
+        if e.is_timeout() {
+            return Error::Timeout {
+                what: format!("a request to {}", self.base),
+                after: Duration::ZERO,
+            };
+        }
+        let mut message = e.to_string();
+        let mut cur = std::error::Error::source(&e);
+        while let Some(c) = cur {
+            message.push_str(": ");
+            message.push_str(&c.to_string());
+            cur = c.source();
+        }
+        Error::Remote {
+            code: "unreachable".into(),
+            message: format!("{}: {message}", self.base),
+        }
+    }
+
+    pub async fn create(&self, config: MachineConfig) -> Result<RemoteMachine> {
+        let body = CreateMachine { config };
+        let r = self
+            .send(false, || {
+                self.request(Method::POST, "/machines")
+                    .json(&body)
+                    .timeout(CREATE_TIMEOUT)
+            })
+            .await?;
+        let m: MachineBody = json(r).await?;
+        Ok(RemoteMachine::new(self.clone(), m, true))
+    }
+
+    pub async fn connect(&self, id: &str) -> Result<RemoteMachine> {
+        let path = format!("/machines/{id}");
+        let r = self
+            .send(true, || {
+                self.request(Method::GET, &path).timeout(CALL_TIMEOUT)
+            })
+            .await?;
+        let m: MachineBody = json(r).await?;
+        Ok(RemoteMachine::new(self.clone(), m, false))
+    }
+}
+
+/// A non-success answer as the error its body names.
+async fn check(r: Response) -> Result<Response> {
+    let status = r.status();
+    if status.is_success() {
+        return Ok(r);
+    }
+    let text = r.text().await.unwrap_or_default();
+    Err(match serde_json::from_str::<ErrorBody>(&text) {
+        Ok(body) => body.into_error(),
+        Err(_) if status == StatusCode::UNAUTHORIZED => Error::Unauthorized(text),
+        Err(_) => Error::Remote {
+            code: status.as_str().into(),
+            message: crate::error::sanitize(&text.chars().take(512).collect::<String>()),
+        },
+    })
+}
+
+async fn json<T: serde::de::DeserializeOwned>(r: Response) -> Result<T> {
+    let bytes = r.bytes().await.map_err(|e| Error::Remote {
+        code: "bad_answer".into(),
+        message: format!("reading the answer: {e}"),
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::Remote {
+        code: "bad_answer".into(),
+        message: format!("an answer that is not the expected JSON: {e}"),
+    })
+}
+
+/// A machine on a `smol serve`. Clones share one [`Owned`]; the last one
+/// gone deletes a non-persistent machine.
+#[derive(Clone)]
+pub(crate) struct RemoteMachine {
+    owned: Arc<Owned>,
+}
+
+struct Owned {
+    client: Client,
+    id: String,
+    config: MachineConfig,
+    /// Made by this handle's `create` (not `connect`): its drop deletes a
+    /// non-persistent machine.
+    created: bool,
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        if self.config.persistent || !self.created {
+            return;
+        }
+        // Best effort, as the local engine's cleanup: without a runtime
+        // (the process is ending) the server's own limits apply.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let req = self
+            .client
+            .request(Method::DELETE, &format!("/machines/{}", self.id))
+            .timeout(CALL_TIMEOUT);
+        rt.spawn(async move {
+            let _ = req.send().await;
+        });
+    }
+}
+
+impl RemoteMachine {
+    fn new(client: Client, m: MachineBody, created: bool) -> RemoteMachine {
+        RemoteMachine {
+            owned: Arc::new(Owned {
+                client,
+                id: m.id,
+                config: m.config,
+                created,
+            }),
+        }
+    }
+
+    fn client(&self) -> &Client {
+        &self.owned.client
+    }
+
+    fn path(&self, rest: &str) -> String {
+        format!("/machines/{}{rest}", self.owned.id)
+    }
+
+    async fn info(&self) -> Result<MachineBody> {
+        let path = self.path("");
+        let r = self
+            .client()
+            .send(true, || {
+                self.client()
+                    .request(Method::GET, &path)
+                    .timeout(CALL_TIMEOUT)
+            })
+            .await?;
+        json(r).await
+    }
+
+    async fn lifecycle(&self, verb: &str) -> Result<()> {
+        let path = self.path(&format!("/{verb}"));
+        self.client()
+            .send(false, || {
+                self.client()
+                    .request(Method::POST, &path)
+                    .timeout(CALL_TIMEOUT)
+            })
+            .await
+            .map(drop)
+    }
+
+    async fn delete(&self) -> Result<()> {
+        let path = self.path("");
+        self.client()
+            .send(true, || {
+                self.client()
+                    .request(Method::DELETE, &path)
+                    .timeout(CALL_TIMEOUT)
+            })
+            .await
+            .map(drop)
+    }
+
+    fn exec_body(req: &ExecRequest) -> ExecBody {
+        ExecBody {
+            argv: req.argv.clone(),
+            env: req.env.clone(),
+            workdir: req.workdir.clone(),
+            timeout_ms: req.timeout_ms,
+        }
+    }
+
+    async fn exec(&self, req: ExecRequest) -> Result<ExecResult> {
+        let body = RemoteMachine::exec_body(&req);
+        let path = self.path("/exec");
+        let deadline = req
+            .timeout_ms
+            .map(|ms| Duration::from_millis(ms) + EXEC_GRACE);
+        let r = self
+            .client()
+            .send(false, || {
+                let b = self.client().request(Method::POST, &path).json(&body);
+                match deadline {
+                    Some(d) => b.timeout(d),
+                    None => b,
+                }
+            })
+            .await?;
+        json::<ExecResultBody>(r).await?.into_result()
+    }
+
+    async fn exec_stream(&self, req: ExecRequest) -> Result<ExecStream> {
+        let body = RemoteMachine::exec_body(&req);
+        let path = self.path("/exec/stream");
+        let r = self
+            .client()
+            .send(false, || {
+                self.client().request(Method::POST, &path).json(&body)
+            })
+            .await?;
+        let mut lines = ndjson_lines(r);
+        // The first line says the program started (or why it did not).
+        let pid = match lines.next().await {
+            Some(Ok(StreamEvent::Started { pid })) => pid,
+            Some(Ok(StreamEvent::Failed { error })) => return Err(error.into_error()),
+            Some(Ok(other)) => return Err(bad_answer(format!("a stream began with {other:?}"))),
+            Some(Err(e)) => return Err(e),
+            None => return Err(bad_answer("an empty stream".into())),
+        };
+        let keep = self.clone();
+        let events = async_stream::stream! {
+            let _keep = keep;
+            while let Some(line) = lines.next().await {
+                let ev = match line {
+                    Ok(StreamEvent::Stdout { data }) => crate::api::unb64(&data).map(ExecEvent::Stdout),
+                    Ok(StreamEvent::Stderr { data }) => crate::api::unb64(&data).map(ExecEvent::Stderr),
+                    Ok(StreamEvent::Exit { code }) => {
+                        yield Ok(ExecEvent::Exit(code));
+                        break;
+                    }
+                    Ok(StreamEvent::Error { message }) => Ok(ExecEvent::Error(message)),
+                    Ok(StreamEvent::Failed { error }) => Err(error.into_error()),
+                    Ok(StreamEvent::Started { .. }) => Err(bad_answer("a second start".into())),
+                    Err(e) => Err(e),
+                };
+                let end = ev.is_err();
+                yield ev;
+                if end {
+                    break;
+                }
+            }
+        };
+        Ok(ExecStream::new(pid, Box::pin(events)))
+    }
+
+    async fn write_file(&self, path: &str, mode: Option<u32>, mut src: Source<'_>) -> Result<u64> {
+        // The body is a channel fed from `src` in this same future, so that
+        // `src` need not be 'static.
+        let (tx, rx) = futures::channel::mpsc::channel::<std::io::Result<Bytes>>(4);
+        let body = reqwest::Body::wrap_stream(rx);
+        let mut query = vec![("path", path.to_string())];
+        if let Some(m) = mode {
+            query.push(("mode", format!("{m:o}")));
+        }
+        let req = self
+            .client()
+            .request(Method::PUT, &self.path("/files"))
+            .query(&query)
+            .body(body)
+            .send();
+        let pump = async move {
+            let mut tx = tx;
+            let mut total = 0u64;
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                let n = src
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| Error::io(format!("reading the data for {path}"), e))?;
+                if n == 0 {
+                    return Ok::<u64, Error>(total);
+                }
+                buf.truncate(n);
+                total += n as u64;
+                if futures::SinkExt::send(&mut tx, Ok(Bytes::from(buf)))
+                    .await
+                    .is_err()
+                {
+                    // The request ended early; its answer says why.
+                    return Ok(total);
+                }
+            }
+        };
+        let (sent, answer) = tokio::join!(pump, req);
+        let answer = answer.map_err(|e| self.client().unreachable(e))?;
+        let written: WrittenBody = json(check(answer).await?).await?;
+        let total = sent?;
+        if written.size != total {
+            return Err(bad_answer(format!(
+                "sent {total} bytes, the server wrote {}",
+                written.size
+            )));
+        }
+        Ok(written.size)
+    }
+
+    async fn read_file_stream(&self, path: &str) -> Result<FileStream> {
+        let url = self.path("/files");
+        let r = self
+            .client()
+            .send(true, || {
+                self.client()
+                    .request(Method::GET, &url)
+                    .query(&[("path", path)])
+            })
+            .await?;
+        let header = |name: &str| {
+            r.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let size = header(SIZE_HEADER)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mode = header(MODE_HEADER)
+            .and_then(|v| u32::from_str_radix(&v, 8).ok())
+            .unwrap_or(0o644);
+        let keep = self.clone();
+        let base = self.client().base.clone();
+        let chunks = r.bytes_stream().map(move |c| {
+            let _ = &keep;
+            c.map_err(|e| Error::Remote {
+                code: "unreachable".into(),
+                message: format!("{base}: reading the file: {e}"),
+            })
+        });
+        Ok(FileStream::new(size, mode, chunks.boxed()))
+    }
+}
+
+fn bad_answer(message: String) -> Error {
+    Error::Remote {
+        code: "bad_answer".into(),
+        message,
+    }
+}
+
+/// The events of an NDJSON answer, line by line, each at most [`MAX_LINE`].
+fn ndjson_lines(r: Response) -> futures::stream::BoxStream<'static, Result<StreamEvent>> {
+    let mut bytes = r.bytes_stream();
+    async_stream::stream! {
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=i).collect();
+                let line = &line[..line.len() - 1];
+                if line.is_empty() {
+                    continue;
+                }
+                yield serde_json::from_slice::<StreamEvent>(line)
+                    .map_err(|e| bad_answer(format!("a stream line that is not an event: {e}")));
+            }
+            if buf.len() > MAX_LINE {
+                yield Err(bad_answer(format!("a stream line over {MAX_LINE} bytes")));
+                return;
+            }
+            match bytes.next().await {
+                Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                Some(Err(e)) => {
+                    yield Err(Error::Remote {
+                        code: "unreachable".into(),
+                        message: format!("the stream broke: {e}"),
+                    });
+                    return;
+                }
+                None => {
+                    if !buf.is_empty() {
+                        yield Err(bad_answer("a stream that ends mid-line".into()));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+    .boxed()
+}
+
+impl Backend for RemoteMachine {
+    fn name(&self) -> &str {
+        &self.owned.id
+    }
+
+    fn config(&self) -> &MachineConfig {
+        &self.owned.config
+    }
+
+    fn dir(&self) -> Option<&Path> {
+        None
+    }
+
+    fn console_log_path(&self) -> Option<&Path> {
+        None
+    }
+
+    fn state(&self) -> Call<'_, MachineState> {
+        async { Ok(self.info().await?.state) }.boxed()
+    }
+
+    fn boot_timings(&self) -> Call<'_, Option<BootTimings>> {
+        async { Ok(None) }.boxed()
+    }
+
+    fn start(&self) -> Call<'_, ()> {
+        self.lifecycle("start").boxed()
+    }
+
+    fn stop(&self) -> Call<'_, ()> {
+        self.lifecycle("stop").boxed()
+    }
+
+    fn delete(&self) -> Call<'_, ()> {
+        RemoteMachine::delete(self).boxed()
+    }
+
+    fn exec(&self, req: ExecRequest) -> Call<'_, ExecResult> {
+        RemoteMachine::exec(self, req).boxed()
+    }
+
+    fn exec_stream(&self, req: ExecRequest) -> Call<'_, ExecStream> {
+        RemoteMachine::exec_stream(self, req).boxed()
+    }
+
+    fn write_file<'a>(
+        &'a self,
+        path: &'a str,
+        mode: Option<u32>,
+        src: Source<'a>,
+    ) -> Call<'a, u64> {
+        RemoteMachine::write_file(self, path, mode, src).boxed()
+    }
+
+    fn read_file<'a>(&'a self, path: &'a str) -> Call<'a, Bytes> {
+        async move { self.read_file_stream(path).await?.bytes().await }.boxed()
+    }
+
+    fn read_file_stream<'a>(&'a self, path: &'a str) -> Call<'a, FileStream> {
+        RemoteMachine::read_file_stream(self, path).boxed()
+    }
+
+    fn pull_image<'a>(
+        &'a self,
+        _reference: &'a str,
+        _progress: Option<ProgressFn>,
+    ) -> Call<'a, ImageInfo> {
+        async { Err(not_yet("pull_image")) }.boxed()
+    }
+
+    fn list_images(&self) -> Call<'_, Vec<ImageInfo>> {
+        async { Err(not_yet("list_images")) }.boxed()
+    }
+
+    fn run<'a>(
+        &'a self,
+        _image: &'a str,
+        _argv: Vec<String>,
+        _options: ExecOptions,
+    ) -> Call<'a, ExecResult> {
+        async { Err(not_yet("run")) }.boxed()
+    }
+
+    fn run_stream<'a>(
+        &'a self,
+        _image: &'a str,
+        _argv: Vec<String>,
+        _options: ExecOptions,
+    ) -> Call<'a, ExecStream> {
+        async { Err(not_yet("run_stream")) }.boxed()
+    }
+
+    fn snapshot<'a>(&'a self, _dir: &'a Path) -> Call<'a, crate::SnapshotTimings> {
+        async {
+            Err(Error::Unsupported(
+                "snapshot to a local directory of a remote machine".into(),
+            ))
+        }
+        .boxed()
+    }
+
+    fn fork<'a>(&'a self, _name: &'a str) -> Call<'a, Arc<dyn Backend>> {
+        async { Err(not_yet("fork")) }.boxed()
+    }
+}
+
+fn not_yet(what: &str) -> Error {
+    Error::Unsupported(format!("{what} on the remote engine (not available yet)"))
+}

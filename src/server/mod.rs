@@ -1,0 +1,394 @@
+//! `smol serve`: the local engine behind an HTTP API (axum over hyper), so
+//! that the same [`Machine`] API drives it from elsewhere through the
+//! remote backend. The API is described in [`crate::api`].
+//!
+//! Each request needs a current API key ([`keys`]); a key sees only the
+//! machines it created, another key's machine answers 404. Streams (exec
+//! output, file bodies) flow as the guest produces or takes them, with no
+//! size cap and bounded memory. On shutdown the server stops accepting,
+//! lets the requests in flight end, then deletes its non-persistent
+//! machines and stops the persistent ones.
+
+pub mod keys;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use futures::{StreamExt, TryStreamExt};
+use serde::Deserialize;
+
+use crate::api::{
+    CreateMachine, ErrorBody, ExecBody, ExecResultBody, MachineBody, StreamEvent, WrittenBody,
+    MODE_HEADER, SIZE_HEADER,
+};
+use crate::config::ConnectOptions;
+use crate::error::{Error, Result};
+use crate::machine::Machine;
+use keys::KeyStore;
+
+/// The name of the key a request came with.
+#[derive(Clone)]
+struct Owner(String);
+
+struct Entry {
+    machine: Machine,
+    owner: String,
+}
+
+#[derive(Clone)]
+struct AppState {
+    home: PathBuf,
+    keys: KeyStore,
+    machines: Arc<Mutex<HashMap<String, Entry>>>,
+}
+
+impl AppState {
+    fn lookup(&self, owner: &Owner, id: &str) -> Result<Machine, ApiError> {
+        let machines = self.machines.lock().unwrap_or_else(|p| p.into_inner());
+        match machines.get(id) {
+            Some(e) if e.owner == owner.0 => Ok(e.machine.clone()),
+            // Another key's machine is as absent as a missing one.
+            _ => Err(ApiError(Error::NotFound { name: id.into() })),
+        }
+    }
+}
+
+/// An [`Error`] as an HTTP answer: its status and [`ErrorBody`].
+struct ApiError(Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = ErrorBody::of(&self.0);
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(body)).into_response()
+    }
+}
+
+/// A JSON request body, refused with a named error when it is not one.
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError(Error::InvalidArgument {
+            what: "body",
+            reason: format!("not the expected JSON: {e}"),
+        })
+    })
+}
+
+/// Serves the API on `listener` until `shutdown` completes; machines live
+/// in the store under `home` (`SMOL_HOME`).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    home: PathBuf,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let state = AppState {
+        keys: KeyStore::new(&home),
+        home,
+        machines: Arc::default(),
+    };
+    let app = router(state.clone());
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    // Machines are the server's to clean up, whatever ended the serving.
+    let entries: Vec<Entry> = state
+        .machines
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain()
+        .map(|(_, e)| e)
+        .collect();
+    for e in entries {
+        let persistent = e.machine.config().persistent;
+        let r = if persistent {
+            e.machine.stop().await
+        } else {
+            e.machine.delete().await
+        };
+        if let Err(err) = r {
+            tracing::warn!(target: "smol::serve", machine = %e.machine.name(), "at shutdown: {err}");
+        }
+    }
+    served.map_err(|e| Error::io("serving HTTP", e))
+}
+
+fn router(state: AppState) -> Router {
+    let machines = Router::new()
+        .route("/machines", post(create).get(list))
+        .route("/machines/{id}", get(info).delete(delete))
+        .route("/machines/{id}/start", post(start))
+        .route("/machines/{id}/stop", post(stop))
+        .route("/machines/{id}/exec", post(exec))
+        .route("/machines/{id}/exec/stream", post(exec_stream))
+        .route("/machines/{id}/files", get(read_file).put(write_file))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state);
+    Router::new()
+        .nest("/v1", machines)
+        .fallback(|| async {
+            ApiError(Error::NotFound {
+                name: "no such API path".into(),
+            })
+        })
+        .layer(middleware::from_fn(log))
+}
+
+/// One line per request: method, path, status, time. No header is logged
+/// (the key is in one).
+async fn log(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let begin = Instant::now();
+    let r = next.run(req).await;
+    tracing::info!(
+        target: "smol::serve",
+        %method,
+        %path,
+        status = r.status().as_u16(),
+        ms = begin.elapsed().as_millis() as u64,
+        "request"
+    );
+    r
+}
+
+async fn auth(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
+    let key = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|k| k.trim().to_string());
+    let owner = match key {
+        Some(k) => {
+            let keys = s.keys.clone();
+            tokio::task::spawn_blocking(move || keys.verify(&k))
+                .await
+                .ok()
+                .flatten()
+        }
+        None => None,
+    };
+    match owner {
+        Some(o) => {
+            req.extensions_mut().insert(Owner(o));
+            next.run(req).await
+        }
+        None => ApiError(Error::Unauthorized(
+            "a current API key is needed (Authorization: Bearer smk_…; `smol key create NAME`)"
+                .into(),
+        ))
+        .into_response(),
+    }
+}
+
+async fn describe(m: &Machine) -> Result<MachineBody, ApiError> {
+    Ok(MachineBody {
+        id: m.name().to_string(),
+        state: m.state().await?,
+        config: m.config().clone(),
+    })
+}
+
+async fn create(
+    State(s): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    body: Bytes,
+) -> Result<Json<MachineBody>, ApiError> {
+    let CreateMachine { config } = parse(&body)?;
+    if !config.mounts.is_empty() {
+        return Err(ApiError(Error::InvalidConfig {
+            field: "mounts",
+            reason: "host directories of the server cannot be shared by a remote client".into(),
+        }));
+    }
+    let m = Machine::create_with(config, ConnectOptions::local().home(&s.home)).await?;
+    let body = describe(&m).await?;
+    s.machines.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        body.id.clone(),
+        Entry {
+            machine: m,
+            owner: owner.0,
+        },
+    );
+    Ok(Json(body))
+}
+
+async fn list(
+    State(s): State<AppState>,
+    Extension(owner): Extension<Owner>,
+) -> Result<Json<Vec<MachineBody>>, ApiError> {
+    let mine: Vec<Machine> = {
+        let machines = s.machines.lock().unwrap_or_else(|p| p.into_inner());
+        machines
+            .values()
+            .filter(|e| e.owner == owner.0)
+            .map(|e| e.machine.clone())
+            .collect()
+    };
+    let mut out = Vec::with_capacity(mine.len());
+    for m in &mine {
+        out.push(describe(m).await?);
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(Json(out))
+}
+
+async fn info(
+    State(s): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+) -> Result<Json<MachineBody>, ApiError> {
+    let m = s.lookup(&owner, &id)?;
+    Ok(Json(describe(&m).await?))
+}
+
+async fn delete(
+    State(s): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let m = s.lookup(&owner, &id)?;
+    m.delete().await?;
+    s.machines
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn start(
+    State(s): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+) -> Result<Json<MachineBody>, ApiError> {
+    let m = s.lookup(&owner, &id)?;
+    m.start().await?;
+    Ok(Json(describe(&m).await?))
+}
+
+async fn stop(
+    State(s): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+) -> Result<Json<MachineBody>, ApiError> {
+    let m = s.lookup(&owner, &id)?;
+    m.stop().await?;
+    Ok(Json(describe(&m).await?))
+}
+
+async fn exec(
+    State(s): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<ExecResultBody>, ApiError> {
+    let m = s.lookup(&owner, &id)?;
+    let req: ExecBody = parse(&body)?;
+    let r = m.exec_with(&req.argv, req.options()).await?;
+    Ok(Json(ExecResultBody::from(&r)))
+}
+
+fn ndjson(ev: &StreamEvent) -> Bytes {
+    let mut line = serde_json::to_vec(ev).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+async fn exec_stream(
+    State(s): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let m = s.lookup(&owner, &id)?;
+    let req: ExecBody = parse(&body)?;
+    // A program that cannot start is an error answer, not a stream.
+    let stream = m.exec_stream_with(&req.argv, req.options()).await?;
+    let started = ndjson(&StreamEvent::Started { pid: stream.pid() });
+    let events = stream.map(|ev| match ev {
+        Ok(ev) => ndjson(&StreamEvent::from_event(&ev)),
+        Err(e) => ndjson(&StreamEvent::Failed {
+            error: ErrorBody::of(&e).1,
+        }),
+    });
+    let lines = futures::stream::once(async move { started })
+        .chain(events)
+        .map(Ok::<_, Infallible>);
+    let mut r = Response::new(Body::from_stream(lines));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(r)
+}
+
+#[derive(Deserialize)]
+struct FileQuery {
+    path: String,
+    /// Octal permission bits, e.g. `755`.
+    mode: Option<String>,
+}
+
+async fn write_file(
+    State(s): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+    Query(q): Query<FileQuery>,
+    body: Body,
+) -> Result<Json<WrittenBody>, ApiError> {
+    let m = s.lookup(&owner, &id)?;
+    let mode = match &q.mode {
+        Some(text) => Some(u32::from_str_radix(text, 8).map_err(|_| {
+            ApiError(Error::InvalidArgument {
+                what: "mode",
+                reason: format!("{text:?} is not octal permission bits"),
+            })
+        })?),
+        None => None,
+    };
+    let data = body.into_data_stream().map_err(std::io::Error::other);
+    let reader = tokio_util::io::StreamReader::new(data);
+    let size = m.write_file_from(&q.path, reader, mode).await?;
+    Ok(Json(WrittenBody { size }))
+}
+
+async fn read_file(
+    State(s): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+    Query(q): Query<FileQuery>,
+) -> Result<Response, ApiError> {
+    let m = s.lookup(&owner, &id)?;
+    let file = m.read_file_stream(&q.path).await?;
+    let (size, mode) = (file.size(), file.mode());
+    let chunks = file.map_err(|e| std::io::Error::other(e.to_string()));
+    let mut r = Response::new(Body::from_stream(chunks));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&size.to_string()) {
+        h.insert(SIZE_HEADER, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("{:o}", mode & 0o7777)) {
+        h.insert(MODE_HEADER, v);
+    }
+    Ok(r)
+}

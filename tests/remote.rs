@@ -1,0 +1,308 @@
+//! The remote engine end to end: the real `smol serve` binary on 127.0.0.1
+//! with two API keys, and the SDK's Machine API through
+//! `ConnectOptions::cloud`: create, exec, a live stream, files both ways,
+//! state, key isolation, 401 for a missing or revoked key, delete, and the
+//! server cleaning up its machines on SIGTERM.
+//!
+//! Its machine has the shape of the other guest tests (disk 256 MiB), so it
+//! is restored from the suite's warm snapshot on the server.
+
+#![cfg(feature = "cli")]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Checks, Ctx};
+use futures::StreamExt;
+use smol::{ConnectOptions, Error, ExecEvent, Machine, MachineConfig};
+
+const SMOL: &str = env!("CARGO_BIN_EXE_smol");
+
+fn key(home: &Path, args: &[&str]) -> String {
+    let out = Command::new(SMOL)
+        .arg("key")
+        .args(args)
+        .env("SMOL_HOME", home)
+        .output()
+        .expect("running smol key");
+    assert!(out.status.success(), "smol key {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// `smol serve` on a free port; returns it and its URL.
+fn serve(home: &Path) -> (Child, String) {
+    let mut child = Command::new(SMOL)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("SMOL_HOME", home)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting smol serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .expect("reading smol serve's address");
+    let url = line
+        .trim()
+        .strip_prefix("smol serve: listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line of smol serve: {line:?}"))
+        .to_string();
+    (child, url)
+}
+
+/// Kills the server if the test ends early.
+struct Server(Option<Child>);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn the_machine_api_through_smol_serve() {
+    let home = tempfile::Builder::new()
+        .prefix("smol-remote")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let alice = key(home.path(), &["create", "alice"]);
+    let bob = key(home.path(), &["create", "bob"]);
+    let listed = key(home.path(), &["list"]);
+    assert!(
+        listed.contains("alice") && listed.contains("bob") && !listed.contains(&alice),
+        "{listed}"
+    );
+    let (child, url) = serve(home.path());
+    let mut server = Server(Some(child));
+    common::runtime().block_on(run(home.path(), &url, &alice, &bob));
+
+    // SIGTERM: the server stops and deletes its non-persistent machines.
+    let mut child = server.0.take().unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let begin = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            begin.elapsed() < Duration::from_secs(120),
+            "smol serve did not end after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "smol serve exited {status}");
+    let left: Vec<_> = std::fs::read_dir(home.path().join("machines"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "machines left after shutdown: {left:?}");
+}
+
+async fn run(home: &Path, url: &str, alice: &str, bob: &str) {
+    let cloud = |k: &str| ConnectOptions::cloud(k).endpoint(url);
+    let mut c = Checks::new("remote");
+
+    c.run("no key or a wrong key is 401 Unauthorized", async {
+        for k in ["", "smk_0000", "not-even-a-key"] {
+            let e = Machine::connect_with("x", cloud(k)).await;
+            ensure!(matches!(e, Err(Error::Unauthorized(_))), "key {k:?}: {e:?}");
+        }
+        Ok(())
+    })
+    .await;
+
+    let t = Instant::now();
+    let m = Machine::create_with(
+        MachineConfig::default().name("r1").disk_mb(256),
+        cloud(alice),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("creating a machine through smol serve failed: {e}"));
+    report!(
+        "[remote] machine up through the server in {:.2?}",
+        t.elapsed()
+    );
+
+    c.run("the remote machine's name is its id, and it runs", async {
+        ensure!(m.name() == "r1", "{}", m.name());
+        ensure!(m.dir().is_none(), "a remote machine has no local dir");
+        let s = m.state().await.ctx("state")?;
+        ensure!(s == smol::MachineState::Running, "{s}");
+        Ok(())
+    })
+    .await;
+
+    c.run("exec returns output and exit code", async {
+        let r = m
+            .exec(["sh", "-c", "echo out; echo err >&2; exit 3"])
+            .await
+            .ctx("exec")?;
+        ensure!(r.exit_code == 3, "{r:?}");
+        ensure!(
+            r.stdout_lossy() == "out\n" && r.stderr_lossy() == "err\n",
+            "{r:?}"
+        );
+        Ok(())
+    })
+    .await;
+
+    c.run(
+        "a missing program is the same named error as locally",
+        async {
+            let e = m.exec(["no-such-program"]).await;
+            ensure!(matches!(e, Err(Error::Guest { .. })), "{e:?}");
+            let e = m.exec(Vec::<String>::new()).await;
+            ensure!(
+                matches!(e, Err(Error::InvalidArgument { what: "argv", .. })),
+                "{e:?}"
+            );
+            Ok(())
+        },
+    )
+    .await;
+
+    c.run(
+        "exec_stream is live: the first line before the program ends",
+        async {
+            let t = Instant::now();
+            let mut s = m
+                .exec_stream(["sh", "-c", "echo first; sleep 3; echo second"])
+                .await
+                .ctx("exec_stream")?;
+            ensure!(s.pid() > 0, "pid {}", s.pid());
+            let first = s.next().await.ok_or("no event")?.ctx("event")?;
+            let at = t.elapsed();
+            ensure!(first == ExecEvent::Stdout("first\n".into()), "{first:?}");
+            let mut rest = Vec::new();
+            while let Some(ev) = s.next().await {
+                rest.push(ev.ctx("event")?);
+            }
+            let end = t.elapsed();
+            ensure!(
+                rest == vec![ExecEvent::Stdout("second\n".into()), ExecEvent::Exit(0)],
+                "{rest:?}"
+            );
+            ensure!(
+                end - at >= Duration::from_secs(2),
+                "the first line came at {at:?}, the end at {end:?}: not live"
+            );
+            Ok(())
+        },
+    )
+    .await;
+
+    c.run(
+        "files go both ways, byte for byte, with their mode",
+        async {
+            let data = common::random_bytes(300 * 1024 + 7, 11);
+            m.write_file("/root/remote.bin", data.clone(), Some(0o640))
+                .await
+                .ctx("write_file")?;
+            let back = m.read_file("/root/remote.bin").await.ctx("read_file")?;
+            ensure!(
+                common::sha256(&back) == common::sha256(&data),
+                "content differs"
+            );
+            let s = m.read_file_stream("/root/remote.bin").await.ctx("stream")?;
+            ensure!(s.size() == data.len() as u64, "size {}", s.size());
+            ensure!(s.mode() & 0o777 == 0o640, "mode {:o}", s.mode());
+            let sum = m
+                .exec(["sha256sum", "/root/remote.bin"])
+                .await
+                .ctx("sha256sum")?;
+            ensure!(
+                sum.stdout_lossy().starts_with(&common::sha256(&data)),
+                "{sum:?}"
+            );
+            let e = m.read_file("/no/such/file").await;
+            ensure!(
+                matches!(&e, Err(Error::FileNotFound { path }) if path == "/no/such/file"),
+                "{e:?}"
+            );
+            Ok(())
+        },
+    )
+    .await;
+
+    c.run("another key does not see the machine (404)", async {
+        let e = Machine::connect_with("r1", cloud(bob)).await;
+        ensure!(matches!(e, Err(Error::NotFound { .. })), "{e:?}");
+        let again = Machine::connect_with("r1", cloud(alice))
+            .await
+            .ctx("connect with the owner's key")?;
+        let r = again.exec(["echo", "again"]).await.ctx("exec")?;
+        ensure!(r.stdout_lossy() == "again\n", "{r:?}");
+        // A connected handle leaves the machine to its creator.
+        drop(again);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let s = m.state().await.ctx("state after the drop")?;
+        ensure!(s == smol::MachineState::Running, "{s}");
+        Ok(())
+    })
+    .await;
+
+    c.run("a revoked key is refused at once", async {
+        key(home, &["revoke", "bob"]);
+        let e = Machine::connect_with("r1", cloud(bob)).await;
+        ensure!(matches!(e, Err(Error::Unauthorized(_))), "{e:?}");
+        Ok(())
+    })
+    .await;
+
+    c.run("delete removes the machine on the server", async {
+        m.delete().await.ctx("delete")?;
+        let e = Machine::connect_with("r1", cloud(alice)).await;
+        ensure!(matches!(e, Err(Error::NotFound { .. })), "{e:?}");
+        Ok(())
+    })
+    .await;
+
+    c.run(
+        "dropping the creating handle deletes a non-persistent machine",
+        async {
+            let d = Machine::create_with(
+                MachineConfig::default().name("r3").disk_mb(256),
+                cloud(alice),
+            )
+            .await
+            .ctx("create")?;
+            drop(d);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match Machine::connect_with("r3", cloud(alice)).await {
+                    Err(Error::NotFound { .. }) => return Ok(()),
+                    Ok(_) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
+                    other => return Err(format!("r3 after its drop: {other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+
+    // A second machine, left to the server's shutdown to delete.
+    let kept = Machine::create_with(
+        MachineConfig::default().name("r2").disk_mb(256),
+        cloud(alice),
+    )
+    .await;
+    c.run("a second machine for the shutdown", async {
+        let kept = kept.ctx("create")?;
+        // Held past the drop of every handle: only the server deletes it.
+        std::mem::forget(kept);
+        Ok(())
+    })
+    .await;
+    c.finish();
+}
