@@ -197,7 +197,8 @@ fn demo() -> Result<(), String> {
 
 fn bench(extra: &[String]) -> Result<(), String> {
     let a = assets()?;
-    let mut args = vec!["bench", "--workspace"];
+    // All features: benches/remote.rs needs `server`.
+    let mut args = vec!["bench", "--workspace", "--all-features"];
     args.extend(extra.iter().map(String::as_str));
     run("cargo bench", cargo(&args, &a))
 }
