@@ -13,6 +13,11 @@
 //! | `POST /v1/machines/{id}/exec/stream` | [`ExecBody`] | NDJSON of [`StreamEvent`] |
 //! | `PUT /v1/machines/{id}/files?path=&mode=` | the bytes | [`WrittenBody`] |
 //! | `GET /v1/machines/{id}/files?path=` | | the bytes; `x-smol-size`, `x-smol-mode` |
+//! | `POST /v1/machines/{id}/fork` | [`ForkBody`] | [`MachineBody`] of the clone |
+//! | `POST /v1/machines/{id}/images/pull` | [`PullBody`] | NDJSON of [`PullLine`] |
+//! | `GET /v1/machines/{id}/images` | | `[ImageInfo]` |
+//! | `POST /v1/machines/{id}/run` | [`RunBody`] | [`ExecResultBody`] |
+//! | `POST /v1/machines/{id}/run/stream` | [`RunBody`] | NDJSON of [`StreamEvent`] |
 //!
 //! A failure is an HTTP status with an [`ErrorBody`], whose `code` maps back
 //! to the same [`Error`] variant the local engine gives.
@@ -26,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::MachineConfig;
 use crate::error::{Error, GuestErrorKind};
 use crate::exec::{ExecEvent, ExecOptions, ExecResult};
+use crate::image::{ImageInfo, PullEvent};
 use crate::state::MachineState;
 
 /// Header of a file download: the file's size when the agent opened it.
@@ -150,6 +156,36 @@ impl StreamEvent {
             },
         }
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForkBody {
+    pub name: String,
+}
+
+/// A registry reference (the server's own files are not pullable).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PullBody {
+    pub reference: String,
+}
+
+/// One line of a pull: progress events as they happen, then `done` with
+/// the image (or `failed`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "line", rename_all = "lowercase")]
+pub enum PullLine {
+    Progress { event: PullEvent },
+    Done { image: ImageInfo },
+    Failed { error: ErrorBody },
+}
+
+/// `run`: an exec in a container of `image` (a registry reference, or the
+/// digest of an image the machine has).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunBody {
+    pub image: String,
+    #[serde(flatten)]
+    pub exec: ExecBody,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,8 +1,9 @@
 //! The remote engine end to end: the real `smol serve` binary on 127.0.0.1
 //! with two API keys, and the SDK's Machine API through
 //! `ConnectOptions::cloud`: create, exec, a live stream, files both ways,
-//! state, key isolation, 401 for a missing or revoked key, delete, and the
-//! server cleaning up its machines on SIGTERM.
+//! state, fork, an image pulled from a registry on 127.0.0.1 (with
+//! progress) and run, key isolation, 401 for a missing or revoked key,
+//! delete, and the server cleaning up its machines on SIGTERM.
 //!
 //! Its machine has the shape of the other guest tests (disk 256 MiB), so it
 //! is restored from the suite's warm snapshot on the server.
@@ -10,6 +11,10 @@
 #![cfg(feature = "cli")]
 
 mod common;
+mod support {
+    pub mod images;
+    pub mod registry;
+}
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -80,7 +85,15 @@ fn the_machine_api_through_smol_serve() {
     );
     let (child, url) = serve(home.path());
     let mut server = Server(Some(child));
-    common::runtime().block_on(run(home.path(), &url, &alice, &bob));
+    let rt = common::runtime();
+    let registry = support::registry::Registry::start();
+    let image = rt.block_on(async {
+        registry
+            .push("smol/busybox", "v1", &support::images::busybox_image())
+            .await;
+        registry.reference("smol/busybox", "v1")
+    });
+    rt.block_on(run(home.path(), &url, &alice, &bob, &image));
 
     // SIGTERM: the server stops and deletes its non-persistent machines.
     let mut child = server.0.take().unwrap();
@@ -108,7 +121,7 @@ fn the_machine_api_through_smol_serve() {
     assert!(left.is_empty(), "machines left after shutdown: {left:?}");
 }
 
-async fn run(home: &Path, url: &str, alice: &str, bob: &str) {
+async fn run(home: &Path, url: &str, alice: &str, bob: &str, image: &str) {
     let cloud = |k: &str| ConnectOptions::cloud(k).endpoint(url);
     let mut c = Checks::new("remote");
 
@@ -123,7 +136,10 @@ async fn run(home: &Path, url: &str, alice: &str, bob: &str) {
 
     let t = Instant::now();
     let m = Machine::create_with(
-        MachineConfig::default().name("r1").disk_mb(256),
+        MachineConfig::default()
+            .name("r1")
+            .disk_mb(256)
+            .forkable(true),
         cloud(alice),
     )
     .await
@@ -227,6 +243,81 @@ async fn run(home: &Path, url: &str, alice: &str, bob: &str) {
             let e = m.read_file("/no/such/file").await;
             ensure!(
                 matches!(&e, Err(Error::FileNotFound { path }) if path == "/no/such/file"),
+                "{e:?}"
+            );
+            Ok(())
+        },
+    )
+    .await;
+
+    c.run(
+        "fork: a running clone with the state of the fork, independent",
+        async {
+            m.exec(["sh", "-c", "echo before > /root/fork-state"])
+                .await
+                .ctx("set up")?;
+            let clone = m.fork("r1-clone").await.ctx("fork")?;
+            ensure!(clone.name() == "r1-clone", "{}", clone.name());
+            let r = clone
+                .exec(["cat", "/root/fork-state"])
+                .await
+                .ctx("exec in the clone")?;
+            ensure!(r.stdout_lossy() == "before\n", "{r:?}");
+            clone
+                .exec(["sh", "-c", "echo clone > /root/fork-state"])
+                .await
+                .ctx("write in the clone")?;
+            let r = m.exec(["cat", "/root/fork-state"]).await.ctx("exec")?;
+            ensure!(
+                r.stdout_lossy() == "before\n",
+                "the golden saw the clone's write: {r:?}"
+            );
+            clone.delete().await.ctx("delete the clone")?;
+            Ok(())
+        },
+    )
+    .await;
+
+    c.run(
+        "an image pulled through the server, with progress, then run",
+        async {
+            let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let sink = events.clone();
+            let info = m
+                .pull_image_with_progress(image, move |ev| sink.lock().unwrap().push(ev.clone()))
+                .await
+                .ctx("pull")?;
+            let events = events.lock().unwrap().clone();
+            ensure!(
+                matches!(events.first(), Some(smol::PullEvent::Resolved { .. })),
+                "{events:?}"
+            );
+            ensure!(
+                events
+                    .iter()
+                    .any(|e| matches!(e, smol::PullEvent::LayerSent { .. })),
+                "{events:?}"
+            );
+            let listed = m.list_images().await.ctx("list")?;
+            ensure!(listed.iter().any(|i| i.digest == info.digest), "{listed:?}");
+            let r = m
+                .run(image, ["sh", "-c", "echo $GREETING; pwd"])
+                .await
+                .ctx("run")?;
+            ensure!(
+                r.stdout_lossy() == "hello from the image config\n/srv/app\n",
+                "{r:?}"
+            );
+            let mut s = m
+                .run_stream(&info.digest, ["echo", "streamed"])
+                .await
+                .ctx("run_stream")?;
+            let first = s.next().await.ok_or("no event")?.ctx("event")?;
+            ensure!(first == ExecEvent::Stdout("streamed\n".into()), "{first:?}");
+            // The server's own files are not a remote client's to pull.
+            let e = m.pull_image("oci-layout:/etc").await;
+            ensure!(
+                matches!(e, Err(Error::InvalidArgument { what: "image", .. })),
                 "{e:?}"
             );
             Ok(())

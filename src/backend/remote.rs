@@ -23,8 +23,8 @@ use tokio::io::AsyncReadExt;
 
 use super::{Backend, Call, Source};
 use crate::api::{
-    CreateMachine, ErrorBody, ExecBody, ExecResultBody, MachineBody, StreamEvent, WrittenBody,
-    MODE_HEADER, SIZE_HEADER,
+    CreateMachine, ErrorBody, ExecBody, ExecResultBody, ForkBody, MachineBody, PullBody, PullLine,
+    RunBody, StreamEvent, WrittenBody, MODE_HEADER, SIZE_HEADER,
 };
 use crate::config::MachineConfig;
 use crate::error::{Error, Result};
@@ -286,15 +286,25 @@ impl RemoteMachine {
     }
 
     async fn exec(&self, req: ExecRequest) -> Result<ExecResult> {
-        let body = RemoteMachine::exec_body(&req);
-        let path = self.path("/exec");
-        let deadline = req
-            .timeout_ms
-            .map(|ms| Duration::from_millis(ms) + EXEC_GRACE);
+        let timeout = req.timeout_ms;
+        self.exec_at("/exec", &RemoteMachine::exec_body(&req), timeout)
+            .await
+    }
+
+    /// A collected exec at `rest` (`/exec`, `/run`), with a deadline past
+    /// the exec's own timeout when it has one.
+    async fn exec_at(
+        &self,
+        rest: &str,
+        body: &impl serde::Serialize,
+        timeout_ms: Option<u64>,
+    ) -> Result<ExecResult> {
+        let path = self.path(rest);
+        let deadline = timeout_ms.map(|ms| Duration::from_millis(ms) + EXEC_GRACE);
         let r = self
             .client()
             .send(false, || {
-                let b = self.client().request(Method::POST, &path).json(&body);
+                let b = self.client().request(Method::POST, &path).json(body);
                 match deadline {
                     Some(d) => b.timeout(d),
                     None => b,
@@ -305,15 +315,20 @@ impl RemoteMachine {
     }
 
     async fn exec_stream(&self, req: ExecRequest) -> Result<ExecStream> {
-        let body = RemoteMachine::exec_body(&req);
-        let path = self.path("/exec/stream");
+        self.stream_at("/exec/stream", &RemoteMachine::exec_body(&req))
+            .await
+    }
+
+    /// A streamed exec at `rest` (`/exec/stream`, `/run/stream`).
+    async fn stream_at(&self, rest: &str, body: &impl serde::Serialize) -> Result<ExecStream> {
+        let path = self.path(rest);
         let r = self
             .client()
             .send(false, || {
-                self.client().request(Method::POST, &path).json(&body)
+                self.client().request(Method::POST, &path).json(body)
             })
             .await?;
-        let mut lines = ndjson_lines(r);
+        let mut lines = ndjson_lines::<StreamEvent>(r);
         // The first line says the program started (or why it did not).
         let pid = match lines.next().await {
             Some(Ok(StreamEvent::Started { pid })) => pid,
@@ -346,6 +361,68 @@ impl RemoteMachine {
             }
         };
         Ok(ExecStream::new(pid, Box::pin(events)))
+    }
+
+    async fn fork(&self, name: &str) -> Result<RemoteMachine> {
+        let path = self.path("/fork");
+        let body = ForkBody { name: name.into() };
+        let r = self
+            .client()
+            .send(false, || {
+                self.client()
+                    .request(Method::POST, &path)
+                    .json(&body)
+                    .timeout(CREATE_TIMEOUT)
+            })
+            .await?;
+        let m: MachineBody = json(r).await?;
+        Ok(RemoteMachine::new(self.client().clone(), m, true))
+    }
+
+    async fn pull_image(&self, reference: &str, progress: Option<ProgressFn>) -> Result<ImageInfo> {
+        let path = self.path("/images/pull");
+        let body = PullBody {
+            reference: reference.into(),
+        };
+        let r = self
+            .client()
+            .send(false, || {
+                self.client().request(Method::POST, &path).json(&body)
+            })
+            .await?;
+        let mut lines = ndjson_lines::<PullLine>(r);
+        while let Some(line) = lines.next().await {
+            match line? {
+                PullLine::Progress { event } => {
+                    if let Some(p) = &progress {
+                        p(&event);
+                    }
+                }
+                PullLine::Done { image } => return Ok(image),
+                PullLine::Failed { error } => return Err(error.into_error()),
+            }
+        }
+        Err(bad_answer("a pull that ended without its result".into()))
+    }
+
+    async fn list_images(&self) -> Result<Vec<ImageInfo>> {
+        let path = self.path("/images");
+        let r = self
+            .client()
+            .send(true, || {
+                self.client()
+                    .request(Method::GET, &path)
+                    .timeout(CALL_TIMEOUT)
+            })
+            .await?;
+        json(r).await
+    }
+
+    fn run_body(image: &str, argv: Vec<String>, options: &ExecOptions) -> RunBody {
+        RunBody {
+            image: image.into(),
+            exec: ExecBody::new(argv, options),
+        }
     }
 
     async fn write_file(&self, path: &str, mode: Option<u32>, mut src: Source<'_>) -> Result<u64> {
@@ -442,7 +519,9 @@ fn bad_answer(message: String) -> Error {
 }
 
 /// The events of an NDJSON answer, line by line, each at most [`MAX_LINE`].
-fn ndjson_lines(r: Response) -> futures::stream::BoxStream<'static, Result<StreamEvent>> {
+fn ndjson_lines<T: serde::de::DeserializeOwned + Send + 'static>(
+    r: Response,
+) -> futures::stream::BoxStream<'static, Result<T>> {
     let mut bytes = r.bytes_stream();
     async_stream::stream! {
         let mut buf: Vec<u8> = Vec::new();
@@ -453,8 +532,8 @@ fn ndjson_lines(r: Response) -> futures::stream::BoxStream<'static, Result<Strea
                 if line.is_empty() {
                     continue;
                 }
-                yield serde_json::from_slice::<StreamEvent>(line)
-                    .map_err(|e| bad_answer(format!("a stream line that is not an event: {e}")));
+                yield serde_json::from_slice::<T>(line)
+                    .map_err(|e| bad_answer(format!("a stream line that is not the expected JSON: {e}")));
             }
             if buf.len() > MAX_LINE {
                 yield Err(bad_answer(format!("a stream line over {MAX_LINE} bytes")));
@@ -545,32 +624,43 @@ impl Backend for RemoteMachine {
 
     fn pull_image<'a>(
         &'a self,
-        _reference: &'a str,
-        _progress: Option<ProgressFn>,
+        reference: &'a str,
+        progress: Option<ProgressFn>,
     ) -> Call<'a, ImageInfo> {
-        async { Err(not_yet("pull_image")) }.boxed()
+        RemoteMachine::pull_image(self, reference, progress).boxed()
     }
 
     fn list_images(&self) -> Call<'_, Vec<ImageInfo>> {
-        async { Err(not_yet("list_images")) }.boxed()
+        RemoteMachine::list_images(self).boxed()
     }
 
     fn run<'a>(
         &'a self,
-        _image: &'a str,
-        _argv: Vec<String>,
-        _options: ExecOptions,
+        image: &'a str,
+        argv: Vec<String>,
+        options: ExecOptions,
     ) -> Call<'a, ExecResult> {
-        async { Err(not_yet("run")) }.boxed()
+        async move {
+            let timeout = options
+                .timeout
+                .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
+            let body = RemoteMachine::run_body(image, argv, &options);
+            self.exec_at("/run", &body, timeout).await
+        }
+        .boxed()
     }
 
     fn run_stream<'a>(
         &'a self,
-        _image: &'a str,
-        _argv: Vec<String>,
-        _options: ExecOptions,
+        image: &'a str,
+        argv: Vec<String>,
+        options: ExecOptions,
     ) -> Call<'a, ExecStream> {
-        async { Err(not_yet("run_stream")) }.boxed()
+        async move {
+            let body = RemoteMachine::run_body(image, argv, &options);
+            self.stream_at("/run/stream", &body).await
+        }
+        .boxed()
     }
 
     fn snapshot<'a>(&'a self, _dir: &'a Path) -> Call<'a, crate::SnapshotTimings> {
@@ -582,11 +672,11 @@ impl Backend for RemoteMachine {
         .boxed()
     }
 
-    fn fork<'a>(&'a self, _name: &'a str) -> Call<'a, Arc<dyn Backend>> {
-        async { Err(not_yet("fork")) }.boxed()
+    fn fork<'a>(&'a self, name: &'a str) -> Call<'a, Arc<dyn Backend>> {
+        async move {
+            let clone = RemoteMachine::fork(self, name).await?;
+            Ok(Arc::new(clone) as Arc<dyn Backend>)
+        }
+        .boxed()
     }
-}
-
-fn not_yet(what: &str) -> Error {
-    Error::Unsupported(format!("{what} on the remote engine (not available yet)"))
 }

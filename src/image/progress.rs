@@ -21,7 +21,8 @@ const LOG_EVERY: Duration = Duration::from_secs(1);
 /// the machine lacks: one `Sending`, then for each of them `LayerProgress`
 /// events again (bytes sent; the machine unpacks them as they arrive) and
 /// one `LayerSent`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum PullEvent {
     /// The manifest is known: how many layers the image has and their

@@ -29,11 +29,13 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 
 use crate::api::{
-    CreateMachine, ErrorBody, ExecBody, ExecResultBody, MachineBody, StreamEvent, WrittenBody,
-    MODE_HEADER, SIZE_HEADER,
+    CreateMachine, ErrorBody, ExecBody, ExecResultBody, ForkBody, MachineBody, PullBody, PullLine,
+    RunBody, StreamEvent, WrittenBody, MODE_HEADER, SIZE_HEADER,
 };
 use crate::config::ConnectOptions;
 use crate::error::{Error, Result};
+use crate::exec::ExecStream;
+use crate::image::{Digest, ImageInfo, ImageSource};
 use crate::machine::Machine;
 use keys::KeyStore;
 
@@ -138,6 +140,11 @@ fn router(state: AppState) -> Router {
         .route("/machines/{id}/exec", post(exec))
         .route("/machines/{id}/exec/stream", post(exec_stream))
         .route("/machines/{id}/files", get(read_file).put(write_file))
+        .route("/machines/{id}/fork", post(fork))
+        .route("/machines/{id}/images", get(list_images))
+        .route("/machines/{id}/images/pull", post(pull_image))
+        .route("/machines/{id}/run", post(run))
+        .route("/machines/{id}/run/stream", post(run_stream))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state);
     Router::new()
@@ -304,7 +311,7 @@ async fn exec(
     Ok(Json(ExecResultBody::from(&r)))
 }
 
-fn ndjson(ev: &StreamEvent) -> Bytes {
+fn ndjson(ev: &impl serde::Serialize) -> Bytes {
     let mut line = serde_json::to_vec(ev).unwrap_or_default();
     line.push(b'\n');
     Bytes::from(line)
@@ -320,6 +327,11 @@ async fn exec_stream(
     let req: ExecBody = parse(&body)?;
     // A program that cannot start is an error answer, not a stream.
     let stream = m.exec_stream_with(&req.argv, req.options()).await?;
+    Ok(stream_response(stream))
+}
+
+/// A running exec as chunked NDJSON: `started`, then its events live.
+fn stream_response(stream: ExecStream) -> Response {
     let started = ndjson(&StreamEvent::Started { pid: stream.pid() });
     let events = stream.map(|ev| match ev {
         Ok(ev) => ndjson(&StreamEvent::from_event(&ev)),
@@ -327,15 +339,17 @@ async fn exec_stream(
             error: ErrorBody::of(&e).1,
         }),
     });
-    let lines = futures::stream::once(async move { started })
-        .chain(events)
-        .map(Ok::<_, Infallible>);
-    let mut r = Response::new(Body::from_stream(lines));
+    let lines = futures::stream::once(async move { started }).chain(events);
+    ndjson_response(lines)
+}
+
+fn ndjson_response(lines: impl futures::Stream<Item = Bytes> + Send + 'static) -> Response {
+    let mut r = Response::new(Body::from_stream(lines.map(Ok::<_, Infallible>)));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/x-ndjson"),
     );
-    Ok(r)
+    r
 }
 
 #[derive(Deserialize)]
@@ -391,4 +405,124 @@ async fn read_file(
         h.insert(MODE_HEADER, v);
     }
     Ok(r)
+}
+
+/// Images come from registries: a reference naming the server's own files
+/// (an OCI layout, a `docker save` archive) is refused.
+fn check_remote_image(reference: &str) -> Result<(), ApiError> {
+    if Digest::parse(reference).is_ok() {
+        return Ok(());
+    }
+    match ImageSource::parse(reference).map_err(Error::from)? {
+        ImageSource::Registry(_) => Ok(()),
+        _ => Err(ApiError(Error::InvalidArgument {
+            what: "image",
+            reason: format!(
+                "{reference:?} names a file of the server; remote clients pull from registries"
+            ),
+        })),
+    }
+}
+
+async fn fork(
+    State(s): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<MachineBody>, ApiError> {
+    let m = s.lookup(&owner, &id)?;
+    let ForkBody { name } = parse(&body)?;
+    let clone = m.fork(&name).await?;
+    let body = describe(&clone).await?;
+    s.machines.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        body.id.clone(),
+        Entry {
+            machine: clone,
+            owner: owner.0,
+        },
+    );
+    Ok(Json(body))
+}
+
+async fn list_images(
+    State(s): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<ImageInfo>>, ApiError> {
+    let m = s.lookup(&owner, &id)?;
+    Ok(Json(m.list_images().await?))
+}
+
+/// Progress lines a slow client has not read yet; beyond, progress events
+/// are dropped (never the final line).
+const PULL_BACKLOG: usize = 256;
+
+async fn pull_image(
+    State(s): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let m = s.lookup(&owner, &id)?;
+    let PullBody { reference } = parse(&body)?;
+    check_remote_image(&reference)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(PULL_BACKLOG);
+    let progress = tx.clone();
+    // The pull runs to its end even if the client goes away (the machine
+    // then has the image); it holds the machine meanwhile.
+    tokio::spawn(async move {
+        let pulled = m
+            .pull_image_with_progress(&reference, move |ev| {
+                let _ = progress.try_send(ndjson(&PullLine::Progress { event: ev.clone() }));
+            })
+            .await;
+        let last = match pulled {
+            Ok(image) => PullLine::Done { image },
+            Err(e) => PullLine::Failed {
+                error: ErrorBody::of(&e).1,
+            },
+        };
+        let _ = tx.send(ndjson(&last)).await;
+    });
+    Ok(ndjson_response(tokio_stream_of(rx)))
+}
+
+fn tokio_stream_of(
+    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+) -> impl futures::Stream<Item = Bytes> {
+    async_stream::stream! {
+        while let Some(b) = rx.recv().await {
+            yield b;
+        }
+    }
+}
+
+async fn run(
+    State(s): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<ExecResultBody>, ApiError> {
+    let m = s.lookup(&owner, &id)?;
+    let req: RunBody = parse(&body)?;
+    check_remote_image(&req.image)?;
+    let r = m
+        .run_with(&req.image, &req.exec.argv, req.exec.options())
+        .await?;
+    Ok(Json(ExecResultBody::from(&r)))
+}
+
+async fn run_stream(
+    State(s): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let m = s.lookup(&owner, &id)?;
+    let req: RunBody = parse(&body)?;
+    check_remote_image(&req.image)?;
+    let stream = m
+        .run_stream_with(&req.image, &req.exec.argv, req.exec.options())
+        .await?;
+    Ok(stream_response(stream))
 }
