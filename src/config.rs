@@ -38,9 +38,11 @@ pub struct MachineConfig {
     pub resources: ResourceSpec,
     /// Keep the record and disk when the last handle is dropped.
     pub persistent: bool,
-    /// Stop after this long without requests (not available yet).
+    /// Stop the machine after this many seconds with no request and no
+    /// open connection (exec, stream, file transfer); `start` boots it again.
     pub auto_stop_seconds: Option<u64>,
-    /// Delete after this long (not available yet).
+    /// Delete the machine this many seconds after its create (persistent
+    /// or not); its handles then get `Error::NotFound`.
     pub ttl_seconds: Option<u64>,
     /// Allow live clones with [`Machine::fork`](crate::Machine::fork).
     pub forkable: bool,
@@ -175,13 +177,19 @@ impl MachineConfig {
         if let Some(image) = &self.image {
             crate::image::ImageSource::parse(image).map_err(|e| invalid("image", e.to_string()))?;
         }
+        for (field, v) in [
+            ("auto_stop_seconds", self.auto_stop_seconds),
+            ("ttl_seconds", self.ttl_seconds),
+        ] {
+            if v == Some(0) {
+                return Err(invalid(field, "0 seconds; leave it unset for no limit"));
+            }
+        }
         // Later features: refuse rather than silently ignore them.
         let later = [
             (!self.mounts.is_empty(), "mounts"),
             (!self.ports.is_empty(), "port forwarding"),
             (r.network, "outbound network (resources.network)"),
-            (self.auto_stop_seconds.is_some(), "auto_stop_seconds"),
-            (self.ttl_seconds.is_some(), "ttl_seconds"),
         ];
         if let Some((_, what)) = later.iter().find(|(set, _)| *set) {
             return Err(Error::Unsupported(format!(

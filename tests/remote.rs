@@ -382,6 +382,81 @@ async fn run(home: &Path, url: &str, alice: &str, bob: &str, image: &str) {
     )
     .await;
 
+    c.run(
+        "ttl_seconds: the server deletes the machine when it passes",
+        async {
+            let begin = Instant::now();
+            let t = Machine::create_with(
+                MachineConfig {
+                    ttl_seconds: Some(4),
+                    ..MachineConfig::default().name("r4").disk_mb(256)
+                },
+                cloud(alice),
+            )
+            .await
+            .ctx("create")?;
+            let r = t.exec(["true"]).await.ctx("exec before the ttl")?;
+            ensure!(r.success(), "{r:?}");
+            loop {
+                match t.state().await {
+                    Err(Error::NotFound { .. }) => break,
+                    Ok(_) if begin.elapsed() < Duration::from_secs(60) => {
+                        tokio::time::sleep(Duration::from_millis(250)).await
+                    }
+                    other => return Err(format!("r4 after {:?}: {other:?}", begin.elapsed())),
+                }
+            }
+            let gone = begin.elapsed();
+            ensure!(
+                gone >= Duration::from_secs(3),
+                "deleted after {gone:?}, before its ttl"
+            );
+            Ok(())
+        },
+    )
+    .await;
+
+    c.run(
+        "auto_stop_seconds: kept while a stream is open, stopped when idle",
+        async {
+            let a = Machine::create_with(
+                MachineConfig {
+                    auto_stop_seconds: Some(3),
+                    ..MachineConfig::default().name("r5").disk_mb(256)
+                },
+                cloud(alice),
+            )
+            .await
+            .ctx("create")?;
+            // Open for twice the limit: no stop meanwhile.
+            let mut s = a
+                .exec_stream(["sh", "-c", "sleep 6; echo done"])
+                .await
+                .ctx("exec_stream")?;
+            let mut out = Vec::new();
+            while let Some(ev) = s.next().await {
+                out.push(ev.ctx("event")?);
+            }
+            ensure!(
+                out == vec![ExecEvent::Stdout("done\n".into()), ExecEvent::Exit(0)],
+                "the stream was cut: {out:?}"
+            );
+            drop(s);
+            let st = a.state().await.ctx("state")?;
+            ensure!(
+                st == smol::MachineState::Running,
+                "right after the stream: {st}"
+            );
+            // No request at all for longer than the limit.
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            let st = a.state().await.ctx("state")?;
+            ensure!(st == smol::MachineState::Stopped, "after 6 s idle: {st}");
+            a.delete().await.ctx("delete")?;
+            Ok(())
+        },
+    )
+    .await;
+
     // A second machine, left to the server's shutdown to delete.
     let kept = Machine::create_with(
         MachineConfig::default().name("r2").disk_mb(256),

@@ -57,6 +57,8 @@ pub(crate) struct AgentConnection {
     stream: UnixStream,
     /// Machine name, for error messages.
     machine: String,
+    /// Dropped with the connection (the engine's count of open ones).
+    _held: Option<Box<dyn Send + Sync>>,
 }
 
 impl AgentConnection {
@@ -74,7 +76,14 @@ impl AgentConnection {
         Ok(AgentConnection {
             stream,
             machine: machine.to_string(),
+            _held: None,
         })
+    }
+
+    /// Keeps `guard` until the connection is dropped.
+    pub fn hold(mut self, guard: impl Send + Sync + 'static) -> Self {
+        self._held = Some(Box::new(guard));
+        self
     }
 
     /// The version handshake on a new connection: `Hello` (sent with the

@@ -106,9 +106,11 @@ pub async fn serve(
         machines: Arc::default(),
     };
     let app = router(state.clone());
+    let sweeper = tokio::spawn(sweep(state.clone()));
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
+    sweeper.abort();
     // Machines are the server's to clean up, whatever ended the serving.
     let entries: Vec<Entry> = state
         .machines
@@ -129,6 +131,35 @@ pub async fn serve(
         }
     }
     served.map_err(|e| Error::io("serving HTTP", e))
+}
+
+/// How often the server forgets machines that are gone (a `ttl_seconds`
+/// passed), so that its table does not grow.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn sweep(state: AppState) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tick.tick().await;
+        let all: Vec<(String, Machine)> = state
+            .machines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, e)| (id.clone(), e.machine.clone()))
+            .collect();
+        for (id, m) in all {
+            // By its directory, not by asking it: a question would count
+            // as a request and keep an idle machine from its auto-stop.
+            if m.dir().is_some_and(|d| !d.exists()) {
+                state
+                    .machines
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+            }
+        }
+    }
 }
 
 fn router(state: AppState) -> Router {

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::agent::{unexpected, AgentConnection};
 use crate::backend::local::assets::GuestAssets;
 use crate::backend::local::disk::{DISK_CMDLINE, DISK_ID};
+use crate::backend::local::limits::{Activity, Due, Limits};
 use crate::backend::local::store::{MachineLock, MachinePaths, MachineRecord};
 use crate::error::{sanitize, Error, Result};
 use crate::state::{BootTimings, MachineState};
@@ -60,6 +61,9 @@ const _: () = {
 
 pub(crate) struct MachineActor {
     name: String,
+    /// The handles' requests and open connections (auto-stop).
+    activity: std::sync::Arc<Activity>,
+    limits: Limits,
     record: MachineRecord,
     paths: MachinePaths,
     lock: Option<MachineLock>,
@@ -78,6 +82,8 @@ impl MachineActor {
     ) -> Self {
         MachineActor {
             name: record.name.clone(),
+            activity: Activity::new(),
+            limits: Limits::new(&record.config, record.created_unix),
             record,
             paths,
             lock: Some(lock),
@@ -92,11 +98,54 @@ impl MachineActor {
         &self.record.config
     }
 
+    /// Takes the activity its handles record.
+    pub fn watching(mut self, activity: std::sync::Arc<Activity>) -> Self {
+        self.activity = activity;
+        self
+    }
+
     pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        while let Some(cmd) = rx.recv().await {
-            self.handle(cmd).await;
+        loop {
+            let next = match self.deleted {
+                true => None,
+                false => self.limits.next_check(&self.activity, self.vm.is_some()),
+            };
+            let cmd = match next {
+                Some(at) => tokio::select! {
+                    cmd = rx.recv() => cmd,
+                    _ = tokio::time::sleep_until(at) => {
+                        self.enforce_limits().await;
+                        continue;
+                    }
+                },
+                None => rx.recv().await,
+            };
+            match cmd {
+                Some(cmd) => self.handle(cmd).await,
+                None => break,
+            }
         }
         self.last_handle_dropped().await;
+    }
+
+    /// `ttl_seconds` passed: the machine is deleted (its handles then get
+    /// NotFound); idle for `auto_stop_seconds`: it is stopped.
+    async fn enforce_limits(&mut self) {
+        self.refresh().await;
+        let r = match self.limits.due(&self.activity, self.vm.is_some()) {
+            Some(Due::Delete) => {
+                tracing::info!(machine = %self.name, "ttl_seconds passed: deleting the machine");
+                self.delete().await
+            }
+            Some(Due::Stop) => {
+                tracing::info!(machine = %self.name, "idle for auto_stop_seconds: stopping the machine");
+                self.stop(true).await
+            }
+            None => Ok(()),
+        };
+        if let Err(e) = r {
+            tracing::warn!(machine = %self.name, "enforcing the machine's limits: {e}");
+        }
     }
 
     async fn handle(&mut self, cmd: Command) {

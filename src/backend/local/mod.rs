@@ -10,6 +10,7 @@
 pub(crate) mod actor;
 pub(crate) mod assets;
 pub(crate) mod disk;
+pub(crate) mod limits;
 pub(crate) mod snapshot;
 pub(crate) mod store;
 pub(crate) mod warm;
@@ -46,6 +47,8 @@ struct Shared {
     console_log: PathBuf,
     /// The monitor's vsock socket: execs and files connect to it directly.
     vsock: PathBuf,
+    /// Requests and open connections, for `auto_stop_seconds`.
+    activity: Arc<limits::Activity>,
     /// The store's root (`SMOL_HOME`), for forks.
     home: PathBuf,
     config: MachineConfig,
@@ -363,6 +366,8 @@ impl LocalMachine {
 
     fn spawn(actor: MachineActor, paths: &MachinePaths) -> LocalMachine {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let activity = limits::Activity::new();
+        let actor = actor.watching(activity.clone());
         let name = paths
             .dir
             .file_name()
@@ -373,6 +378,7 @@ impl LocalMachine {
             dir: paths.dir.clone(),
             console_log: paths.console_log.clone(),
             vsock: paths.vsock.clone(),
+            activity,
             home: paths
                 .dir
                 .parent()
@@ -432,8 +438,9 @@ impl LocalMachine {
     /// to the monitor's socket, with no word to the actor: a machine that is
     /// not running has no socket, and `explain` says why.
     async fn agent(&self, first: &Request) -> Result<AgentConnection> {
+        let busy = self.shared.activity.open();
         match AgentConnection::open_with(&self.shared.vsock, self.name(), first).await {
-            Ok(c) => Ok(c),
+            Ok(c) => Ok(c.hold(busy)),
             Err(e) => Err(self.explain(Error::Protocol(e.to_string())).await),
         }
     }
@@ -458,6 +465,7 @@ impl LocalMachine {
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
+        self.shared.activity.touch();
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).await.map_err(|_| {
             Error::Internal(format!("the actor of machine {:?} ended", self.name()))
