@@ -19,6 +19,10 @@ use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throug
 use futures::StreamExt;
 use smol::{ExecEvent, Machine, MachineConfig};
 
+mod common;
+
+use common::{p50, stream_bytes};
+
 const MIB: usize = 1 << 20;
 
 struct Bench {
@@ -49,25 +53,6 @@ fn boot() -> Bench {
     }
 }
 
-fn stream_bytes(rt: &tokio::runtime::Runtime, m: &Machine, bytes: usize) -> usize {
-    rt.block_on(async {
-        let mut s = m
-            .exec_stream(["head", "-c", &bytes.to_string(), "/dev/zero"])
-            .await
-            .expect("exec_stream");
-        let mut n = 0;
-        while let Some(ev) = s.next().await {
-            match ev.expect("stream") {
-                ExecEvent::Stdout(b) => n += b.len(),
-                ExecEvent::Exit(0) => {}
-                other => panic!("unexpected event {other:?}"),
-            }
-        }
-        assert_eq!(n, bytes);
-        n
-    })
-}
-
 /// Seconds the guest itself spends on `script` (a `sh` fragment), by its
 /// own clock (`/proc/uptime`, 10 ms steps: scripts should take ≥ 1 s).
 fn guest_seconds(rt: &tokio::runtime::Runtime, m: &Machine, script: &str) -> f64 {
@@ -84,19 +69,6 @@ fn guest_seconds(rt: &tokio::runtime::Runtime, m: &Machine, script: &str) -> f64
         .collect();
     assert_eq!(v.len(), 2, "{out:?}");
     (v[1] - v[0]).max(0.01)
-}
-
-/// p50 of `n` timed runs of `f`.
-fn p50(n: usize, mut f: impl FnMut()) -> Duration {
-    let mut samples: Vec<Duration> = (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect();
-    samples.sort();
-    samples[samples.len() / 2]
 }
 
 fn ratios(b: &Bench, pvm: bool, stream_size: usize, file_size: usize) {

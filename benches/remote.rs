@@ -10,41 +10,16 @@
 //!
 //! Needs the `server` feature (`cargo xtask bench` enables all features).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
-use futures::StreamExt;
-use smol::{ConnectOptions, ExecEvent, Machine, MachineConfig};
+use smol::{ConnectOptions, Machine, MachineConfig};
+
+mod common;
+
+use common::{p50, stream_bytes};
 
 const MIB: usize = 1 << 20;
-
-fn p50(n: usize, mut f: impl FnMut()) -> Duration {
-    let mut v: Vec<Duration> = (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect();
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn stream(rt: &tokio::runtime::Runtime, m: &Machine, bytes: usize) {
-    rt.block_on(async {
-        let mut s = m
-            .exec_stream(["head", "-c", &bytes.to_string(), "/dev/zero"])
-            .await
-            .expect("exec_stream");
-        let mut n = 0;
-        while let Some(ev) = s.next().await {
-            if let ExecEvent::Stdout(b) = ev.expect("stream") {
-                n += b.len();
-            }
-        }
-        assert_eq!(n, bytes);
-    })
-}
 
 fn benches(c: &mut Criterion) {
     let pvm = smol::is_kvm_pvm_host();
@@ -103,8 +78,12 @@ fn benches(c: &mut Criterion) {
         r.saturating_sub(l)
     );
     let bytes = if pvm { MIB } else { 64 * MIB };
-    let ls = p50(if pvm { 3 } else { 10 }, || stream(&rt, &local, bytes));
-    let rs = p50(if pvm { 3 } else { 10 }, || stream(&rt, &remote, bytes));
+    let ls = p50(if pvm { 3 } else { 10 }, || {
+        stream_bytes(&rt, &local, bytes);
+    });
+    let rs = p50(if pvm { 3 } else { 10 }, || {
+        stream_bytes(&rt, &remote, bytes);
+    });
     let rate = |d: Duration| bytes as f64 / d.as_secs_f64() / MIB as f64;
     println!(
         "ratio: remote exec_stream {:.2} MiB/s / local {:.2} MiB/s = {:.3}",

@@ -213,7 +213,7 @@ impl ErrorBody {
     fn new(code: &str, e: &Error, subject: Option<&str>) -> ErrorBody {
         ErrorBody {
             code: code.into(),
-            message: crate::error::sanitize(&error_chain(e)),
+            message: crate::error::sanitize(&smol_protocol::error_chain(e)),
             subject: subject.map(str::to_string),
             state: None,
             guest: None,
@@ -338,17 +338,6 @@ fn static_name(s: &str) -> &'static str {
         .find(|n| **n == s)
         .copied()
         .unwrap_or("remote")
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 pub fn b64(b: &[u8]) -> String {

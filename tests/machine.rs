@@ -114,13 +114,20 @@ fn config_errors_need_no_boot() {
             Ok(())
         })
         .await;
-        c.run("cloud target is unsupported, not faked", async {
-            let e = Machine::create_with(MachineConfig::default(), ConnectOptions::cloud("key"))
-                .await
-                .unwrap_err();
-            ensure!(matches!(e, Error::Unsupported(_)), "got {e}");
-            Ok(())
-        })
+        c.run(
+            "the cloud target with no server there is a named error, not a local machine",
+            async {
+                let cloud = ConnectOptions::cloud("key").endpoint("http://127.0.0.1:9");
+                let e = Machine::create_with(MachineConfig::default(), cloud)
+                    .await
+                    .unwrap_err();
+                ensure!(
+                    matches!(&e, Error::Remote { code, .. } if code == "unreachable"),
+                    "got {e}"
+                );
+                Ok(())
+            },
+        )
         .await;
         c.run("connect to an unknown machine", async {
             let e = Machine::connect_with("nobody", o.clone())

@@ -54,17 +54,7 @@ impl From<ServeError> for AgentError {
     }
 }
 
-/// `e` and its sources, joined with ": ".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use crate::protocol::error_chain;
 
 /// State shared by every connection.
 pub struct Agent {

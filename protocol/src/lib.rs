@@ -407,6 +407,19 @@ impl AgentError {
     }
 }
 
+/// `e` and its sources, joined with ": " (what both sides put in an error
+/// message, so that the cause deep down is named).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -117,16 +117,9 @@ impl Client {
                 after: Duration::ZERO,
             };
         }
-        let mut message = e.to_string();
-        let mut cur = std::error::Error::source(&e);
-        while let Some(c) = cur {
-            message.push_str(": ");
-            message.push_str(&c.to_string());
-            cur = c.source();
-        }
         Error::Remote {
             code: "unreachable".into(),
-            message: format!("{}: {message}", self.base),
+            message: format!("{}: {}", self.base, smol_protocol::error_chain(&e)),
         }
     }
 
@@ -239,8 +232,9 @@ impl RemoteMachine {
         format!("/machines/{}{rest}", self.owned.id)
     }
 
-    async fn info(&self) -> Result<MachineBody> {
-        let path = self.path("");
+    /// A GET of `rest` answered with JSON.
+    async fn get<T: serde::de::DeserializeOwned>(&self, rest: &str) -> Result<T> {
+        let path = self.path(rest);
         let r = self
             .client()
             .send(true, || {
@@ -250,6 +244,10 @@ impl RemoteMachine {
             })
             .await?;
         json(r).await
+    }
+
+    async fn info(&self) -> Result<MachineBody> {
+        self.get("").await
     }
 
     async fn lifecycle(&self, verb: &str) -> Result<()> {
@@ -406,16 +404,7 @@ impl RemoteMachine {
     }
 
     async fn list_images(&self) -> Result<Vec<ImageInfo>> {
-        let path = self.path("/images");
-        let r = self
-            .client()
-            .send(true, || {
-                self.client()
-                    .request(Method::GET, &path)
-                    .timeout(CALL_TIMEOUT)
-            })
-            .await?;
-        json(r).await
+        self.get("/images").await
     }
 
     fn run_body(image: &str, argv: Vec<String>, options: &ExecOptions) -> RunBody {

@@ -3,13 +3,15 @@
 //! remote backend. The API is described in [`crate::api`].
 //!
 //! Each request needs a current API key ([`keys`]); a key sees only the
-//! machines it created, another key's machine answers 404. Streams (exec
+//! machines it created, another key's machine answers 404. The OpenAPI
+//! document is at `/v1/openapi.json` (no key needed). Streams (exec
 //! output, file bodies) flow as the guest produces or takes them, with no
 //! size cap and bounded memory. On shutdown the server stops accepting,
 //! lets the requests in flight end, then deletes its non-persistent
 //! machines and stops the persistent ones.
 
 pub mod keys;
+mod openapi;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -19,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -56,6 +59,22 @@ struct AppState {
 }
 
 impl AppState {
+    /// Keeps a new machine of `owner`'s and describes it.
+    async fn adopt(&self, m: Machine, owner: Owner) -> Result<Json<MachineBody>, ApiError> {
+        let body = describe(&m).await?;
+        self.machines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                body.id.clone(),
+                Entry {
+                    machine: m,
+                    owner: owner.0,
+                },
+            );
+        Ok(Json(body))
+    }
+
     fn lookup(&self, owner: &Owner, id: &str) -> Result<Machine, ApiError> {
         let machines = self.machines.lock().unwrap_or_else(|p| p.into_inner());
         match machines.get(id) {
@@ -177,6 +196,8 @@ fn router(state: AppState) -> Router {
         .route("/machines/{id}/run", post(run))
         .route("/machines/{id}/run/stream", post(run_stream))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
+        // Added after the key check: the document needs no key.
+        .route("/openapi.json", get(|| async { Json(openapi::document()) }))
         .with_state(state);
     Router::new()
         .nest("/v1", machines)
@@ -256,15 +277,7 @@ async fn create(
         }));
     }
     let m = Machine::create_with(config, ConnectOptions::local().home(&s.home)).await?;
-    let body = describe(&m).await?;
-    s.machines.lock().unwrap_or_else(|p| p.into_inner()).insert(
-        body.id.clone(),
-        Entry {
-            machine: m,
-            owner: owner.0,
-        },
-    );
-    Ok(Json(body))
+    s.adopt(m, owner).await
 }
 
 async fn list(
@@ -390,13 +403,25 @@ struct FileQuery {
     mode: Option<String>,
 }
 
+/// The query of a file request, refused with our error body (not axum's
+/// plain text) when it is not one.
+fn file_query(q: Result<Query<FileQuery>, QueryRejection>) -> Result<FileQuery, ApiError> {
+    q.map(|Query(q)| q).map_err(|e| {
+        ApiError(Error::InvalidArgument {
+            what: "path",
+            reason: format!("the query must be ?path=<guest path>[&mode=<octal>]: {e}"),
+        })
+    })
+}
+
 async fn write_file(
     State(s): State<AppState>,
     Extension(owner): Extension<Owner>,
     Path(id): Path<String>,
-    Query(q): Query<FileQuery>,
+    q: Result<Query<FileQuery>, QueryRejection>,
     body: Body,
 ) -> Result<Json<WrittenBody>, ApiError> {
+    let q = file_query(q)?;
     let m = s.lookup(&owner, &id)?;
     let mode = match &q.mode {
         Some(text) => Some(u32::from_str_radix(text, 8).map_err(|_| {
@@ -417,8 +442,9 @@ async fn read_file(
     State(s): State<AppState>,
     Extension(owner): Extension<Owner>,
     Path(id): Path<String>,
-    Query(q): Query<FileQuery>,
+    q: Result<Query<FileQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let q = file_query(q)?;
     let m = s.lookup(&owner, &id)?;
     let file = m.read_file_stream(&q.path).await?;
     let (size, mode) = (file.size(), file.mode());
@@ -464,15 +490,7 @@ async fn fork(
     let m = s.lookup(&owner, &id)?;
     let ForkBody { name } = parse(&body)?;
     let clone = m.fork(&name).await?;
-    let body = describe(&clone).await?;
-    s.machines.lock().unwrap_or_else(|p| p.into_inner()).insert(
-        body.id.clone(),
-        Entry {
-            machine: clone,
-            owner: owner.0,
-        },
-    );
-    Ok(Json(body))
+    s.adopt(clone, owner).await
 }
 
 async fn list_images(

@@ -3,6 +3,7 @@
 
 mod cache;
 mod kernel;
+mod python;
 mod rootfs;
 
 use clap::{Parser, Subcommand};
@@ -138,7 +139,13 @@ fn check_single_rust_vmm(assets: &(PathBuf, PathBuf)) -> Result<(), String> {
 
 /// Debian packages the tests use on the host: the registry the image tests
 /// push to, busybox for the test images, mkfs.ext4 for machine disks.
-const TEST_PACKAGES: &[&str] = &["docker-registry", "busybox-static", "e2fsprogs"];
+const TEST_PACKAGES: &[&str] = &[
+    "docker-registry",
+    "busybox-static",
+    "e2fsprogs",
+    // schemathesis' venv (tests/openapi.rs)
+    "python3-venv",
+];
 
 fn test(extra: &[String]) -> Result<(), String> {
     kernel::ensure_debian_packages(TEST_PACKAGES, |m| println!("xtask: {m}"))?;
@@ -166,8 +173,10 @@ fn test(extra: &[String]) -> Result<(), String> {
     // Every machine start of the SDK tests is logged, to count the boots.
     let boot_log = std::env::temp_dir().join(format!("smol-boots-{}.log", std::process::id()));
     let _ = std::fs::remove_file(&boot_log);
+    let schemathesis = python::ensure_schemathesis()?;
     let mut cmd = cargo(&args, &a);
-    cmd.env("SMOL_BOOT_LOG", &boot_log);
+    cmd.env("SMOL_BOOT_LOG", &boot_log)
+        .env("SMOL_SCHEMATHESIS", &schemathesis);
     let result = run("cargo test", cmd);
     let log = std::fs::read_to_string(&boot_log).unwrap_or_default();
     let _ = std::fs::remove_file(&boot_log);
