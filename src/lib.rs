@@ -28,6 +28,11 @@
 //! # Ok(()) }
 //! ```
 //!
+//! The same API drives machines of another host running `smol serve`
+//! (module `smol::server`, feature `server`): select it with
+//! [`ConnectOptions::cloud`] (or `SMOL_CLOUD_TOKEN` and `SMOL_CLOUD_URL`).
+//! The HTTP API is described in [`api`].
+//!
 //! Machines live under `SMOL_HOME` (default `~/.local/share/smol`), one
 //! directory each: `machine.json` (the record), `disk.img` (the persistent
 //! root, ext4), `console.log`, `vsock.sock`. The guest kernel and initramfs
@@ -48,8 +53,8 @@ pub mod server;
 mod state;
 
 pub use config::{
-    validate_name, ConnectOptions, MachineConfig, MountSpec, PortSpec, ResourceSpec, MAX_DISK_MB,
-    MAX_NAME_LEN, MIN_DISK_MB,
+    validate_name, ConnectOptions, MachineConfig, MountSpec, PortSpec, ResourceSpec,
+    DEFAULT_ENDPOINT, MAX_DISK_MB, MAX_NAME_LEN, MIN_DISK_MB,
 };
 pub use error::{Error, GuestErrorKind, Result};
 pub use exec::{ExecEvent, ExecOptions, ExecResult, ExecStream};

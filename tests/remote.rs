@@ -76,6 +76,25 @@ fn the_machine_api_through_smol_serve() {
     assert!(left.is_empty(), "machines left after shutdown: {left:?}");
 }
 
+/// Gives this many zero bytes, then fails.
+struct FailingSource(usize);
+
+impl tokio::io::AsyncRead for FailingSource {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.0 == 0 {
+            return std::task::Poll::Ready(Err(std::io::Error::other("disk on fire")));
+        }
+        let n = self.0.min(buf.remaining()).min(64 * 1024);
+        buf.put_slice(&vec![0u8; n]);
+        self.0 -= n;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 async fn run(home: &Path, url: &str, alice: &str, bob: &str, image: &str) {
     let cloud = |k: &str| ConnectOptions::cloud(k).endpoint(url);
     let mut c = Checks::new("remote");
@@ -199,6 +218,27 @@ async fn run(home: &Path, url: &str, alice: &str, bob: &str, image: &str) {
             ensure!(
                 matches!(&e, Err(Error::FileNotFound { path }) if path == "/no/such/file"),
                 "{e:?}"
+            );
+            Ok(())
+        },
+    )
+    .await;
+
+    c.run(
+        "an upload whose source fails leaves no file on the server's machine",
+        async {
+            let e = m
+                .write_file_from("/root/partial.bin", FailingSource(300 * 1024), None)
+                .await;
+            ensure!(matches!(e, Err(Error::Io { .. })), "{e:?}");
+            let r = m
+                .exec(["sh", "-c", "ls -a /root | grep partial || true"])
+                .await
+                .ctx("ls")?;
+            ensure!(
+                r.stdout_lossy().is_empty(),
+                "left behind: {:?}",
+                r.stdout_lossy()
             );
             Ok(())
         },

@@ -190,11 +190,16 @@ struct Owned {
     /// Made by this handle's `create` (not `connect`): its drop deletes a
     /// non-persistent machine.
     created: bool,
+    /// `delete` was called: nothing left for the drop to do.
+    deleted: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Owned {
     fn drop(&mut self) {
-        if self.config.persistent || !self.created {
+        if self.config.persistent
+            || !self.created
+            || self.deleted.load(std::sync::atomic::Ordering::Relaxed)
+        {
             return;
         }
         // Best effort, as the local engine's cleanup: without a runtime
@@ -220,6 +225,7 @@ impl RemoteMachine {
                 id: m.id,
                 config: m.config,
                 created,
+                deleted: Default::default(),
             }),
         }
     }
@@ -270,8 +276,11 @@ impl RemoteMachine {
                     .request(Method::DELETE, &path)
                     .timeout(CALL_TIMEOUT)
             })
-            .await
-            .map(drop)
+            .await?;
+        self.owned
+            .deleted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn exec_body(req: &ExecRequest) -> ExecBody {
@@ -434,10 +443,16 @@ impl RemoteMachine {
             let mut total = 0u64;
             loop {
                 let mut buf = vec![0u8; CHUNK];
-                let n = src
-                    .read(&mut buf)
-                    .await
-                    .map_err(|e| Error::io(format!("reading the data for {path}"), e))?;
+                let n = match src.read(&mut buf).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        // The body fails, not ends: the server must not
+                        // keep a truncated file.
+                        let cut = std::io::Error::other("the upload's source failed");
+                        let _ = futures::SinkExt::send(&mut tx, Err(cut)).await;
+                        return Err(Error::io(format!("reading the data for {path}"), e));
+                    }
+                };
                 if n == 0 {
                     return Ok::<u64, Error>(total);
                 }
@@ -453,9 +468,10 @@ impl RemoteMachine {
             }
         };
         let (sent, answer) = tokio::join!(pump, req);
+        // The source's own failure first: it is why the request broke.
+        let total = sent?;
         let answer = answer.map_err(|e| self.client().unreachable(e))?;
         let written: WrittenBody = json(check(answer).await?).await?;
-        let total = sent?;
         if written.size != total {
             return Err(bad_answer(format!(
                 "sent {total} bytes, the server wrote {}",
