@@ -35,7 +35,8 @@ fn the_live_server_matches_its_openapi_document() {
         .tempdir_in("/tmp")
         .unwrap();
     let k = key(home.path(), &["create", "fuzz"]);
-    let (child, url) = serve(home.path());
+    // A line per request would be hundreds here: warnings only.
+    let (child, url) = serve(home.path(), "warn");
     let _server = Server(Some(child));
 
     // The document is served without a key and is JSON with our paths.

@@ -38,7 +38,7 @@ fn the_machine_api_through_smol_serve() {
         listed.contains("alice") && listed.contains("bob") && !listed.contains(&alice),
         "{listed}"
     );
-    let (child, url) = serve(home.path());
+    let (child, url) = serve(home.path(), "warn,smol::serve=info");
     let mut server = Server(Some(child));
     let rt = common::runtime();
     let registry = support::registry::Registry::start();

@@ -18,11 +18,13 @@ pub fn key(home: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-/// `smol serve` on a free port; returns it and its URL.
-pub fn serve(home: &Path) -> (Child, String) {
+/// `smol serve` on a free port, logging by the `RUST_LOG` filter `log`;
+/// returns it and its URL.
+pub fn serve(home: &Path, log: &str) -> (Child, String) {
     let mut child = Command::new(SMOL)
         .args(["serve", "--listen", "127.0.0.1:0"])
         .env("SMOL_HOME", home)
+        .env("RUST_LOG", log)
         .stdout(Stdio::piped())
         .spawn()
         .expect("starting smol serve");
