@@ -330,6 +330,7 @@ const KNOWN_NAMES: &[&str] = &[
     "mode",
     "body",
     "endpoint",
+    "id",
 ];
 
 fn static_name(s: &str) -> &'static str {

@@ -22,7 +22,8 @@ use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -82,6 +83,31 @@ impl AppState {
             // Another key's machine is as absent as a missing one.
             _ => Err(ApiError(Error::NotFound { name: id.into() })),
         }
+    }
+}
+
+/// The machine a request's `{id}` names, when the request's key owns it
+/// (another key's machine is as absent as a missing one).
+struct Target(Machine);
+
+impl FromRequestParts<AppState> for Target {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, ApiError> {
+        let Path(id) = Path::<String>::from_request_parts(parts, s)
+            .await
+            .map_err(|e| {
+                ApiError(Error::InvalidArgument {
+                    what: "id",
+                    reason: e.to_string(),
+                })
+            })?;
+        let owner = parts
+            .extensions
+            .get::<Owner>()
+            .cloned()
+            .ok_or_else(|| ApiError(Error::Unauthorized("no key".into())))?;
+        Ok(Target(s.lookup(&owner, &id)?))
     }
 }
 
@@ -300,21 +326,15 @@ async fn list(
     Ok(Json(out))
 }
 
-async fn info(
-    State(s): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    Path(id): Path<String>,
-) -> Result<Json<MachineBody>, ApiError> {
-    let m = s.lookup(&owner, &id)?;
+async fn info(Target(m): Target) -> Result<Json<MachineBody>, ApiError> {
     Ok(Json(describe(&m).await?))
 }
 
 async fn delete(
     State(s): State<AppState>,
-    Extension(owner): Extension<Owner>,
     Path(id): Path<String>,
+    Target(m): Target,
 ) -> Result<StatusCode, ApiError> {
-    let m = s.lookup(&owner, &id)?;
     m.delete().await?;
     s.machines
         .lock()
@@ -323,33 +343,17 @@ async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn start(
-    State(s): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    Path(id): Path<String>,
-) -> Result<Json<MachineBody>, ApiError> {
-    let m = s.lookup(&owner, &id)?;
+async fn start(Target(m): Target) -> Result<Json<MachineBody>, ApiError> {
     m.start().await?;
     Ok(Json(describe(&m).await?))
 }
 
-async fn stop(
-    State(s): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    Path(id): Path<String>,
-) -> Result<Json<MachineBody>, ApiError> {
-    let m = s.lookup(&owner, &id)?;
+async fn stop(Target(m): Target) -> Result<Json<MachineBody>, ApiError> {
     m.stop().await?;
     Ok(Json(describe(&m).await?))
 }
 
-async fn exec(
-    State(s): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Result<Json<ExecResultBody>, ApiError> {
-    let m = s.lookup(&owner, &id)?;
+async fn exec(Target(m): Target, body: Bytes) -> Result<Json<ExecResultBody>, ApiError> {
     let req: ExecBody = parse(&body)?;
     let r = m.exec_with(&req.argv, req.options()).await?;
     Ok(Json(ExecResultBody::from(&r)))
@@ -361,13 +365,7 @@ fn ndjson(ev: &impl serde::Serialize) -> Bytes {
     Bytes::from(line)
 }
 
-async fn exec_stream(
-    State(s): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let m = s.lookup(&owner, &id)?;
+async fn exec_stream(Target(m): Target, body: Bytes) -> Result<Response, ApiError> {
     let req: ExecBody = parse(&body)?;
     // A program that cannot start is an error answer, not a stream.
     let stream = m.exec_stream_with(&req.argv, req.options()).await?;
@@ -415,14 +413,11 @@ fn file_query(q: Result<Query<FileQuery>, QueryRejection>) -> Result<FileQuery, 
 }
 
 async fn write_file(
-    State(s): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    Path(id): Path<String>,
+    Target(m): Target,
     q: Result<Query<FileQuery>, QueryRejection>,
     body: Body,
 ) -> Result<Json<WrittenBody>, ApiError> {
     let q = file_query(q)?;
-    let m = s.lookup(&owner, &id)?;
     let mode = match &q.mode {
         Some(text) => Some(u32::from_str_radix(text, 8).map_err(|_| {
             ApiError(Error::InvalidArgument {
@@ -439,13 +434,10 @@ async fn write_file(
 }
 
 async fn read_file(
-    State(s): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    Path(id): Path<String>,
+    Target(m): Target,
     q: Result<Query<FileQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = file_query(q)?;
-    let m = s.lookup(&owner, &id)?;
     let file = m.read_file_stream(&q.path).await?;
     let (size, mode) = (file.size(), file.mode());
     let chunks = file.map_err(|e| std::io::Error::other(e.to_string()));
@@ -484,21 +476,15 @@ fn check_remote_image(reference: &str) -> Result<(), ApiError> {
 async fn fork(
     State(s): State<AppState>,
     Extension(owner): Extension<Owner>,
-    Path(id): Path<String>,
+    Target(m): Target,
     body: Bytes,
 ) -> Result<Json<MachineBody>, ApiError> {
-    let m = s.lookup(&owner, &id)?;
     let ForkBody { name } = parse(&body)?;
     let clone = m.fork(&name).await?;
     s.adopt(clone, owner).await
 }
 
-async fn list_images(
-    State(s): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    Path(id): Path<String>,
-) -> Result<Json<Vec<ImageInfo>>, ApiError> {
-    let m = s.lookup(&owner, &id)?;
+async fn list_images(Target(m): Target) -> Result<Json<Vec<ImageInfo>>, ApiError> {
     Ok(Json(m.list_images().await?))
 }
 
@@ -506,13 +492,7 @@ async fn list_images(
 /// are dropped (never the final line).
 const PULL_BACKLOG: usize = 256;
 
-async fn pull_image(
-    State(s): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let m = s.lookup(&owner, &id)?;
+async fn pull_image(Target(m): Target, body: Bytes) -> Result<Response, ApiError> {
     let PullBody { reference } = parse(&body)?;
     check_remote_image(&reference)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(PULL_BACKLOG);
@@ -546,13 +526,7 @@ fn tokio_stream_of(
     }
 }
 
-async fn run(
-    State(s): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Result<Json<ExecResultBody>, ApiError> {
-    let m = s.lookup(&owner, &id)?;
+async fn run(Target(m): Target, body: Bytes) -> Result<Json<ExecResultBody>, ApiError> {
     let req: RunBody = parse(&body)?;
     check_remote_image(&req.image)?;
     let r = m
@@ -561,13 +535,7 @@ async fn run(
     Ok(Json(ExecResultBody::from(&r)))
 }
 
-async fn run_stream(
-    State(s): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let m = s.lookup(&owner, &id)?;
+async fn run_stream(Target(m): Target, body: Bytes) -> Result<Response, ApiError> {
     let req: RunBody = parse(&body)?;
     check_remote_image(&req.image)?;
     let stream = m
