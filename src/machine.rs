@@ -16,7 +16,7 @@ use crate::error::Result;
 use crate::exec::{ExecOptions, ExecResult, ExecStream};
 use crate::files::{check_mode, check_path, FileStream};
 use crate::image::{ImageInfo, PullEvent};
-use crate::state::{BootTimings, MachineState};
+use crate::state::{BootTimings, MachineInfo, MachineState};
 
 /// A handle to a microVM. Clone it freely (all clones drive the same
 /// machine); it is `Send + Sync`. When the last clone (and the last stream
@@ -99,6 +99,20 @@ impl Machine {
         LocalMachine::connect(name, options.home)
             .await
             .map(Machine::from_backend)
+    }
+
+    /// The machines of the default engine: in the local store (also those
+    /// other processes run, with their pid), or the key's on the cloud.
+    /// Read-only: a record that cannot be read is left out, never removed.
+    pub async fn list() -> Result<Vec<MachineInfo>> {
+        Machine::list_with(ConnectOptions::from_env()).await
+    }
+
+    pub async fn list_with(options: ConnectOptions) -> Result<Vec<MachineInfo>> {
+        if let Some(client) = options.remote_client()? {
+            return client.list().await;
+        }
+        LocalMachine::list(options.home).await
     }
 
     /// Saves the running machine into `dir` (created if missing; it must be

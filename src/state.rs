@@ -47,6 +47,21 @@ pub struct BootTimings {
     pub restored: bool,
 }
 
+/// A machine as [`Machine::list`](crate::Machine::list) reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineInfo {
+    pub name: String,
+    /// `Running` when a live process has the machine open and its VM's
+    /// socket is there; `Stopped` otherwise (a machine on disk).
+    pub state: MachineState,
+    pub persistent: bool,
+    /// Seconds since the epoch; `None` where the engine does not say.
+    pub created_unix: Option<u64>,
+    pub config: crate::config::MachineConfig,
+    /// The process that has the machine open, if one does (local engine).
+    pub owner_pid: Option<u32>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

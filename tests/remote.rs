@@ -323,6 +323,15 @@ async fn run(home: &Path, url: &str, alice: &str, bob: &str, image: &str) {
     c.run("another key does not see the machine (404)", async {
         let e = Machine::connect_with("r1", cloud(bob)).await;
         ensure!(matches!(e, Err(Error::NotFound { .. })), "{e:?}");
+        let bobs = Machine::list_with(cloud(bob)).await.ctx("bob's list")?;
+        ensure!(bobs.is_empty(), "bob sees {bobs:?}");
+        let alices = Machine::list_with(cloud(alice)).await.ctx("alice's list")?;
+        ensure!(
+            alices
+                .iter()
+                .any(|i| i.name == "r1" && i.state == smol::MachineState::Running),
+            "alice sees {alices:?}"
+        );
         let again = Machine::connect_with("r1", cloud(alice))
             .await
             .ctx("connect with the owner's key")?;

@@ -136,6 +136,27 @@ impl Client {
         Ok(RemoteMachine::new(self.clone(), m, true))
     }
 
+    /// The key's machines on the server.
+    pub async fn list(&self) -> Result<Vec<crate::state::MachineInfo>> {
+        let r = self
+            .send(true, || {
+                self.request(Method::GET, "/machines").timeout(CALL_TIMEOUT)
+            })
+            .await?;
+        let machines: Vec<MachineBody> = json(r).await?;
+        Ok(machines
+            .into_iter()
+            .map(|m| crate::state::MachineInfo {
+                name: m.id,
+                state: m.state,
+                persistent: m.config.persistent,
+                created_unix: None,
+                config: m.config,
+                owner_pid: None,
+            })
+            .collect())
+    }
+
     pub async fn connect(&self, id: &str) -> Result<RemoteMachine> {
         let path = format!("/machines/{id}");
         let r = self

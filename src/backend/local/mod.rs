@@ -355,6 +355,11 @@ impl LocalMachine {
         ))
     }
 
+    /// The store's machines (see `Machine::list`).
+    pub async fn list(home: Option<PathBuf>) -> Result<Vec<crate::state::MachineInfo>> {
+        blocking(move || MachineStore::open(home.as_deref())?.list()).await
+    }
+
     fn from_registry(dir: &Path) -> Option<LocalMachine> {
         let reg = registry().lock().unwrap_or_else(|p| p.into_inner());
         let (weak, shared) = reg.get(dir)?;

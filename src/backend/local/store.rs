@@ -104,6 +104,21 @@ impl MachineLock {
     }
 }
 
+/// The pid written in a machine's lock file while a process holds the
+/// lock; `None` when nobody does. Probes with a shared lock, so nothing
+/// is written.
+fn holder(path: &Path) -> Option<u32> {
+    let mut file = File::open(path).ok()?;
+    let mut text = String::new();
+    let _ = file.read_to_string(&mut text);
+    match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        // Free: released when the probe is dropped.
+        Ok(_probe) => None,
+        Err((_, Errno::EWOULDBLOCK)) => text.trim().parse().ok().or(Some(0)),
+        Err(_) => None,
+    }
+}
+
 /// Held while reserving or opening a machine.
 struct StoreLock {
     _lock: Flock<File>,
@@ -249,6 +264,46 @@ impl MachineStore {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Every machine with a readable record, in name order, with the
+    /// process that has it open. Read-only: a record that cannot be read
+    /// is left out (and logged), never removed; no lock is taken for long.
+    pub fn list(&self) -> Result<Vec<crate::state::MachineInfo>> {
+        // Held so that the probe of a machine's lock never races a
+        // reserve or open taking it.
+        let _store = self.lock_store()?;
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.machines).into_iter().flatten().flatten() {
+            let dir = entry.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            let paths = MachinePaths::new(dir);
+            let record = match read_record(&paths.record) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(dir = %paths.dir.display(), "listing: {e}");
+                    continue;
+                }
+            };
+            let owner_pid = holder(&paths.lock);
+            let running = owner_pid.is_some() && paths.vsock.exists();
+            out.push(crate::state::MachineInfo {
+                name: record.name,
+                state: if running {
+                    crate::state::MachineState::Running
+                } else {
+                    crate::state::MachineState::Stopped
+                },
+                persistent: record.config.persistent,
+                created_unix: Some(record.created_unix),
+                config: record.config,
+                owner_pid,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
     }
 
     /// Every readable record, in name order.
@@ -477,6 +532,40 @@ mod tests {
         drop(l3);
         s.reserve(&MachineConfig::default().name("x")).unwrap();
         assert!(p3.dir.exists());
+    }
+
+    #[test]
+    fn list_is_read_only_and_names_the_owner() {
+        let (_t, s) = store();
+        let (_ra, pa, la) = s.reserve(&MachineConfig::default().name("a")).unwrap();
+        let (_rb, pb, lb) = s
+            .reserve(&MachineConfig::default().name("b").persistent(true))
+            .unwrap();
+        drop(lb);
+        std::fs::write(&pa.vsock, b"").unwrap();
+        let (_rc, pc, lc) = s
+            .reserve(&MachineConfig::default().name("c").persistent(true))
+            .unwrap();
+        fs::write(&pc.record, b"{torn").unwrap();
+        drop(lc);
+        let before = fs::read(&pb.lock).unwrap();
+        let l = s.list().unwrap();
+        let names: Vec<&str> = l.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"], "{l:?}");
+        assert_eq!(l[0].owner_pid, Some(std::process::id()));
+        assert_eq!(l[0].state, crate::state::MachineState::Running);
+        assert!(!l[0].persistent);
+        assert_eq!(l[1].owner_pid, None);
+        assert_eq!(l[1].state, crate::state::MachineState::Stopped);
+        assert!(l[1].persistent && l[1].created_unix.is_some());
+        // Nothing written or removed, and the lock is still ours.
+        assert_eq!(fs::read(&pb.lock).unwrap(), before);
+        assert!(pc.dir.exists());
+        assert!(matches!(
+            s.reserve(&MachineConfig::default().name("a")),
+            Err(Error::AlreadyExists { .. })
+        ));
+        drop(la);
     }
 
     /// Issue 12: a record that cannot be read is never swept, whatever the

@@ -7,6 +7,7 @@
 //! smol exec -- uname -a                      # in the bare guest
 //! smol snapshot ./tpl -- sh -c 'echo ready > /root/state'   # a template
 //! smol restore ./tpl -- cat /root/state      # a machine from it, in ~0.3 s
+//! smol ls                                    # the machines of the store
 //! smol key create alice                      # an API key of `smol serve`
 //! smol serve --listen 127.0.0.1:7100         # the HTTP API (smol::api)
 //! ```
@@ -105,6 +106,9 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7100")]
         listen: std::net::SocketAddr,
     },
+    /// List the machines of the store (or of the cloud with
+    /// SMOL_CLOUD_TOKEN): name, state, persistence, owner process.
+    Ls,
     /// Manage the API keys of `smol serve` (stored as hashes in SMOL_HOME).
     Key {
         #[command(subcommand)]
@@ -231,6 +235,14 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> Result<u8, CliError> {
     match command {
         Command::Serve { listen } => serve(listen).await.map(|()| 0),
+        Command::Ls => {
+            println!("NAME\tSTATE\tPERSISTENT\tOWNER");
+            for m in Machine::list().await? {
+                let owner = m.owner_pid.map(|p| format!("pid {p}")).unwrap_or_default();
+                println!("{}\t{}\t{}\t{owner}", m.name, m.state, m.persistent);
+            }
+            Ok(0)
+        }
         Command::Key { action } => {
             let keys = smol::server::keys::KeyStore::new(&smol::image::smol_home());
             match action {
