@@ -364,20 +364,44 @@ impl BlobStore {
     }
 }
 
-/// `SMOL_HOME`, else `~/.local/share/smol`.
+/// smol's data directory, for machines, images and keys alike:
+/// `SMOL_HOME`, else `$XDG_DATA_HOME/smol`, else `~/.local/share/smol`.
 pub fn smol_home() -> PathBuf {
-    if let Some(h) = std::env::var_os("SMOL_HOME").filter(|h| !h.is_empty()) {
+    home_from(&|k| std::env::var_os(k).filter(|v| !v.is_empty()))
+}
+
+fn home_from(env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
+    if let Some(h) = env("SMOL_HOME") {
         return PathBuf::from(h);
     }
-    let home = std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "/root".into());
-    PathBuf::from(home).join(".local/share/smol")
+    if let Some(d) = env("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("smol");
+    }
+    PathBuf::from(env("HOME").unwrap_or_else(|| "/root".into())).join(".local/share/smol")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn home_rules() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.into())
+        };
+        assert_eq!(
+            home_from(&env(&[("SMOL_HOME", "/s"), ("HOME", "/h")])),
+            PathBuf::from("/s")
+        );
+        assert_eq!(
+            home_from(&env(&[("XDG_DATA_HOME", "/x"), ("HOME", "/h")])),
+            PathBuf::from("/x/smol")
+        );
+        assert_eq!(
+            home_from(&env(&[("HOME", "/h")])),
+            PathBuf::from("/h/.local/share/smol")
+        );
+    }
 
     fn chunks(data: &'static [u8]) -> impl Stream<Item = Result<Bytes, ImageError>> + Unpin {
         futures::stream::iter(

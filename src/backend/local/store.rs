@@ -135,7 +135,7 @@ impl MachineStore {
     pub fn open(home: Option<&Path>) -> Result<Self> {
         let root = match home {
             Some(h) => h.to_path_buf(),
-            None => default_home(&|k| std::env::var_os(k).filter(|v| !v.is_empty())),
+            None => crate::image::smol_home(),
         };
         let machines = root.join("machines");
         fs::create_dir_all(&machines)
@@ -378,20 +378,6 @@ fn is_sweepable(paths: &MachinePaths) -> bool {
     }
 }
 
-/// `SMOL_HOME`, else `$XDG_DATA_HOME/smol`, else `~/.local/share/smol`.
-fn default_home(env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
-    if let Some(h) = env("SMOL_HOME") {
-        return PathBuf::from(h);
-    }
-    if let Some(d) = env("XDG_DATA_HOME") {
-        return PathBuf::from(d).join("smol");
-    }
-    crate::backend::local::assets::home(env)
-        .join(".local")
-        .join("share")
-        .join("smol")
-}
-
 fn set_private(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
@@ -449,25 +435,6 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let s = MachineStore::open(Some(t.path())).unwrap();
         (t, s)
-    }
-
-    #[test]
-    fn home_rules() {
-        let env = |vars: &'static [(&'static str, &'static str)]| {
-            move |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.into())
-        };
-        assert_eq!(
-            default_home(&env(&[("SMOL_HOME", "/s"), ("HOME", "/h")])),
-            PathBuf::from("/s")
-        );
-        assert_eq!(
-            default_home(&env(&[("XDG_DATA_HOME", "/x"), ("HOME", "/h")])),
-            PathBuf::from("/x/smol")
-        );
-        assert_eq!(
-            default_home(&env(&[("HOME", "/h")])),
-            PathBuf::from("/h/.local/share/smol")
-        );
     }
 
     #[test]
