@@ -172,7 +172,18 @@ impl Running {
         let paused = t0.elapsed();
         // Whatever happens now, the VM runs on afterwards.
         let result = (|| {
-            let vm = snap::vm_state::save(&self.vm_fd)?;
+            let mut vm = snap::vm_state::save(&self.vm_fd)?;
+            let readings = vcpus
+                .iter()
+                .map(|v| snap::kvmclock::guest_reading(self.ram.memory(), &v.msrs));
+            let resume = snap::kvmclock::resume_from(vm.clock.clock, readings);
+            if resume > vm.clock.clock {
+                tracing::debug!(
+                    ahead_ns = resume - vm.clock.clock,
+                    "the guest's clock is ahead of KVM's; resuming from the guest's"
+                );
+                vm.clock.clock = resume;
+            }
             let transports: Vec<_> = self
                 .transports
                 .iter()

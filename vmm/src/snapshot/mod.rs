@@ -11,9 +11,11 @@
 //!   filesystem has them, else a sparse copy of its data extents).
 //!
 //! The order follows Firecracker: park the vCPUs (each saves its own state,
-//! [`vcpu`]), save the VM-wide state ([`vm_state`]), quiesce and save the
+//! [`vcpu`]), save the VM-wide state ([`vm_state`], with the clock the
+//! guest last read, [`kvmclock`]), quiesce and save the
 //! devices, copy disks and memory, resume.
 
+pub mod kvmclock;
 pub mod memory;
 pub mod vcpu;
 pub mod vm_state;

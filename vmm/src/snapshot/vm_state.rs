@@ -36,6 +36,11 @@ fn get_chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, Error> {
 pub fn save(vm: &VmFd) -> Result<VmState, Error> {
     let pit = vm.get_pit2().map_err(kvm("KVM_GET_PIT2"))?;
     let mut clock = vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?;
+    tracing::debug!(
+        flags = clock.flags,
+        tsc_stable = clock.flags & super::kvmclock::KVM_CLOCK_TSC_STABLE != 0,
+        "KVM_GET_CLOCK"
+    );
     // KVM_SET_CLOCK takes no TSC_STABLE/REALTIME flags from us: the guest
     // clock resumes where it stopped and the agent steps the wall clock.
     clock.flags = 0;
