@@ -2,7 +2,11 @@
 //!
 //! A shape is what a booted guest depends on: the kernel and initramfs
 //! (by file identity: device, inode, size, modification time), memory,
-//! vCPUs, disk size, the agent protocol and the snapshot formats. The first
+//! vCPUs, disk size, the agent protocol, the snapshot formats, and the
+//! host's boot: a guest's clock and TSC resume from values that belong to
+//! the boot of the host they were saved on, so a snapshot kept in a cache
+//! that outlives a reboot (or moves to another host) is never restored
+//! there; that host boots the shape once of its own. The first
 //! create of a shape boots and then snapshots its machine into
 //! `<cache>/warm/<shape>/`; every later create restores that snapshot
 //! instead of booting. Rebuilt assets give a new shape, so an old snapshot
@@ -49,6 +53,13 @@ fn identity(path: &Path) -> Result<String> {
     ))
 }
 
+/// This boot of the host (changes with every reboot and every host).
+fn host_boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 impl WarmShape {
     /// The shape of a machine with `resources` booted from `assets`, in
     /// the cache directory `cache`: `<cache>/warm/<assets>-<resources>`,
@@ -60,6 +71,7 @@ impl WarmShape {
             format!("record {}", crate::backend::local::snapshot::RECORD_VERSION),
             format!("protocol {}", smol_protocol::PROTOCOL_VERSION),
             format!("kvm_pvm {}", smol_vmm::is_kvm_pvm_host()),
+            format!("host boot {}", host_boot_id()),
             format!("kernel {}", identity(&assets.kernel)?),
             format!("initramfs {}", identity(&assets.initramfs)?),
         ] {
