@@ -22,6 +22,12 @@ use crate::error::{Error, Result};
 /// Longest handshake reply we accept (`OK 4294967295\n` is 14 bytes).
 const MAX_REPLY: usize = 64;
 
+/// Longest wait for the guest to accept a connection. An accept costs the
+/// guest kernel little even where it is emulated (well under a second on
+/// kvm_pvm hosts, a few seconds with several guests booting on two
+/// cores); past this the guest is not answering.
+const ACCEPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Why the vsock handshake failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum HandshakeError {
@@ -39,6 +45,12 @@ pub(crate) enum HandshakeError {
     BadReply(String),
     #[error("vsock handshake")]
     Io(#[source] io::Error),
+    /// The guest did not accept within [`ACCEPT_TIMEOUT`].
+    #[error("vsock port {port}: the guest did not accept the connection within {after:?}")]
+    Timeout {
+        port: u32,
+        after: std::time::Duration,
+    },
 }
 
 /// Parses the monitor's reply line (without the newline): `OK <port>`.
@@ -187,6 +199,20 @@ pub(crate) fn unexpected(what: &str, got: &Response) -> Error {
 /// bytes, possibly none) in one write, then reads `OK <port>\n` byte by
 /// byte so that no byte of the stream after it is consumed.
 async fn vsock_connect(
+    uds: &Path,
+    port: u32,
+    first: &[u8],
+) -> std::result::Result<UnixStream, HandshakeError> {
+    match tokio::time::timeout(ACCEPT_TIMEOUT, handshake(uds, port, first)).await {
+        Ok(r) => r,
+        Err(_) => Err(HandshakeError::Timeout {
+            port,
+            after: ACCEPT_TIMEOUT,
+        }),
+    }
+}
+
+async fn handshake(
     uds: &Path,
     port: u32,
     first: &[u8],
