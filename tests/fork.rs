@@ -42,16 +42,38 @@ fn host_unix_time() -> i64 {
         .as_secs() as i64
 }
 
-/// The guest's clock is within a few seconds of the host's.
+/// The guest's clock is within a few seconds of the host's, and runs:
+/// two readings a host-timed interval apart advance with the host's.
 async fn clock_is_right(m: &Machine) -> CheckResult {
-    let guest: i64 = sh(m, "date +%s")
-        .await?
-        .parse()
-        .map_err(|e| format!("date: {e}"))?;
-    let host = host_unix_time();
+    let read = || async {
+        let out = sh(m, "date +%s; cut -d' ' -f1 /proc/uptime").await?;
+        let mut lines = out.lines();
+        let date: i64 = lines
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| format!("date {out:?}: {e}"))?;
+        let uptime: f64 = lines
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| format!("uptime {out:?}: {e}"))?;
+        Ok::<_, String>((date, uptime, host_unix_time(), Instant::now()))
+    };
+    let (guest, up1, host, t1) = read().await?;
     ensure!(
         (guest - host).abs() <= 5,
-        "{}'s clock reads {guest}, the host's {host}",
+        "{}'s clock reads {guest}, the host's {host} (guest uptime {up1} s)",
+        m.name()
+    );
+    // A frozen guest clock (timers stopped) falls behind by the whole wait.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, up2, _, t2) = read().await?;
+    let host_secs = (t2 - t1).as_secs_f64();
+    let off = (up2 - up1 - host_secs).abs();
+    ensure!(
+        off.is_finite() && off <= 2.5,
+        "{}'s uptime went from {up1} to {up2} while {host_secs:.2} s passed on the host",
         m.name()
     );
     Ok(())
@@ -77,12 +99,14 @@ fn fork_snapshot_restore_and_warm_create() {
         .tempdir_in("/tmp")
         .unwrap();
     let snaps = tempfile::tempdir().unwrap();
+    let _dog = common::watchdog("fork", &[home.path()], common::TEST_LIMIT);
     common::runtime().block_on(run(home.path(), snaps.path()));
 }
 
 async fn run(home: &Path, snaps: &Path) {
     let o = opts(home);
     let mut c = Checks::new("fork");
+    c.watch(home);
     // The disk size the other guest tests use: one machine shape, so one
     // warm snapshot serves the whole suite.
     let shape = MachineConfig::default().disk_mb(256);
@@ -212,6 +236,7 @@ async fn run(home: &Path, snaps: &Path) {
     c.run(
         "a clone's clock is the host's and its hostname its name",
         async {
+            clock_is_right(&golden).await?;
             clock_is_right(&c1).await?;
             let h = sh(&c2, "hostname").await?;
             ensure!(h == "clone-2", "hostname {h:?}");

@@ -592,6 +592,7 @@ fn images_in_a_guest() {
         .prefix("smol-img")
         .tempdir_in("/tmp")
         .unwrap();
+    let _dog = common::watchdog("images", &[home.path()], common::TEST_LIMIT);
     common::runtime().block_on(guest_checks(home.path()));
 }
 
@@ -630,6 +631,7 @@ async fn guest_checks(home: &Path) {
         t.elapsed()
     );
     let mut c = Checks::new("images");
+    c.watch(home);
 
     c.run("pull_image returns the image's info", async {
         let t = Instant::now();

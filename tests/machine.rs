@@ -162,6 +162,7 @@ fn machine_end_to_end() {
         .prefix("smol-e2e")
         .tempdir_in("/tmp")
         .unwrap();
+    let _dog = common::watchdog("e2e", &[home.path()], common::TEST_LIMIT);
     let rt = common::runtime();
     rt.block_on(end_to_end(home.path()));
 }
@@ -194,6 +195,7 @@ async fn end_to_end(home: &std::path::Path) {
         report!("[e2e] timings: {tm:?}");
     }
     let mut c = Checks::new("e2e");
+    c.watch(home);
 
     c.run("state is running", async {
         let s = a.state().await.ctx("state")?;

@@ -9,7 +9,9 @@
 
 use std::future::Future;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -63,6 +65,8 @@ impl<T, E: std::error::Error> Ctx<T> for Result<T, E> {
 /// Named checks run in sequence; failures are collected, not fatal.
 pub struct Checks {
     suite: &'static str,
+    /// Homes whose machines' consoles a check that times out prints.
+    watched: Vec<PathBuf>,
     passed: Vec<String>,
     skipped: Vec<String>,
     failed: Vec<String>,
@@ -72,6 +76,7 @@ impl Checks {
     pub fn new(suite: &'static str) -> Self {
         Checks {
             suite,
+            watched: Vec::new(),
             passed: Vec::new(),
             skipped: Vec::new(),
             failed: Vec::new(),
@@ -80,7 +85,15 @@ impl Checks {
 
     pub async fn run<F: Future<Output = CheckResult>>(&mut self, name: &str, check: F) -> bool {
         let t = Instant::now();
-        let r = check.await;
+        let r = match tokio::time::timeout(CHECK_LIMIT, check).await {
+            Ok(r) => r,
+            Err(_) => {
+                print_consoles(self.suite, &self.watched);
+                Err(format!(
+                    "did not finish within {CHECK_LIMIT:?} (the consoles of the watched machines are printed above)"
+                ))
+            }
+        };
         let took = t.elapsed();
         match r {
             Ok(()) => {
@@ -99,6 +112,11 @@ impl Checks {
                 false
             }
         }
+    }
+
+    /// A check that times out prints the consoles of the machines in `home`.
+    pub fn watch(&mut self, home: &Path) {
+        self.watched.push(home.to_path_buf());
     }
 
     pub fn failures(&self) -> usize {
@@ -121,6 +139,78 @@ impl Checks {
                 self.failed.join("\n  ")
             );
         }
+    }
+}
+
+/// Longest a single check may take: a guest that stops answering fails
+/// its check instead of stalling the run (an exec takes seconds here).
+pub const CHECK_LIMIT: Duration = Duration::from_secs(600);
+
+/// Longest a whole guest test may take before its [`Watchdog`] ends it.
+pub const TEST_LIMIT: Duration = Duration::from_secs(30 * 60);
+
+/// The console tails of every machine under `<home>/machines`.
+pub fn print_consoles(suite: &str, homes: &[PathBuf]) {
+    for home in homes {
+        let dirs = std::fs::read_dir(home.join("machines"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        for d in dirs {
+            let log = d.path().join("console.log");
+            if log.exists() {
+                report!(
+                    "[{suite}] console of {}:\n{}",
+                    d.file_name().to_string_lossy(),
+                    console_tail(&log, 40)
+                );
+            }
+        }
+    }
+}
+
+/// Ends the test process if it still runs after its limit, printing the
+/// consoles of the machines under its homes first: a guest call that never
+/// returns fails the run with what the guests printed, instead of holding
+/// CI until its own deadline. Disarmed when dropped.
+pub struct Watchdog {
+    done: Arc<AtomicBool>,
+}
+
+pub fn watchdog(suite: &'static str, homes: &[&Path], limit: Duration) -> Watchdog {
+    let done = Arc::new(AtomicBool::new(false));
+    let homes: Vec<PathBuf> = homes.iter().map(|h| h.to_path_buf()).collect();
+    let flag = done.clone();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if flag.load(Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        if flag.load(Ordering::SeqCst) {
+            return;
+        }
+        report!("[{suite}] WATCHDOG: the test is still running after {limit:?}; ending it");
+        print_consoles(suite, &homes);
+        // Helpers (registries, servers) must not outlive the test.
+        for pid in children() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        std::process::exit(101);
+    });
+    Watchdog { done }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
     }
 }
 
