@@ -86,7 +86,12 @@ impl Machine {
 
     /// Re-opens a persistent machine from the store (it is not booted:
     /// call [`Machine::start`]). A machine already open in this process
-    /// yields another handle to it.
+    /// yields another handle to it. A machine another live process runs
+    /// is driven through its running guest: exec, streams, files, images
+    /// and state work as in the owner; its lifecycle stays the owner's
+    /// (stop, delete, snapshot and fork are [`Error::InUse`] naming the
+    /// owner's pid), and once the owner lets go a new `connect` takes it
+    /// over.
     pub async fn connect(name: &str) -> Result<Machine> {
         Machine::connect_with(name, ConnectOptions::from_env()).await
     }
@@ -96,9 +101,8 @@ impl Machine {
         if let Some(client) = options.remote_client()? {
             return client.connect(name).await.map(Machine::from_backend);
         }
-        LocalMachine::connect(name, options.home)
-            .await
-            .map(Machine::from_backend)
+        let backend = LocalMachine::connect(name, options.home).await?;
+        Ok(Machine { backend })
     }
 
     /// The machines of the default engine: in the local store (also those

@@ -109,6 +109,39 @@ where
     }
 }
 
+/// [`upload`], a broken connection explained by the machine's state.
+pub(crate) async fn write_file<R>(
+    link: &impl AgentLink,
+    path: &str,
+    mode: Option<u32>,
+    src: R,
+) -> Result<u64>
+where
+    R: AsyncRead + Unpin + Send,
+{
+    match upload(link, path, mode, src).await {
+        Ok(n) => Ok(n),
+        Err(e) => Err(link.explain(e).await),
+    }
+}
+
+/// [`download`], a broken connection explained by the machine's state.
+pub(crate) async fn read_file_stream(link: &impl AgentLink, path: &str) -> Result<FileStream> {
+    match download(link, path).await {
+        Ok(s) => Ok(s),
+        Err(e) => Err(link.explain(e).await),
+    }
+}
+
+/// The whole file at `path`.
+pub(crate) async fn read_file(link: &impl AgentLink, path: &str) -> Result<Bytes> {
+    let s = read_file_stream(link, path).await?;
+    match s.bytes().await {
+        Ok(b) => Ok(b),
+        Err(e) => Err(link.explain(e).await),
+    }
+}
+
 /// Sends `ReadFile` and waits for `FileInfo` (a missing file fails here).
 pub(crate) async fn download(link: &impl AgentLink, path: &str) -> Result<FileStream> {
     let mut conn = link

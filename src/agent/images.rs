@@ -130,6 +130,25 @@ async fn ask<L: AgentLink, T>(
     }
 }
 
+pub(crate) async fn list_images<L: AgentLink>(link: &L) -> Result<Vec<ImageInfo>> {
+    let records = image_records(link).await?;
+    Ok(records.iter().map(ImageInfo::from).collect())
+}
+
+/// A `run` whose output streams; the stream holds `link`.
+pub(crate) async fn run_stream<L>(
+    link: &L,
+    image: &str,
+    argv: Vec<String>,
+    options: ExecOptions,
+) -> Result<crate::exec::ExecStream>
+where
+    L: AgentLink + Clone + Send + 'static,
+{
+    let req = container_request(link, image, argv, options).await?;
+    super::exec::exec_stream(link, req).await
+}
+
 pub(crate) async fn image_records<L: AgentLink>(link: &L) -> Result<Vec<ImageRecord>> {
     ask(link, Request::ListImages, "list images", |r| match r {
         Response::Images { images } => Ok(images),

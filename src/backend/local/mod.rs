@@ -11,6 +11,7 @@ pub(crate) mod actor;
 pub(crate) mod assets;
 pub(crate) mod disk;
 pub(crate) mod limits;
+pub(crate) mod peer;
 pub(crate) mod snapshot;
 pub(crate) mod store;
 pub(crate) mod warm;
@@ -28,9 +29,10 @@ use tokio::sync::{mpsc, oneshot};
 use self::actor::{Command, MachineActor, CHANNEL_CAPACITY};
 use self::assets::GuestAssets;
 use self::disk::create_disk;
-use self::store::{MachinePaths, MachineStore};
+use self::peer::PeerMachine;
+use self::store::{MachinePaths, MachineStore, Opened};
 use self::warm::WarmShape;
-use crate::agent::files::{download, upload};
+use crate::agent::files;
 use crate::agent::images;
 use crate::agent::{self, AgentConnection, AgentLink};
 use crate::backend::{Backend, Call, Source};
@@ -337,22 +339,31 @@ impl LocalMachine {
 
     /// Re-opens a persistent machine from the store (not booted); one
     /// already open in this process yields another handle to it.
-    pub async fn connect(name: &str, home: Option<PathBuf>) -> Result<LocalMachine> {
+    /// Opens `name` for this process, or as a peer of the live process
+    /// that runs it ([`peer`]).
+    pub async fn connect(name: &str, home: Option<PathBuf>) -> Result<Arc<dyn Backend>> {
         let store = blocking(move || MachineStore::open(home.as_deref())).await?;
         let paths = store.paths(name);
         if let Some(m) = LocalMachine::from_registry(&paths.dir) {
-            return Ok(m);
+            return Ok(Arc::new(m));
         }
         let n = name.to_string();
-        let (record, paths, lock) = blocking(move || store.open_machine(&n)).await?;
+        let (record, paths, lock) = match blocking(move || store.open_machine(&n)).await? {
+            Opened::Own(record, paths, lock) => (record, paths, lock),
+            Opened::Peer {
+                record,
+                paths,
+                owner,
+            } => return Ok(Arc::new(PeerMachine::new(record, paths, owner))),
+        };
         // Another task may have opened it meanwhile: use theirs.
         if let Some(m) = LocalMachine::from_registry(&paths.dir) {
-            return Ok(m);
+            return Ok(Arc::new(m));
         }
-        Ok(LocalMachine::spawn(
+        Ok(Arc::new(LocalMachine::spawn(
             MachineActor::new(record, paths.clone(), lock, MachineState::Stopped),
             &paths,
-        ))
+        )))
     }
 
     /// The store's machines (see `Machine::list`).
@@ -416,28 +427,6 @@ impl LocalMachine {
         Ok(())
     }
 
-    async fn write_file(&self, path: &str, mode: Option<u32>, src: Source<'_>) -> Result<u64> {
-        match upload(self, path, mode, src).await {
-            Ok(n) => Ok(n),
-            Err(e) => Err(self.explain(e).await),
-        }
-    }
-
-    async fn read_file(&self, path: &str) -> Result<Bytes> {
-        let s = self.read_file_stream(path).await?;
-        match s.bytes().await {
-            Ok(b) => Ok(b),
-            Err(e) => Err(self.explain(e).await),
-        }
-    }
-
-    async fn read_file_stream(&self, path: &str) -> Result<FileStream> {
-        match download(self, path).await {
-            Ok(s) => Ok(s),
-            Err(e) => Err(self.explain(e).await),
-        }
-    }
-
     /// A fresh connection to the agent of the running machine.
     /// A connection to the agent with `first` sent in its opening. Straight
     /// to the monitor's socket, with no word to the actor: a machine that is
@@ -452,17 +441,7 @@ impl LocalMachine {
 
     /// A connection that broke usually means the machine went away: say so.
     pub(crate) async fn explain(&self, e: Error) -> Error {
-        if !matches!(e, Error::Io { .. } | Error::Protocol(_)) {
-            return e;
-        }
-        match self.state().await {
-            Ok(state) if state != MachineState::Running => Error::NotRunning {
-                name: self.name().to_string(),
-                state,
-            },
-            Err(gone @ Error::NotFound { .. }) => gone,
-            _ => e,
-        }
+        agent::explain_by_state(self.name(), e, self.state()).await
     }
 
     async fn state(&self) -> Result<MachineState> {
@@ -617,15 +596,15 @@ impl Backend for LocalMachine {
         mode: Option<u32>,
         src: Source<'a>,
     ) -> Call<'a, u64> {
-        LocalMachine::write_file(self, path, mode, src).boxed()
+        files::write_file(self, path, mode, src).boxed()
     }
 
     fn read_file<'a>(&'a self, path: &'a str) -> Call<'a, Bytes> {
-        LocalMachine::read_file(self, path).boxed()
+        files::read_file(self, path).boxed()
     }
 
     fn read_file_stream<'a>(&'a self, path: &'a str) -> Call<'a, FileStream> {
-        LocalMachine::read_file_stream(self, path).boxed()
+        files::read_file_stream(self, path).boxed()
     }
 
     fn pull_image<'a>(
@@ -637,11 +616,7 @@ impl Backend for LocalMachine {
     }
 
     fn list_images(&self) -> Call<'_, Vec<ImageInfo>> {
-        async {
-            let records = images::image_records(self).await?;
-            Ok(records.iter().map(ImageInfo::from).collect())
-        }
-        .boxed()
+        images::list_images(self).boxed()
     }
 
     fn run<'a>(
@@ -659,11 +634,7 @@ impl Backend for LocalMachine {
         argv: Vec<String>,
         options: ExecOptions,
     ) -> Call<'a, ExecStream> {
-        async move {
-            let req = images::container_request(self, image, argv, options).await?;
-            agent::exec::exec_stream(self, req).await
-        }
-        .boxed()
+        images::run_stream(self, image, argv, options).boxed()
     }
 
     fn snapshot<'a>(&'a self, dir: &'a Path) -> Call<'a, crate::SnapshotTimings> {

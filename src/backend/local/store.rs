@@ -107,7 +107,7 @@ impl MachineLock {
 /// The pid written in a machine's lock file while a process holds the
 /// lock; `None` when nobody does. Probes with a shared lock, so nothing
 /// is written.
-fn holder(path: &Path) -> Option<u32> {
+pub(crate) fn holder(path: &Path) -> Option<u32> {
     let mut file = File::open(path).ok()?;
     let mut text = String::new();
     let _ = file.read_to_string(&mut text);
@@ -117,6 +117,20 @@ fn holder(path: &Path) -> Option<u32> {
         Err((_, Errno::EWOULDBLOCK)) => text.trim().parse().ok().or(Some(0)),
         Err(_) => None,
     }
+}
+
+/// A machine [`MachineStore::open_machine`] opened.
+#[derive(Debug)]
+pub(crate) enum Opened {
+    /// This process owns it now (it holds the lock).
+    Own(MachineRecord, MachinePaths, MachineLock),
+    /// Another live process owns it (`owner`, when its lock file names
+    /// it): this one may use the running guest, not change its lifecycle.
+    Peer {
+        record: MachineRecord,
+        paths: MachinePaths,
+        owner: Option<u32>,
+    },
 }
 
 /// Held while reserving or opening a machine.
@@ -229,10 +243,11 @@ impl MachineStore {
         }
     }
 
-    /// Opens an existing machine for this process. A machine another
-    /// process has open is [`Error::InUse`]; a leftover non-persistent
-    /// machine is swept and reported as [`Error::NotFound`].
-    pub fn open_machine(&self, name: &str) -> Result<(MachineRecord, MachinePaths, MachineLock)> {
+    /// Opens an existing machine: for this process when no other has it
+    /// open ([`Opened::Own`]), else as a peer of the live process that has
+    /// ([`Opened::Peer`]). A leftover non-persistent machine is swept and
+    /// reported as [`Error::NotFound`].
+    pub fn open_machine(&self, name: &str) -> Result<Opened> {
         validate_name(name)?;
         let paths = self.paths(name);
         let deadline = Instant::now() + OWN_LOCK_WAIT;
@@ -250,15 +265,23 @@ impl MachineStore {
                             let _ = fs::remove_dir_all(&paths.dir);
                             return Err(Error::NotFound { name: name.into() });
                         }
-                        return Ok((record, paths, lock));
+                        return Ok(Opened::Own(record, paths, lock));
                     }
                     // One of our own actors is shutting down: it lets go soon.
                     Err(Some(pid)) if pid == std::process::id() && Instant::now() < deadline => {}
-                    Err(pid) => {
+                    Err(Some(pid)) if pid == std::process::id() => {
                         return Err(Error::InUse {
                             name: name.into(),
-                            pid,
+                            pid: Some(pid),
                         })
+                    }
+                    Err(pid) => {
+                        let record = read_record(&paths.record)?;
+                        return Ok(Opened::Peer {
+                            record,
+                            paths,
+                            owner: pid,
+                        });
                     }
                 }
             }
@@ -468,12 +491,17 @@ mod tests {
             .reserve(&MachineConfig::default().name("p").persistent(true))
             .unwrap();
         drop(lock);
-        let (r, _p, lock) = s.open_machine("p").unwrap();
+        let Ok(Opened::Own(r, _p, lock)) = s.open_machine("p") else {
+            panic!("not opened for this process");
+        };
         assert_eq!(r.name, "p");
         // A second opener in another process would get InUse; within the
         // process the holder's pid is ours, so this waits, then gives up.
         let s2 = s.clone();
-        let h = std::thread::spawn(move || s2.open_machine("p").map(|_| ()));
+        let h = std::thread::spawn(move || {
+            s2.open_machine("p")
+                .map(|o| assert!(matches!(o, Opened::Own(..))))
+        });
         std::thread::sleep(Duration::from_millis(100));
         drop(lock);
         h.join().unwrap().unwrap();
