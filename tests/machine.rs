@@ -694,6 +694,61 @@ async fn end_to_end(home: &std::path::Path) {
     })
     .await;
 
+    c.run(
+        "another process drives the running machine; its stop and rm are refused naming the owner",
+        async {
+            let smol = |args: &[&str]| {
+                let out = std::process::Command::new(env!("CARGO_BIN_EXE_smol"))
+                    .args(args)
+                    .env("SMOL_HOME", home)
+                    .env_remove("SMOL_CLOUD_TOKEN")
+                    .output()
+                    .map_err(|e| format!("running smol {args:?}: {e}"))?;
+                Ok::<_, String>((
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stdout).into_owned(),
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                ))
+            };
+            let me = std::process::id();
+            let (code, out, err) = smol(&[
+                "exec",
+                "--machine",
+                "e2e-a",
+                "--",
+                "sh",
+                "-c",
+                "cat /etc/smol-marker && echo from-peer > /root/peer.txt && sync",
+            ])?;
+            ensure!(
+                code == Some(0) && out == "still here\n",
+                "smol exec --machine: {code:?} {out:?} {err:?}"
+            );
+            let back = a.read_file("/root/peer.txt").await.ctx("read peer.txt")?;
+            ensure!(&back[..] == b"from-peer\n", "the owner reads {back:?}");
+            let (_, ls, _) = smol(&["ls"])?;
+            ensure!(
+                ls.lines().any(|l| l.starts_with("e2e-a\trunning\ttrue\t")
+                    && l.ends_with(&format!("pid {me}"))),
+                "smol ls: {ls:?}"
+            );
+            for verb in ["stop", "rm"] {
+                let (code, _, err) = smol(&[verb, "e2e-a"])?;
+                ensure!(
+                    code == Some(125)
+                        && err.contains(&format!("in use by another process (pid {me})")),
+                    "smol {verb} from another process: {code:?} {err:?}"
+                );
+            }
+            ensure!(
+                a.state().await.ctx("state")? == MachineState::Running,
+                "the owner's machine stopped"
+            );
+            Ok(())
+        },
+    )
+    .await;
+
     c.run("stop: state stopped, exec and files are clear errors", async {
         let t = Instant::now();
         a.stop().await.ctx("stop")?;

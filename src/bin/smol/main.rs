@@ -28,7 +28,7 @@ use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use indicatif::HumanBytes;
 use smol::image::{ImageResolver, ProgressFn};
-use smol::{ExecEvent, ExecOptions, ExecStream, Machine, MachineConfig};
+use smol::{ExecEvent, ExecOptions, ExecStream, Machine, MachineConfig, MachineState};
 
 use progress::{layers_text, spinner, PullBar};
 
@@ -71,6 +71,11 @@ enum Command {
     Exec {
         #[command(flatten)]
         options: RunOptions,
+        /// Run in the existing machine NAME (see `smol ls`) instead of a
+        /// temporary one. Another process may be running it; a stopped one
+        /// is started for the command and stopped after it.
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["cpus", "memory", "disk"])]
+        machine: Option<String>,
         /// The command and its arguments (after `--`).
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         argv: Vec<String>,
@@ -109,6 +114,12 @@ enum Command {
     /// List the machines of the store (or of the cloud with
     /// SMOL_CLOUD_TOKEN): name, state, persistence, owner process.
     Ls,
+    /// Stop the store's machine NAME. Refused, naming the process, while
+    /// another process runs it: that process owns its lifecycle.
+    Stop { name: String },
+    /// Delete the store's machine NAME and its disk. Refused, naming the
+    /// process, while another process runs it.
+    Rm { name: String },
     /// Manage the API keys of `smol serve` (stored as hashes in SMOL_HOME).
     Key {
         #[command(subcommand)]
@@ -243,6 +254,14 @@ async fn run(command: Command) -> Result<u8, CliError> {
             }
             Ok(0)
         }
+        Command::Stop { name } => {
+            Machine::connect(&name).await?.stop().await?;
+            Ok(0)
+        }
+        Command::Rm { name } => {
+            Machine::connect(&name).await?.delete().await?;
+            Ok(0)
+        }
         Command::Key { action } => {
             let keys = smol::server::keys::KeyStore::new(&smol::image::smol_home());
             match action {
@@ -279,7 +298,22 @@ async fn run(command: Command) -> Result<u8, CliError> {
             })
             .await
         }
-        Command::Exec { options, argv } => {
+        Command::Exec {
+            options,
+            machine: Some(name),
+            argv,
+        } => {
+            let exec = options.exec_options();
+            in_named_machine(&name, |m| async move {
+                forward(m.exec_stream_with(argv, exec).await?).await
+            })
+            .await
+        }
+        Command::Exec {
+            options,
+            machine: None,
+            argv,
+        } => {
             let exec = options.exec_options();
             in_machine(&options, |m| async move {
                 forward(m.exec_stream_with(argv, exec).await?).await
@@ -419,6 +453,32 @@ where
     result
 }
 
+/// `work` in the store's machine `name`: as it is when another process
+/// runs it, else started for `work` and stopped after it.
+async fn in_named_machine<F, Fut>(name: &str, work: F) -> Result<u8, CliError>
+where
+    F: FnOnce(Machine) -> Fut,
+    Fut: Future<Output = Result<u8, CliError>>,
+{
+    let m = Machine::connect(name).await?;
+    let started = m.state().await? != MachineState::Running;
+    if started {
+        let t = Instant::now();
+        let starting = spinner(format!("starting machine {name}"));
+        let r = interruptible(async { Ok(m.start().await?) }).await;
+        starting.finish_and_clear();
+        r?;
+        eprintln!("machine {name} up in {:.1?}", t.elapsed());
+    }
+    let result = interruptible(work(m.clone())).await;
+    if started {
+        if let Err(e) = m.stop().await {
+            eprintln!("smol: stopping machine {name}: {e}");
+        }
+    }
+    result
+}
+
 /// `work`, or [`CliError::Interrupted`] at Ctrl-C.
 async fn interruptible<T>(work: impl Future<Output = Result<T, CliError>>) -> Result<T, CliError> {
     tokio::select! {
@@ -531,13 +591,40 @@ mod tests {
 
     #[test]
     fn exec_needs_a_command() {
-        let Command::Exec { argv, options } =
-            parse(&["smol", "exec", "--cpus", "2", "--", "uname", "-a"]).unwrap()
+        let Command::Exec {
+            argv,
+            options,
+            machine,
+        } = parse(&["smol", "exec", "--cpus", "2", "--", "uname", "-a"]).unwrap()
         else {
             panic!()
         };
         assert_eq!(argv, ["uname", "-a"]);
         assert_eq!(options.machine_config().resources.cpus, 2);
+        assert_eq!(machine, None);
+        let Command::Exec { argv, machine, .. } =
+            parse(&["smol", "exec", "--machine", "dev", "--", "ls"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (argv, machine),
+            (vec!["ls".to_string()], Some("dev".into()))
+        );
+        assert!(
+            parse(&[
+                "smol",
+                "exec",
+                "--machine",
+                "dev",
+                "--disk",
+                "9",
+                "--",
+                "ls"
+            ])
+            .is_err(),
+            "a named machine has its own resources"
+        );
         assert!(parse(&["smol", "exec"]).is_err());
         assert!(parse(&["smol", "exec", "--"]).is_err());
     }
