@@ -1,7 +1,8 @@
 //! The local engine: machines run by this process on its own KVM monitor.
 //! [`LocalMachine`] is the [`Backend`] the public handle drives: lifecycle
-//! calls go to the machine's actor ([`actor`]), execs and files open their
-//! own vsock connection to the guest agent ([`crate::agent`]).
+//! calls go to the machine's actor ([`actor`]), or, for a machine another
+//! process runs, to [`peer`]; execs and files open their own vsock
+//! connection to the guest agent ([`crate::agent`]).
 //!
 //! Its parts: the record store ([`store`]), disks ([`disk`]), guest assets
 //! ([`assets`]), snapshot directories ([`snapshot`]) and warm shapes
@@ -29,7 +30,6 @@ use tokio::sync::{mpsc, oneshot};
 use self::actor::{Command, MachineActor, CHANNEL_CAPACITY};
 use self::assets::GuestAssets;
 use self::disk::create_disk;
-use self::peer::PeerMachine;
 use self::store::{MachinePaths, MachineStore, Opened};
 use self::warm::WarmShape;
 use crate::agent::files;
@@ -54,6 +54,33 @@ struct Shared {
     /// The store's root (`SMOL_HOME`), for forks.
     home: PathBuf,
     config: MachineConfig,
+}
+
+impl Shared {
+    fn new(
+        paths: &MachinePaths,
+        config: MachineConfig,
+        activity: Arc<limits::Activity>,
+    ) -> Arc<Self> {
+        Arc::new(Shared {
+            name: paths
+                .dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            dir: paths.dir.clone(),
+            console_log: paths.console_log.clone(),
+            vsock: paths.vsock.clone(),
+            activity,
+            home: paths
+                .dir
+                .parent()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+            config,
+        })
+    }
 }
 
 /// One machine of the local engine: its actor's channel and what never
@@ -354,7 +381,7 @@ impl LocalMachine {
                 record,
                 paths,
                 owner,
-            } => return Ok(Arc::new(PeerMachine::new(record, paths, owner))),
+            } => return Ok(Arc::new(LocalMachine::spawn_peer(record, paths, owner))),
         };
         // Another task may have opened it meanwhile: use theirs.
         if let Some(m) = LocalMachine::from_registry(&paths.dir) {
@@ -384,30 +411,22 @@ impl LocalMachine {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let activity = limits::Activity::new();
         let actor = actor.watching(activity.clone());
-        let name = paths
-            .dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let shared = Arc::new(Shared {
-            name,
-            dir: paths.dir.clone(),
-            console_log: paths.console_log.clone(),
-            vsock: paths.vsock.clone(),
-            activity,
-            home: paths
-                .dir
-                .parent()
-                .and_then(Path::parent)
-                .map(Path::to_path_buf)
-                .unwrap_or_default(),
-            config: actor.config().clone(),
-        });
+        let shared = Shared::new(paths, actor.config().clone(), activity);
         registry()
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(paths.dir.clone(), (tx.downgrade(), shared.clone()));
         tokio::spawn(actor.run(rx));
+        LocalMachine { shared, tx }
+    }
+
+    /// A handle on a machine the live process `owner` runs ([`peer`]). Not
+    /// in the registry: once the owner lets go, the next `connect` of this
+    /// process takes the machine over instead of finding this handle.
+    fn spawn_peer(record: store::MachineRecord, paths: MachinePaths, owner: Option<u32>) -> Self {
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let shared = Shared::new(&paths, record.config, limits::Activity::new());
+        tokio::spawn(peer::serve(rx, record.name, paths, owner));
         LocalMachine { shared, tx }
     }
 
