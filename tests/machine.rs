@@ -167,6 +167,66 @@ fn machine_end_to_end() {
     rt.block_on(end_to_end(home.path()));
 }
 
+/// The smol binary owns the stopped persistent machine e2e-a (it starts
+/// it for an exec that syncs a file, then sleeps), is seen as the owner by
+/// this process, and is killed with SIGKILL.
+async fn killed_owner(home: &std::path::Path, o: &ConnectOptions) -> CheckResult {
+    use tokio::io::AsyncBufReadExt;
+    let mut owner = tokio::process::Command::new(env!("CARGO_BIN_EXE_smol"))
+        .args(["exec", "--machine", "e2e-a", "--", "sh", "-c"])
+        .arg("echo synced before the kill > /root/killed.txt && sync && echo synced && exec sleep 100000")
+        .env("SMOL_HOME", home)
+        .env_remove("SMOL_CLOUD_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("starting smol exec --machine: {e}"))?;
+    let pid = owner.id().ok_or("the owner has no pid")?;
+    let mut lines = tokio::io::BufReader::new(owner.stdout.take().ok_or("no stdout")?).lines();
+    // A cold boot: a minute or two on kvm_pvm hosts.
+    match tokio::time::timeout(Duration::from_secs(300), lines.next_line()).await {
+        Ok(Ok(Some(l))) if l == "synced" => {}
+        other => return Err(format!("the owner did not report its sync: {other:?}")),
+    }
+    let info = |list: Vec<smol::MachineInfo>| list.into_iter().find(|m| m.name == "e2e-a");
+    let seen = info(Machine::list_with(o.clone()).await.ctx("list")?).ok_or("not listed")?;
+    ensure!(
+        seen.state == MachineState::Running && seen.owner_pid == Some(pid),
+        "listed while the smol binary (pid {pid}) runs it: {seen:?}"
+    );
+    let peer = Machine::connect_with("e2e-a", o.clone())
+        .await
+        .ctx("connect")?;
+    let r = peer
+        .exec(["cat", "/root/killed.txt"])
+        .await
+        .ctx("peer exec")?;
+    ensure!(r.stdout_lossy() == "synced before the kill\n", "{r:?}");
+    let e = peer.stop().await.unwrap_err();
+    ensure!(
+        matches!(&e, Error::InUse { pid: Some(p), .. } if *p == pid),
+        "a peer's stop: {e}"
+    );
+
+    owner.start_kill().map_err(|e| format!("SIGKILL: {e}"))?;
+    let _ = owner.wait().await;
+    let state = peer.state().await.ctx("state after the kill")?;
+    ensure!(state == MachineState::Stopped, "a peer sees {state}");
+    let e = peer.exec(["true"]).await.unwrap_err();
+    ensure!(
+        matches!(e, Error::NotRunning { .. }),
+        "a peer's exec after the kill: {e}"
+    );
+    let seen = info(Machine::list_with(o.clone()).await.ctx("list")?).ok_or("not listed")?;
+    ensure!(
+        seen.state == MachineState::Stopped && seen.owner_pid.is_none(),
+        "listed after the kill: {seen:?}"
+    );
+    drop(peer);
+    Ok(())
+}
+
 async fn end_to_end(home: &std::path::Path) {
     let o = opts(home);
     let (threads0, fds0) = common::threads_and_fds();
@@ -782,6 +842,12 @@ async fn end_to_end(home: &std::path::Path) {
     )
     .await;
 
+    c.run(
+        "an owner killed with SIGKILL: peers see it stopped, its synced file stays",
+        async { killed_owner(home, &o).await },
+    )
+    .await;
+
     let mut a2 = None;
     c.run("connect + start boots it again with its files", async {
         let m = Machine::connect_with("e2e-a", o.clone())
@@ -790,6 +856,11 @@ async fn end_to_end(home: &std::path::Path) {
         ensure!(
             m.state().await.ctx("state")? == MachineState::Stopped,
             "not stopped after connect"
+        );
+        let socket = m.dir().expect("a local machine").join("vsock.sock");
+        ensure!(
+            !socket.exists(),
+            "the killed owner's socket is still there after connect"
         );
         let t = Instant::now();
         m.start().await.ctx("start")?;
@@ -805,6 +876,14 @@ async fn end_to_end(home: &std::path::Path) {
         );
         let marker = m.read_file("/etc/smol-marker").await.ctx("read marker")?;
         ensure!(&marker[..] == b"still here\n", "marker {:?}", marker);
+        let killed = m
+            .read_file("/root/killed.txt")
+            .await
+            .ctx("read killed.txt")?;
+        ensure!(
+            &killed[..] == b"synced before the kill\n",
+            "what the killed owner synced: {killed:?}"
+        );
         a2 = Some(m);
         Ok(())
     })

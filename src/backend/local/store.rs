@@ -265,6 +265,9 @@ impl MachineStore {
                             let _ = fs::remove_dir_all(&paths.dir);
                             return Err(Error::NotFound { name: name.into() });
                         }
+                        // The socket of an owner that was killed: nothing
+                        // serves it now that the lock is ours.
+                        let _ = fs::remove_file(&paths.vsock);
                         return Ok(Opened::Own(record, paths, lock));
                     }
                     // One of our own actors is shutting down: it lets go soon.
