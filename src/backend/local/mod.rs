@@ -365,9 +365,8 @@ impl LocalMachine {
     }
 
     /// Re-opens a persistent machine from the store (not booted); one
-    /// already open in this process yields another handle to it.
-    /// Opens `name` for this process, or as a peer of the live process
-    /// that runs it ([`peer`]).
+    /// already open in this process yields another handle to it, one that
+    /// another live process runs a peer handle ([`peer`]).
     pub async fn connect(name: &str, home: Option<PathBuf>) -> Result<Arc<dyn Backend>> {
         let store = blocking(move || MachineStore::open(home.as_deref())).await?;
         let paths = store.paths(name);
@@ -446,7 +445,6 @@ impl LocalMachine {
         Ok(())
     }
 
-    /// A fresh connection to the agent of the running machine.
     /// A connection to the agent with `first` sent in its opening. Straight
     /// to the monitor's socket, with no word to the actor: a machine that is
     /// not running has no socket, and `explain` says why.
