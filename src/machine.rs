@@ -107,7 +107,8 @@ impl Machine {
 
     /// The machines of the default engine: in the local store (also those
     /// other processes run, with their pid), or the key's on the cloud.
-    /// Read-only: a record that cannot be read is left out, never removed.
+    /// A non-persistent machine whose process ended is removed; a record
+    /// that cannot be read is left out, never removed.
     pub async fn list() -> Result<Vec<MachineInfo>> {
         Machine::list_with(ConnectOptions::from_env()).await
     }

@@ -227,6 +227,56 @@ async fn killed_owner(home: &std::path::Path, o: &ConnectOptions) -> CheckResult
     Ok(())
 }
 
+/// `smol exec` in a temporary machine (a warm create), killed with SIGKILL
+/// while its command runs: the machine it left is listed while it runs and
+/// removed by the next list after the kill.
+async fn killed_temporary(home: &std::path::Path, o: &ConnectOptions) -> CheckResult {
+    use tokio::io::AsyncBufReadExt;
+    let mut owner = tokio::process::Command::new(env!("CARGO_BIN_EXE_smol"))
+        .args([
+            "exec",
+            "--disk",
+            "256",
+            "--",
+            "sh",
+            "-c",
+            "echo up && exec sleep 100000",
+        ])
+        .env("SMOL_HOME", home)
+        .env_remove("SMOL_CLOUD_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("starting smol exec: {e}"))?;
+    let pid = owner.id().ok_or("the owner has no pid")?;
+    let mut lines = tokio::io::BufReader::new(owner.stdout.take().ok_or("no stdout")?).lines();
+    match tokio::time::timeout(Duration::from_secs(300), lines.next_line()).await {
+        Ok(Ok(Some(l))) if l == "up" => {}
+        other => return Err(format!("the command did not start: {other:?}")),
+    }
+    let theirs = |list: Vec<smol::MachineInfo>| {
+        list.into_iter()
+            .filter(|m| m.owner_pid == Some(pid))
+            .map(|m| m.name)
+            .collect::<Vec<_>>()
+    };
+    let names = theirs(Machine::list_with(o.clone()).await.ctx("list")?);
+    let [name] = &names[..] else {
+        return Err(format!("machines of pid {pid}: {names:?}"));
+    };
+    let dir = home.join("machines").join(name);
+    ensure!(dir.is_dir(), "{} is not there", dir.display());
+    owner.start_kill().map_err(|e| format!("SIGKILL: {e}"))?;
+    let _ = owner.wait().await;
+    let after = Machine::list_with(o.clone()).await.ctx("list")?;
+    ensure!(
+        !after.iter().any(|m| &m.name == name) && !dir.exists(),
+        "{name} after the kill and a list: {after:?}"
+    );
+    Ok(())
+}
+
 async fn end_to_end(home: &std::path::Path) {
     let o = opts(home);
     let (threads0, fds0) = common::threads_and_fds();
@@ -845,6 +895,12 @@ async fn end_to_end(home: &std::path::Path) {
     c.run(
         "an owner killed with SIGKILL: peers see it stopped, its synced file stays",
         async { killed_owner(home, &o).await },
+    )
+    .await;
+
+    c.run(
+        "a temporary machine of a process killed with SIGKILL is gone after the next list",
+        async { killed_temporary(home, &o).await },
     )
     .await;
 

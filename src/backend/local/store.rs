@@ -293,12 +293,15 @@ impl MachineStore {
     }
 
     /// Every machine with a readable record, in name order, with the
-    /// process that has it open. Read-only: a record that cannot be read
-    /// is left out (and logged), never removed; no lock is taken for long.
+    /// process that has it open. A non-persistent machine whose process
+    /// ended (killed, say) is removed first, as `create` and `connect`
+    /// would; nothing else is changed: a record that cannot be read is left
+    /// out (and logged), never removed. No lock is taken for long.
     pub fn list(&self) -> Result<Vec<crate::state::MachineInfo>> {
         // Held so that the probe of a machine's lock never races a
         // reserve or open taking it.
         let _store = self.lock_store()?;
+        self.sweep_stale();
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.machines).into_iter().flatten().flatten() {
             let dir = entry.path();
@@ -533,7 +536,7 @@ mod tests {
     }
 
     #[test]
-    fn list_is_read_only_and_names_the_owner() {
+    fn list_sweeps_only_the_dead_and_names_the_owner() {
         let (_t, s) = store();
         let (_ra, pa, la) = s.reserve(&MachineConfig::default().name("a")).unwrap();
         let (_rb, pb, lb) = s
@@ -546,10 +549,16 @@ mod tests {
             .unwrap();
         fs::write(&pc.record, b"{torn").unwrap();
         drop(lc);
+        // Non-persistent, its process gone (the last reserve: a reserve
+        // sweeps too): removed by the list.
+        let (_rd, pd, ld) = s.reserve(&MachineConfig::default().name("dead")).unwrap();
+        drop(ld);
+        assert!(pd.dir.exists());
         let before = fs::read(&pb.lock).unwrap();
         let l = s.list().unwrap();
         let names: Vec<&str> = l.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(names, ["a", "b"], "{l:?}");
+        assert!(!pd.dir.exists(), "the dead non-persistent machine stays");
         assert_eq!(l[0].owner_pid, Some(std::process::id()));
         assert_eq!(l[0].state, crate::state::MachineState::Running);
         assert!(!l[0].persistent);
