@@ -212,7 +212,8 @@ impl LocalMachine {
             let t = self
                 .ask(|tx| Command::Snapshot(staging.clone(), tx))
                 .await??;
-            snapshot::write_record(&staging, &self.shared.config)?;
+            let (d, config) = (staging.clone(), self.shared.config.clone());
+            blocking(move || snapshot::write_record(&d, &config)).await?;
             shape.publish(&staging)?;
             Ok::<_, Error>(t)
         };
@@ -238,7 +239,8 @@ impl LocalMachine {
         snapshot::prepare_dir(&dir)?;
         let made = async {
             let t = self.ask(|tx| Command::Snapshot(dir.clone(), tx)).await??;
-            snapshot::write_record(&dir, &self.shared.config)?;
+            let (d, config) = (dir.clone(), self.shared.config.clone());
+            blocking(move || snapshot::write_record(&d, &config)).await?;
             Ok::<_, Error>(t)
         };
         match made.await {

@@ -60,9 +60,24 @@ pub(crate) fn prepare_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `machine.json` (after the monitor's part, so that a directory
-/// with it is a whole snapshot).
+/// Writes `machine.json` after the monitor's part, so that a directory
+/// with it is a whole snapshot, after a crash of the host too: the
+/// monitor's files are flushed to disk first, the record and the
+/// directory after it.
 pub(crate) fn write_record(dir: &Path, config: &MachineConfig) -> Result<()> {
+    let sync = |path: &Path| {
+        std::fs::File::open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(format!("flushing {} to disk", path.display()), e))
+    };
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            sync(&entry.path())?;
+        }
+    }
     let record = SnapshotRecord {
         version: RECORD_VERSION,
         protocol: smol_protocol::PROTOCOL_VERSION,
@@ -74,8 +89,10 @@ pub(crate) fn write_record(dir: &Path, config: &MachineConfig) -> Result<()> {
     let text = serde_json::to_vec_pretty(&record).expect("the snapshot record serializes");
     let tmp = dir.join(format!(".{MACHINE_FILE}.tmp"));
     std::fs::write(&tmp, text).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    sync(&tmp)?;
     std::fs::rename(&tmp, dir.join(MACHINE_FILE))
-        .map_err(|e| Error::io(format!("writing {}", dir.join(MACHINE_FILE).display()), e))
+        .map_err(|e| Error::io(format!("writing {}", dir.join(MACHINE_FILE).display()), e))?;
+    sync(dir)
 }
 
 /// Reads and checks a snapshot directory: smol's record and the monitor's
