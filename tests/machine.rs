@@ -167,28 +167,43 @@ fn machine_end_to_end() {
     rt.block_on(end_to_end(home.path()));
 }
 
-/// The smol binary owns the stopped persistent machine e2e-a (it starts
-/// it for an exec that syncs a file, then sleeps), is seen as the owner by
-/// this process, and is killed with SIGKILL.
-async fn killed_owner(home: &std::path::Path, o: &ConnectOptions) -> CheckResult {
+/// The smol binary run with `args` on the store `home`, once it printed
+/// the line `ready` (within 300 s: a cold boot takes a minute or two on
+/// kvm_pvm hosts), and its pid. Killed when dropped.
+async fn smol_until(
+    home: &std::path::Path,
+    args: &[&str],
+    ready: &str,
+) -> Result<(tokio::process::Child, u32), String> {
     use tokio::io::AsyncBufReadExt;
-    let mut owner = tokio::process::Command::new(env!("CARGO_BIN_EXE_smol"))
-        .args(["exec", "--machine", "e2e-a", "--", "sh", "-c"])
-        .arg("echo synced before the kill > /root/killed.txt && sync && echo synced && exec sleep 100000")
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_smol"))
+        .args(args)
         .env("SMOL_HOME", home)
         .env_remove("SMOL_CLOUD_TOKEN")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("starting smol exec --machine: {e}"))?;
-    let pid = owner.id().ok_or("the owner has no pid")?;
-    let mut lines = tokio::io::BufReader::new(owner.stdout.take().ok_or("no stdout")?).lines();
-    // A cold boot: a minute or two on kvm_pvm hosts.
+        .map_err(|e| format!("starting smol {args:?}: {e}"))?;
+    let pid = child.id().ok_or("the child has no pid")?;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
     match tokio::time::timeout(Duration::from_secs(300), lines.next_line()).await {
-        Ok(Ok(Some(l))) if l == "synced" => {}
-        other => return Err(format!("the owner did not report its sync: {other:?}")),
+        Ok(Ok(Some(l))) if l == ready => Ok((child, pid)),
+        other => Err(format!("smol {args:?} did not print {ready:?}: {other:?}")),
     }
+}
+
+/// The smol binary owns the stopped persistent machine e2e-a (it starts
+/// it for an exec that syncs a file, then sleeps), is seen as the owner by
+/// this process, and is killed with SIGKILL.
+async fn killed_owner(home: &std::path::Path, o: &ConnectOptions) -> CheckResult {
+    let script = "echo synced before the kill > /root/killed.txt && sync && echo synced && exec sleep 100000";
+    let (mut owner, pid) = smol_until(
+        home,
+        &["exec", "--machine", "e2e-a", "--", "sh", "-c", script],
+        "synced",
+    )
+    .await?;
     let info = |list: Vec<smol::MachineInfo>| list.into_iter().find(|m| m.name == "e2e-a");
     let seen = info(Machine::list_with(o.clone()).await.ctx("list")?).ok_or("not listed")?;
     ensure!(
@@ -231,9 +246,9 @@ async fn killed_owner(home: &std::path::Path, o: &ConnectOptions) -> CheckResult
 /// while its command runs: the machine it left is listed while it runs and
 /// removed by the next list after the kill.
 async fn killed_temporary(home: &std::path::Path, o: &ConnectOptions) -> CheckResult {
-    use tokio::io::AsyncBufReadExt;
-    let mut owner = tokio::process::Command::new(env!("CARGO_BIN_EXE_smol"))
-        .args([
+    let (mut owner, pid) = smol_until(
+        home,
+        &[
             "exec",
             "--disk",
             "256",
@@ -241,20 +256,10 @@ async fn killed_temporary(home: &std::path::Path, o: &ConnectOptions) -> CheckRe
             "sh",
             "-c",
             "echo up && exec sleep 100000",
-        ])
-        .env("SMOL_HOME", home)
-        .env_remove("SMOL_CLOUD_TOKEN")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("starting smol exec: {e}"))?;
-    let pid = owner.id().ok_or("the owner has no pid")?;
-    let mut lines = tokio::io::BufReader::new(owner.stdout.take().ok_or("no stdout")?).lines();
-    match tokio::time::timeout(Duration::from_secs(300), lines.next_line()).await {
-        Ok(Ok(Some(l))) if l == "up" => {}
-        other => return Err(format!("the command did not start: {other:?}")),
-    }
+        ],
+        "up",
+    )
+    .await?;
     let theirs = |list: Vec<smol::MachineInfo>| {
         list.into_iter()
             .filter(|m| m.owner_pid == Some(pid))
