@@ -182,26 +182,6 @@ pub(crate) trait AgentLink: Sync {
     fn images_root(&self) -> PathBuf;
 }
 
-/// What a broken connection to machine `name` means: the machine stopped
-/// or went away (`state` says, asked only for connection errors), or the
-/// error as it is.
-pub(crate) async fn explain_by_state<F>(name: &str, e: Error, state: F) -> Error
-where
-    F: std::future::Future<Output = Result<crate::state::MachineState>>,
-{
-    if !matches!(e, Error::Io { .. } | Error::Protocol(_)) {
-        return e;
-    }
-    match state.await {
-        Ok(state) if state != crate::state::MachineState::Running => Error::NotRunning {
-            name: name.to_string(),
-            state,
-        },
-        Err(gone @ Error::NotFound { .. }) => gone,
-        _ => e,
-    }
-}
-
 /// Decodes a control frame's JSON into a protocol error we can report.
 pub(crate) fn parse<T: for<'de> serde::Deserialize<'de>>(
     f: &Frame,

@@ -460,7 +460,17 @@ impl LocalMachine {
 
     /// A connection that broke usually means the machine went away: say so.
     pub(crate) async fn explain(&self, e: Error) -> Error {
-        agent::explain_by_state(self.name(), e, self.state()).await
+        if !matches!(e, Error::Io { .. } | Error::Protocol(_)) {
+            return e;
+        }
+        match self.state().await {
+            Ok(state) if state != MachineState::Running => Error::NotRunning {
+                name: self.name().to_string(),
+                state,
+            },
+            Err(gone @ Error::NotFound { .. }) => gone,
+            _ => e,
+        }
     }
 
     async fn state(&self) -> Result<MachineState> {
