@@ -60,6 +60,12 @@ pub struct MachineInfo {
     pub config: crate::config::MachineConfig,
     /// The process that has the machine open, if one does (local engine).
     pub owner_pid: Option<u32>,
+    /// Why this smol cannot read the machine's record (truncated, corrupt,
+    /// written by a newer smol), when it cannot: the machine is kept as it
+    /// is, `config` is then the default and the other fields are what
+    /// could be made out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreadable: Option<String>,
 }
 
 #[cfg(test)]

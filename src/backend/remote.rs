@@ -153,6 +153,7 @@ impl Client {
                 created_unix: None,
                 config: m.config,
                 owner_pid: None,
+                unreadable: None,
             })
             .collect())
     }

@@ -235,6 +235,7 @@ impl MachineActor {
         // A socket left by an earlier boot would make the bind fail; the
         // console log holds this boot only.
         remove_if_exists(&self.paths.vsock)?;
+        remove_if_exists(&self.paths.ready)?;
         remove_if_exists(&self.paths.console_log)?;
         let r = &self.record.config.resources;
         let config = VmConfig {
@@ -276,6 +277,10 @@ impl MachineActor {
         match self.wait_for_agent(boot_timeout(), restoring).await {
             Ok(()) => {
                 self.state = MachineState::Running;
+                // For other processes: the guest is up (see `store::observe`).
+                if let Err(e) = std::fs::write(&self.paths.ready, b"") {
+                    tracing::warn!(machine = %self.name, "marking the machine up for other processes: {e}");
+                }
                 let agent_ready = ready_from.elapsed();
                 self.timings = Some(BootTimings {
                     prepare,
@@ -428,6 +433,7 @@ impl MachineActor {
             return Ok(());
         };
         self.state = MachineState::Stopped;
+        remove_if_exists(&self.paths.ready)?;
         if graceful && vm.try_exit().is_none() {
             match tokio::time::timeout(SHUTDOWN_ASK_TIMEOUT, self.ask_shutdown()).await {
                 Ok(Ok(())) => {
@@ -523,6 +529,7 @@ impl Drop for MachineActor {
         if !self.deleted && !self.record.config.persistent {
             let _ = std::fs::remove_dir_all(&self.paths.dir);
         } else {
+            let _ = std::fs::remove_file(&self.paths.ready);
             let _ = std::fs::remove_file(&self.paths.vsock);
         }
     }
@@ -560,7 +567,7 @@ fn remove_if_exists(path: &std::path::Path) -> Result<()> {
 
 /// `SMOL_BOOT_TIMEOUT_SECS`, else 300 s on kvm_pvm hosts (boots take ~60 s
 /// there, more under load) and 30 s elsewhere.
-fn boot_timeout() -> Duration {
+pub(crate) fn boot_timeout() -> Duration {
     if let Some(secs) = std::env::var("SMOL_BOOT_TIMEOUT_SECS")
         .ok()
         .and_then(|s| s.parse::<u64>().ok())

@@ -5,15 +5,18 @@
 //! the owner's, whose execs, streams, files and images go straight to the
 //! running guest through the monitor's vsock socket (as the owner's do),
 //! but whose commands are answered here instead of by an actor with a VM:
-//! the state follows the owner, and lifecycle calls (start of a stopped
-//! machine, stop, delete, snapshot, fork) are [`Error::InUse`] naming the
-//! owner, at once. Once the owner lets go, `Machine::connect` takes the
-//! machine over.
+//! the state follows the owner, `start` waits for an owner that is still
+//! booting the machine (so two processes that connect at once boot it
+//! once), and the other lifecycle calls (stop, delete, snapshot, fork) are
+//! [`Error::InUse`] naming the owner, at once. Once the owner lets go,
+//! `Machine::connect` takes the machine over.
+
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::actor::Command;
-use super::store::{holder, MachinePaths};
+use super::actor::{boot_timeout, Command};
+use super::store::{observe, MachinePaths};
 use crate::error::{Error, Result};
 use crate::state::MachineState;
 
@@ -37,14 +40,10 @@ pub(crate) async fn serve(
             Command::Timings(tx) => {
                 let _ = tx.send(None);
             }
-            // Nothing to do while the owner runs it.
+            // Nothing to do while the owner runs it; a boot of the owner's
+            // is waited for.
             Command::Start(_, tx) => {
-                let r = match state(&name, &paths, owner).await {
-                    Ok(MachineState::Running) => Ok(()),
-                    Ok(_) => Err(in_use()),
-                    Err(e) => Err(e),
-                };
-                let _ = tx.send(r);
+                let _ = tx.send(wait_up(&name, &paths, owner, boot_timeout()).await);
             }
             Command::Restore(_, _, tx) | Command::Stop(tx) | Command::Delete(tx) => {
                 let _ = tx.send(Err(in_use()));
@@ -56,23 +55,74 @@ pub(crate) async fn serve(
     }
 }
 
+/// How often a peer looks at the owner's files while waiting for its boot.
+const BOOT_POLL: Duration = Duration::from_millis(100);
+
 /// Running while the owner that was found still holds the machine and its
-/// monitor's socket is there; else stopped (or gone).
+/// guest is up ([`observe`]); else stopped (or gone).
 async fn state(name: &str, paths: &MachinePaths, owner: Option<u32>) -> Result<MachineState> {
-    let (lock, vsock, dir) = (paths.lock.clone(), paths.vsock.clone(), paths.dir.clone());
-    let (held, socket, exists) =
-        tokio::task::spawn_blocking(move || (holder(&lock), vsock.exists(), dir.is_dir()))
-            .await
-            .map_err(|e| Error::Internal(format!("state probe task: {e}")))?;
+    Ok(match probe(name, paths, owner).await? {
+        Probe::Up => MachineState::Running,
+        Probe::Booting | Probe::LetGo => MachineState::Stopped,
+    })
+}
+
+enum Probe {
+    Up,
+    /// The owner holds the machine; its guest is not up yet.
+    Booting,
+    /// The owner that was found no longer holds it.
+    LetGo,
+}
+
+async fn probe(name: &str, paths: &MachinePaths, owner: Option<u32>) -> Result<Probe> {
+    let p = paths.clone();
+    let ((held, up), exists) = tokio::task::spawn_blocking(move || (observe(&p), p.dir.is_dir()))
+        .await
+        .map_err(|e| Error::Internal(format!("state probe task: {e}")))?;
     if !exists {
         return Err(Error::NotFound { name: name.into() });
     }
     let same_owner = held.is_some() && (owner.is_none() || held == owner);
-    Ok(if same_owner && socket {
-        MachineState::Running
-    } else {
-        MachineState::Stopped
+    Ok(match (same_owner, up) {
+        (true, true) => Probe::Up,
+        (true, false) => Probe::Booting,
+        (false, _) => Probe::LetGo,
     })
+}
+
+/// `Ok` once the owner's guest is up, waiting up to `limit` for a boot of
+/// the owner's; [`Error::NotRunning`] if the owner let the machine go
+/// first (its boot failed, or it stopped it), [`Error::Timeout`] if its
+/// boot outlasted `limit`.
+async fn wait_up(
+    name: &str,
+    paths: &MachinePaths,
+    owner: Option<u32>,
+    limit: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match probe(name, paths, owner).await? {
+            Probe::Up => return Ok(()),
+            Probe::LetGo => {
+                return Err(Error::NotRunning {
+                    name: name.into(),
+                    state: MachineState::Stopped,
+                })
+            }
+            Probe::Booting if Instant::now() >= deadline => {
+                return Err(Error::Timeout {
+                    what: format!(
+                        "waiting for process {} to boot machine {name:?}",
+                        owner.map_or("?".to_string(), |p| p.to_string())
+                    ),
+                    after: limit,
+                })
+            }
+            Probe::Booting => tokio::time::sleep(BOOT_POLL).await,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -96,7 +146,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn state_follows_the_owner_and_lifecycle_is_refused() {
+    async fn state_follows_the_owner_start_waits_and_lifecycle_is_refused() {
         let t = tempfile::tempdir().unwrap();
         let store = MachineStore::open(Some(t.path())).unwrap();
         // The lock held here stands for the owner's: its file names our pid.
@@ -113,15 +163,32 @@ mod tests {
             MachineState::Stopped,
             "no socket yet"
         );
-        assert!(is_in_use(
-            ask(&tx, |r| Command::Start(Default::default(), r)).await,
-            me
-        ));
+        // The owner is booting: a start waits for it, up to a limit.
+        let e = wait_up("p", &paths, Some(me), Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Timeout { .. }), "{e}");
         std::fs::write(&paths.vsock, b"").unwrap();
-        assert_eq!(state(&tx).await.unwrap(), MachineState::Running);
+        assert_eq!(
+            state(&tx).await.unwrap(),
+            MachineState::Stopped,
+            "a socket but no agent yet"
+        );
+        let ready = paths.ready.clone();
+        let up = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            std::fs::write(ready, b"").unwrap();
+        });
+        let began = Instant::now();
         assert!(ask(&tx, |r| Command::Start(Default::default(), r))
             .await
             .is_ok());
+        assert!(
+            began.elapsed() >= Duration::from_millis(250),
+            "did not wait"
+        );
+        up.await.unwrap();
+        assert_eq!(state(&tx).await.unwrap(), MachineState::Running);
         assert!(ask(&tx, Command::Timings).await.is_none());
         assert!(is_in_use(ask(&tx, Command::Stop).await, me));
         assert!(is_in_use(ask(&tx, Command::Delete).await, me));
@@ -132,6 +199,10 @@ mod tests {
         // The owner let go: stopped, whatever its socket file says.
         drop(lock);
         assert_eq!(state(&tx).await.unwrap(), MachineState::Stopped);
+        let e = ask(&tx, |r| Command::Start(Default::default(), r))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::NotRunning { .. }), "{e}");
         std::fs::remove_dir_all(&paths.dir).unwrap();
         assert!(matches!(state(&tx).await, Err(Error::NotFound { .. })));
     }

@@ -54,6 +54,10 @@ pub(crate) struct MachinePaths {
     pub lock: PathBuf,
     pub console_log: PathBuf,
     pub vsock: PathBuf,
+    /// Present while the owner's guest agent answers (written after its
+    /// first Hello, removed when the VM goes): the socket alone appears
+    /// as soon as the monitor starts, long before a boot is over.
+    pub ready: PathBuf,
     pub disk: PathBuf,
 }
 
@@ -64,6 +68,7 @@ impl MachinePaths {
             lock: dir.join("lock"),
             console_log: dir.join("console.log"),
             vsock: dir.join("vsock.sock"),
+            ready: dir.join("ready"),
             disk: dir.join("disk.img"),
             dir,
         }
@@ -117,6 +122,16 @@ pub(crate) fn holder(path: &Path) -> Option<u32> {
         Err((_, Errno::EWOULDBLOCK)) => text.trim().parse().ok().or(Some(0)),
         Err(_) => None,
     }
+}
+
+/// The process that has the machine at `paths` open, if one does, and
+/// whether its guest is up (its agent answered and the monitor's socket is
+/// there). A marker left by a killed owner counts for nothing: the lock is
+/// free then.
+pub(crate) fn observe(paths: &MachinePaths) -> (Option<u32>, bool) {
+    let owner = holder(&paths.lock);
+    let up = owner.is_some() && paths.ready.exists() && paths.vsock.exists();
+    (owner, up)
 }
 
 /// A machine [`MachineStore::open_machine`] opened.
@@ -292,12 +307,16 @@ impl MachineStore {
         }
     }
 
-    /// Every machine with a readable record, in name order, with the
-    /// process that has it open. A non-persistent machine whose process
-    /// ended (killed, say) is removed first, as `create` and `connect`
-    /// would; nothing else is changed: a record that cannot be read is left
-    /// out (and logged), never removed. No lock is taken for long.
+    /// Every machine of the store, in name order, with the process that has
+    /// it open. A non-persistent machine whose process ended (killed, say)
+    /// is removed first, as `create` and `connect` would; nothing else is
+    /// changed: a machine whose record cannot be read (corrupt, truncated,
+    /// a newer smol's) is listed with [`MachineInfo::unreadable`] saying
+    /// why, and never removed. No lock is taken for long.
+    ///
+    /// [`MachineInfo::unreadable`]: crate::state::MachineInfo::unreadable
     pub fn list(&self) -> Result<Vec<crate::state::MachineInfo>> {
+        use crate::state::{MachineInfo, MachineState};
         // Held so that the probe of a machine's lock never races a
         // reserve or open taking it.
         let _store = self.lock_store()?;
@@ -309,26 +328,23 @@ impl MachineStore {
                 continue;
             }
             let paths = MachinePaths::new(dir);
-            let record = match read_record(&paths.record) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(dir = %paths.dir.display(), "listing: {e}");
-                    continue;
-                }
+            let (owner_pid, up) = observe(&paths);
+            let state = if up {
+                MachineState::Running
+            } else {
+                MachineState::Stopped
             };
-            let owner_pid = holder(&paths.lock);
-            let running = owner_pid.is_some() && paths.vsock.exists();
-            out.push(crate::state::MachineInfo {
-                name: record.name,
-                state: if running {
-                    crate::state::MachineState::Running
-                } else {
-                    crate::state::MachineState::Stopped
+            out.push(match read_record(&paths.record) {
+                Ok(record) => MachineInfo {
+                    name: record.name,
+                    state,
+                    persistent: record.config.persistent,
+                    created_unix: Some(record.created_unix),
+                    config: record.config,
+                    owner_pid,
+                    unreadable: None,
                 },
-                persistent: record.config.persistent,
-                created_unix: Some(record.created_unix),
-                config: record.config,
-                owner_pid,
+                Err(e) => unreadable_info(&paths, state, owner_pid, e),
             });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -401,9 +417,43 @@ fn is_sweepable(paths: &MachinePaths) -> bool {
             true
         }
         Err(e) => {
-            tracing::warn!(dir = %paths.dir.display(), "keeping a machine whose record cannot be read: {e}");
+            tracing::debug!(dir = %paths.dir.display(), "keeping a machine whose record cannot be read: {e}");
             false
         }
+    }
+}
+
+/// What `list` can say of a machine whose record it cannot read: its
+/// directory's name, whatever of the record parses as JSON (a newer
+/// smol's, say), and why. Counted persistent unless the record says
+/// otherwise, since it is kept like one.
+fn unreadable_info(
+    paths: &MachinePaths,
+    state: crate::state::MachineState,
+    owner_pid: Option<u32>,
+    why: Error,
+) -> crate::state::MachineInfo {
+    let raw: Option<serde_json::Value> = fs::read(&paths.record)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let field = |f: &dyn Fn(&serde_json::Value) -> Option<&serde_json::Value>| {
+        raw.as_ref().and_then(f).cloned()
+    };
+    tracing::debug!(dir = %paths.dir.display(), "listing: {why}");
+    crate::state::MachineInfo {
+        name: paths
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        state,
+        persistent: field(&|v| v.get("config")?.get("persistent"))
+            .and_then(|p| p.as_bool())
+            .unwrap_or(true),
+        created_unix: field(&|v| v.get("created_unix")).and_then(|c| c.as_u64()),
+        config: MachineConfig::default(),
+        owner_pid,
+        unreadable: Some(why.to_string()),
     }
 }
 
@@ -438,22 +488,26 @@ pub(crate) fn write_record(path: &Path, record: &MachineRecord) -> Result<()> {
     Ok(())
 }
 
+/// Reads a record; the version is checked first, so that a newer smol's
+/// record is named as such whatever else it holds.
 pub(crate) fn read_record(path: &Path) -> Result<MachineRecord> {
     let bytes = fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-    let record: MachineRecord = serde_json::from_slice(&bytes).map_err(|e| Error::Store {
+    let bad = |reason: String| Error::Store {
         path: path.to_path_buf(),
-        reason: format!("unreadable record: {e}"),
-    })?;
-    if record.version != RECORD_VERSION {
-        return Err(Error::Store {
-            path: path.to_path_buf(),
-            reason: format!(
-                "record version {} (this smol reads {RECORD_VERSION})",
-                record.version
-            ),
-        });
+        reason,
+    };
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| bad(format!("unreadable record: {e}")))?;
+    match value.get("version").and_then(|v| v.as_u64()) {
+        Some(v) if v == u64::from(RECORD_VERSION) => {}
+        Some(v) => {
+            return Err(bad(format!(
+                "record version {v} (this smol reads {RECORD_VERSION})"
+            )))
+        }
+        None => return Err(bad("unreadable record: no version".into())),
     }
-    Ok(record)
+    serde_json::from_value(value).map_err(|e| bad(format!("unreadable record: {e}")))
 }
 
 #[cfg(test)]
@@ -544,6 +598,7 @@ mod tests {
             .unwrap();
         drop(lb);
         std::fs::write(&pa.vsock, b"").unwrap();
+        std::fs::write(&pa.ready, b"").unwrap();
         let (_rc, pc, lc) = s
             .reserve(&MachineConfig::default().name("c").persistent(true))
             .unwrap();
@@ -557,7 +612,14 @@ mod tests {
         let before = fs::read(&pb.lock).unwrap();
         let l = s.list().unwrap();
         let names: Vec<&str> = l.iter().map(|i| i.name.as_str()).collect();
-        assert_eq!(names, ["a", "b"], "{l:?}");
+        assert_eq!(names, ["a", "b", "c"], "{l:?}");
+        assert!(l[..2].iter().all(|i| i.unreadable.is_none()));
+        let why = l[2].unreadable.as_deref().unwrap_or_default();
+        assert!(why.contains("unreadable record"), "{why}");
+        assert!(
+            l[2].persistent,
+            "a record that cannot be read counts as kept"
+        );
         assert!(!pd.dir.exists(), "the dead non-persistent machine stays");
         assert_eq!(l[0].owner_pid, Some(std::process::id()));
         assert_eq!(l[0].state, crate::state::MachineState::Running);
@@ -621,6 +683,28 @@ mod tests {
             );
         }
         assert!(!cut.dir.exists(), "the cut-short reservation stays");
+        // Each is listed as what it is, and a list changes nothing.
+        let l = s.list().unwrap();
+        let listed: Vec<(&str, bool)> = l
+            .iter()
+            .map(|i| (i.name.as_str(), i.unreadable.is_some()))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("dir", true),
+                ("empty", true),
+                ("newer", true),
+                ("next", false),
+                ("torn", true)
+            ],
+            "{l:?}"
+        );
+        let newer = &l[2];
+        let why = newer.unreadable.as_deref().unwrap_or_default();
+        assert!(why.contains("record version 99"), "{why}");
+        assert!(newer.persistent && newer.owner_pid.is_none());
+        assert_eq!(newer.state, crate::state::MachineState::Stopped);
         // The newer record's CID (3) is not handed out again.
         assert_ne!(r.guest_cid, 3);
         let e = s.open_machine("torn").unwrap_err();
