@@ -167,14 +167,35 @@ fn machine_end_to_end() {
     rt.block_on(end_to_end(home.path()));
 }
 
-/// The smol binary run with `args` on the store `home`, once it printed
-/// the line `ready` (within 300 s: a cold boot takes a minute or two on
-/// kvm_pvm hosts), and its pid. Killed when dropped.
+/// The smol binary run with `args` on the store `home`: its exit code,
+/// stdout and stderr.
+async fn smol_out(
+    home: &std::path::Path,
+    args: &[&str],
+) -> Result<(Option<i32>, String, String), String> {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_smol"))
+        .args(args)
+        .env("SMOL_HOME", home)
+        .env_remove("SMOL_CLOUD_TOKEN")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| format!("running smol {args:?}: {e}"))?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// The smol binary run with `args` on the store `home`, once it printed a
+/// line starting with `ready` (within 300 s: a cold boot takes a minute or
+/// two on kvm_pvm hosts), that line and its pid. Killed when dropped.
 async fn smol_until(
     home: &std::path::Path,
     args: &[&str],
     ready: &str,
-) -> Result<(tokio::process::Child, u32), String> {
+) -> Result<(tokio::process::Child, u32, String), String> {
     use tokio::io::AsyncBufReadExt;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_smol"))
         .args(args)
@@ -188,44 +209,115 @@ async fn smol_until(
     let pid = child.id().ok_or("the child has no pid")?;
     let mut lines = tokio::io::BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
     match tokio::time::timeout(Duration::from_secs(300), lines.next_line()).await {
-        Ok(Ok(Some(l))) if l == ready => Ok((child, pid)),
+        Ok(Ok(Some(l))) if l.starts_with(ready) => Ok((child, pid, l)),
         other => Err(format!("smol {args:?} did not print {ready:?}: {other:?}")),
     }
 }
 
-/// The smol binary owns the stopped persistent machine e2e-a (it starts
-/// it for an exec that syncs a file, then sleeps), is seen as the owner by
-/// this process, and is killed with SIGKILL.
+/// The machine `name` as `list` shows it.
+async fn listed(o: &ConnectOptions, name: &str) -> Result<smol::MachineInfo, String> {
+    Machine::list_with(o.clone())
+        .await
+        .ctx("list")?
+        .into_iter()
+        .find(|m| m.name == name)
+        .ok_or(format!("{name} is not listed"))
+}
+
+/// Whether `pid` is a `smol __own` process (a background owner) that has
+/// not ended.
+fn background_owner(pid: u32) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    cmdline.split(|b| *b == 0).nth(1) == Some(&b"__own"[..]) && !zombie
+}
+
+/// Two processes connect to the stopped persistent machine e2e-a while it
+/// boots: `smol start` hands it to a background owner, and once that owner
+/// holds the machine (still booting), `smol exec` connects, waits for that
+/// boot instead of booting again, and runs a command that syncs a file,
+/// prints the guest's boot id, then sleeps. The owner, seen as such by
+/// this process too, is then killed with SIGKILL.
 async fn killed_owner(home: &std::path::Path, o: &ConnectOptions) -> CheckResult {
-    let script = "echo synced before the kill > /root/killed.txt && sync && echo synced && exec sleep 100000";
-    let (mut owner, pid) = smol_until(
-        home,
-        &["exec", "--machine", "e2e-a", "--", "sh", "-c", script],
-        "synced",
-    )
-    .await?;
-    let info = |list: Vec<smol::MachineInfo>| list.into_iter().find(|m| m.name == "e2e-a");
-    let seen = info(Machine::list_with(o.clone()).await.ctx("list")?).ok_or("not listed")?;
+    let script = "echo synced before the kill > /root/killed.txt && sync \
+        && echo synced $(cat /proc/sys/kernel/random/boot_id) && exec sleep 100000";
+    let exec_args = ["exec", "e2e-a", "--", "sh", "-c", script];
+    let booting = async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let seen = listed(o, "e2e-a").await?;
+            if let Some(pid) = seen.owner_pid {
+                ensure!(
+                    seen.state == MachineState::Stopped,
+                    "the first listing with an owner shows it up already: {seen:?}"
+                );
+                return Ok::<_, String>(pid);
+            }
+            ensure!(Instant::now() < deadline, "no owner within 60 s: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let (started, execd) = tokio::join!(smol_out(home, &["start", "e2e-a"]), async {
+        let booting = booting.await?;
+        Ok::<_, String>((booting, smol_until(home, &exec_args, "synced ").await?))
+    });
+    let (code, _, err) = started?;
+    ensure!(code == Some(0), "smol start: {code:?} {err:?}");
+    let (booting, (mut execd, exec_pid, line)) = execd?;
+    let boot_id = line["synced ".len()..].to_string();
+    let seen = listed(o, "e2e-a").await?;
+    let Some(pid) = seen.owner_pid else {
+        return Err(format!("no owner: {seen:?}"));
+    };
     ensure!(
-        seen.state == MachineState::Running && seen.owner_pid == Some(pid),
-        "listed while the smol binary (pid {pid}) runs it: {seen:?}"
+        seen.state == MachineState::Running
+            && pid == booting
+            && pid != exec_pid
+            && background_owner(pid),
+        "listed after smol start's owner {booting} booted it and smol exec (pid {exec_pid}) ran in it: {seen:?}"
     );
     let peer = Machine::connect_with("e2e-a", o.clone())
         .await
         .ctx("connect")?;
     let r = peer
-        .exec(["cat", "/root/killed.txt"])
+        .exec([
+            "sh",
+            "-c",
+            "cat /root/killed.txt /proc/sys/kernel/random/boot_id",
+        ])
         .await
         .ctx("peer exec")?;
-    ensure!(r.stdout_lossy() == "synced before the kill\n", "{r:?}");
+    ensure!(
+        r.stdout_lossy() == format!("synced before the kill\n{boot_id}\n"),
+        "one guest for all three processes (boot id {boot_id}): {r:?}"
+    );
     let e = peer.stop().await.unwrap_err();
     ensure!(
         matches!(&e, Error::InUse { pid: Some(p), .. } if *p == pid),
         "a peer's stop: {e}"
     );
 
-    owner.start_kill().map_err(|e| format!("SIGKILL: {e}"))?;
-    let _ = owner.wait().await;
+    let pid_i32 = i32::try_from(pid).map_err(|e| e.to_string())?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid_i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .map_err(|e| format!("SIGKILL {pid}: {e}"))?;
+    // The exec's stream ends with the guest (or it was the owner).
+    let _ = tokio::time::timeout(Duration::from_secs(30), execd.wait()).await;
+    let mut seen = listed(o, "e2e-a").await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.owner_pid.is_some() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        seen = listed(o, "e2e-a").await?;
+    }
+    ensure!(
+        seen.state == MachineState::Stopped && seen.owner_pid.is_none(),
+        "listed after the kill: {seen:?}"
+    );
     let state = peer.state().await.ctx("state after the kill")?;
     ensure!(state == MachineState::Stopped, "a peer sees {state}");
     let e = peer.exec(["true"]).await.unwrap_err();
@@ -233,20 +325,266 @@ async fn killed_owner(home: &std::path::Path, o: &ConnectOptions) -> CheckResult
         matches!(e, Error::NotRunning { .. }),
         "a peer's exec after the kill: {e}"
     );
-    let seen = info(Machine::list_with(o.clone()).await.ctx("list")?).ok_or("not listed")?;
-    ensure!(
-        seen.state == MachineState::Stopped && seen.owner_pid.is_none(),
-        "listed after the kill: {seen:?}"
-    );
     drop(peer);
     Ok(())
+}
+
+/// `smol fork`, `smol snapshot NAME DIR` and `smol restore DIR` (no
+/// command) on machines that run in the background: the clone belongs to
+/// its golden's owner, the restored machine to an owner of its own, and
+/// each goes on from the golden's state.
+async fn background_fork(home: &std::path::Path, o: &ConnectOptions) -> CheckResult {
+    let snap = home.join("bg-snapshot");
+    let snap_arg = snap.to_string_lossy().into_owned();
+    let mut owners = Vec::new();
+    let r = async {
+        let smol = |args: Vec<&str>| {
+            let args: Vec<String> = args.into_iter().map(str::to_string).collect();
+            async move {
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                smol_out(home, &refs).await
+            }
+        };
+        let ok = |what: &str, (code, out, err): (Option<i32>, String, String)| {
+            if code == Some(0) {
+                Ok((out, err))
+            } else {
+                Err(format!("smol {what}: {code:?} {out:?} {err:?}"))
+            }
+        };
+        ok(
+            "create",
+            smol(vec!["create", "--forkable", "--disk", "256", "e2e-g"]).await?,
+        )?;
+        let g = listed(o, "e2e-g").await?.owner_pid.unwrap_or_default();
+        owners.push(g);
+        ok(
+            "exec",
+            smol(vec![
+                "exec",
+                "e2e-g",
+                "--",
+                "sh",
+                "-c",
+                "echo golden > /root/g && sync",
+            ])
+            .await?,
+        )?;
+        let (_, err) = ok("fork", smol(vec!["fork", "e2e-g", "e2e-gc"]).await?)?;
+        ensure!(
+            err.contains("e2e-gc forked from e2e-g"),
+            "smol fork says {err:?}"
+        );
+        let clone = listed(o, "e2e-gc").await?;
+        ensure!(
+            clone.state == MachineState::Running && clone.owner_pid == Some(g),
+            "the clone is its golden's owner's: {clone:?}"
+        );
+        let (out, _) = ok(
+            "exec in the clone",
+            smol(vec![
+                "exec",
+                "e2e-gc",
+                "--",
+                "sh",
+                "-c",
+                "cat /root/g && hostname",
+            ])
+            .await?,
+        )?;
+        ensure!(out == "golden\ne2e-gc\n", "the clone: {out:?}");
+
+        ok(
+            "snapshot",
+            smol(vec!["snapshot", "e2e-g", snap_arg.as_str()]).await?,
+        )?;
+        ensure!(
+            snap.join("vm.json").is_file(),
+            "no vm.json in {}",
+            snap.display()
+        );
+        ok(
+            "restore",
+            smol(vec!["restore", "--name", "e2e-gr", snap_arg.as_str()]).await?,
+        )?;
+        let restored = listed(o, "e2e-gr").await?;
+        let r = restored.owner_pid.unwrap_or_default();
+        owners.push(r);
+        ensure!(
+            restored.state == MachineState::Running && r != g && background_owner(r),
+            "the restored machine has an owner of its own: {restored:?}"
+        );
+        let (out, _) = ok(
+            "exec in the restored machine",
+            smol(vec!["exec", "e2e-gr", "--", "cat", "/root/g"]).await?,
+        )?;
+        ensure!(out == "golden\n", "the restored machine: {out:?}");
+        let (code, _, err) = smol(vec!["fork", "e2e-gr", "e2e-x"]).await?;
+        ensure!(
+            code == Some(125) && err.contains("not created forkable"),
+            "fork of a machine not forkable: {code:?} {err:?}"
+        );
+        let (code, _, err) = smol(vec!["fork", "e2e-nope", "e2e-x"]).await?;
+        ensure!(
+            code == Some(125) && err.contains("not running in the background"),
+            "fork of a machine nobody runs: {code:?} {err:?}"
+        );
+
+        // The clone goes; its golden and the golden's owner stay.
+        ok("stop the clone", smol(vec!["stop", "e2e-gc"]).await?)?;
+        let golden = listed(o, "e2e-g").await?;
+        ensure!(
+            golden.state == MachineState::Running && golden.owner_pid == Some(g),
+            "the golden after its clone's stop: {golden:?}"
+        );
+        ok("rm the golden", smol(vec!["rm", "e2e-g"]).await?)?;
+        ok(
+            "stop the restored machine",
+            smol(vec!["stop", "e2e-gr"]).await?,
+        )?;
+        let left: Vec<String> = Machine::list_with(o.clone())
+            .await
+            .ctx("list")?
+            .into_iter()
+            .map(|m| m.name)
+            .filter(|n| n.starts_with("e2e-g"))
+            .collect();
+        ensure!(left.is_empty(), "left: {left:?}");
+        for pid in [g, r] {
+            ensure!(
+                common::eventually(Duration::from_secs(10), || !background_owner(pid)).await,
+                "the owner {pid} still runs with no machine"
+            );
+        }
+        Ok(())
+    }
+    .await;
+    kill_owners(&owners);
+    let _ = std::fs::remove_dir_all(&snap);
+    r
+}
+
+/// SIGKILL to those of `pids` that are background owners still.
+fn kill_owners(pids: &[u32]) {
+    for pid in pids.iter().copied().filter(|p| background_owner(*p)) {
+        if let Ok(p) = i32::try_from(pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// `smol create` keeps a machine running in the background, owned by a
+/// `smol __own` process; `smol exec NAME` runs in it without stopping it;
+/// `smol stop` makes the owner let go (deleting a temporary machine,
+/// keeping a persistent one) and `smol rm` deletes one that runs.
+async fn background_machines(home: &std::path::Path, o: &ConnectOptions) -> CheckResult {
+    let me = std::process::id();
+    let mut owners = Vec::new();
+    let r = async {
+        for (name, persistent) in [("e2e-bg", false), ("e2e-bp", true)] {
+            let mut args = vec!["create", "--disk", "256", name];
+            if persistent {
+                args.push("--persistent");
+            }
+            let (code, _, err) = smol_out(home, &args).await?;
+            ensure!(code == Some(0), "smol {args:?}: {code:?} {err:?}");
+            let seen = listed(o, name).await?;
+            let pid = seen.owner_pid.unwrap_or_default();
+            owners.push(pid);
+            ensure!(
+                seen.state == MachineState::Running
+                    && seen.persistent == persistent
+                    && pid != me
+                    && background_owner(pid),
+                "{name} after smol create: {seen:?} (owner running: {})",
+                background_owner(pid)
+            );
+            ensure!(
+                err.contains(&format!("owned by pid {pid}")),
+                "smol create says {err:?}"
+            );
+            let (code, out, err) = smol_out(
+                home,
+                &[
+                    "exec",
+                    name,
+                    "--",
+                    "sh",
+                    "-c",
+                    "echo hi > /root/f && cat /root/f",
+                ],
+            )
+            .await?;
+            ensure!(
+                code == Some(0) && out == "hi\n",
+                "smol exec {name}: {code:?} {out:?} {err:?}"
+            );
+            let after = listed(o, name).await?;
+            ensure!(
+                after.state == MachineState::Running && after.owner_pid == Some(pid),
+                "{name} after a peer's exec: {after:?}"
+            );
+        }
+
+        // The temporary one goes with its owner.
+        let (bg, bp) = (owners[0], owners[1]);
+        let (code, _, err) = smol_out(home, &["stop", "e2e-bg"]).await?;
+        ensure!(code == Some(0), "smol stop e2e-bg: {code:?} {err:?}");
+        let list = Machine::list_with(o.clone()).await.ctx("list")?;
+        ensure!(
+            !list.iter().any(|m| m.name == "e2e-bg") && !home.join("machines/e2e-bg").exists(),
+            "a stopped temporary machine stays: {list:?}"
+        );
+        ensure!(
+            common::eventually(Duration::from_secs(10), || !background_owner(bg)).await,
+            "its owner {bg} still runs"
+        );
+        // The persistent one is kept, stopped, then removed by rm.
+        let (code, _, err) = smol_out(home, &["stop", "e2e-bp"]).await?;
+        ensure!(code == Some(0), "smol stop e2e-bp: {code:?} {err:?}");
+        let seen = listed(o, "e2e-bp").await?;
+        ensure!(
+            seen.state == MachineState::Stopped && seen.owner_pid.is_none(),
+            "e2e-bp after smol stop: {seen:?}"
+        );
+        ensure!(
+            common::eventually(Duration::from_secs(10), || !background_owner(bp)).await,
+            "its owner {bp} still runs"
+        );
+        let (code, _, err) = smol_out(home, &["rm", "e2e-bp"]).await?;
+        ensure!(code == Some(0), "smol rm e2e-bp: {code:?} {err:?}");
+        ensure!(
+            !home.join("machines/e2e-bp").exists(),
+            "e2e-bp is still there after smol rm"
+        );
+        // rm of a machine that runs in the background stops it first.
+        let (code, _, err) = smol_out(home, &["create", "--disk", "256", "e2e-br"]).await?;
+        ensure!(code == Some(0), "smol create e2e-br: {code:?} {err:?}");
+        let br = listed(o, "e2e-br").await?.owner_pid.unwrap_or_default();
+        owners.push(br);
+        let (code, _, err) = smol_out(home, &["rm", "e2e-br"]).await?;
+        ensure!(code == Some(0), "smol rm e2e-br: {code:?} {err:?}");
+        ensure!(
+            !home.join("machines/e2e-br").exists()
+                && common::eventually(Duration::from_secs(10), || !background_owner(br)).await,
+            "e2e-br or its owner {br} is still there after smol rm"
+        );
+        Ok(())
+    }
+    .await;
+    // Nothing outlives a failed check.
+    kill_owners(&owners);
+    r
 }
 
 /// `smol exec` in a temporary machine (a warm create), killed with SIGKILL
 /// while its command runs: the machine it left is listed while it runs and
 /// removed by the next list after the kill.
 async fn killed_temporary(home: &std::path::Path, o: &ConnectOptions) -> CheckResult {
-    let (mut owner, pid) = smol_until(
+    let (mut owner, pid, _) = smol_until(
         home,
         &[
             "exec",
@@ -812,47 +1150,35 @@ async fn end_to_end(home: &std::path::Path) {
     c.run(
         "another process drives the running machine; its stop and rm are refused naming the owner",
         async {
-            let smol = |args: &[&str]| {
-                let out = std::process::Command::new(env!("CARGO_BIN_EXE_smol"))
-                    .args(args)
-                    .env("SMOL_HOME", home)
-                    .env_remove("SMOL_CLOUD_TOKEN")
-                    .output()
-                    .map_err(|e| format!("running smol {args:?}: {e}"))?;
-                Ok::<_, String>((
-                    out.status.code(),
-                    String::from_utf8_lossy(&out.stdout).into_owned(),
-                    String::from_utf8_lossy(&out.stderr).into_owned(),
-                ))
-            };
+            let smol = |args: &'static [&'static str]| smol_out(home, args);
             let me = std::process::id();
             let (code, out, err) = smol(&[
                 "exec",
-                "--machine",
                 "e2e-a",
                 "--",
                 "sh",
                 "-c",
                 "cat /etc/smol-marker && echo from-peer > /root/peer.txt && sync",
-            ])?;
+            ])
+            .await?;
             ensure!(
                 code == Some(0) && out == "still here\n",
-                "smol exec --machine: {code:?} {out:?} {err:?}"
+                "smol exec e2e-a: {code:?} {out:?} {err:?}"
             );
             let back = a.read_file("/root/peer.txt").await.ctx("read peer.txt")?;
             ensure!(&back[..] == b"from-peer\n", "the owner reads {back:?}");
-            let (_, ls, _) = smol(&["ls"])?;
+            let (_, ls, _) = smol(&["ls"]).await?;
             ensure!(
                 ls.lines().any(|l| l.starts_with("e2e-a\trunning\ttrue\t")
                     && l.ends_with(&format!("pid {me}"))),
                 "smol ls: {ls:?}"
             );
-            for verb in ["stop", "rm"] {
-                let (code, _, err) = smol(&[verb, "e2e-a"])?;
+            for args in [&["stop", "e2e-a"], &["rm", "e2e-a"]] {
+                let (code, _, err) = smol(args).await?;
                 ensure!(
                     code == Some(125)
                         && err.contains(&format!("in use by another process (pid {me})")),
-                    "smol {verb} from another process: {code:?} {err:?}"
+                    "smol {args:?} from another process: {code:?} {err:?}"
                 );
             }
             ensure!(
@@ -898,7 +1224,7 @@ async fn end_to_end(home: &std::path::Path) {
     .await;
 
     c.run(
-        "an owner killed with SIGKILL: peers see it stopped, its synced file stays",
+        "smol exec during smol start's boot waits for it; the owner killed with SIGKILL: peers see it stopped",
         async { killed_owner(home, &o).await },
     )
     .await;
@@ -906,6 +1232,18 @@ async fn end_to_end(home: &std::path::Path) {
     c.run(
         "a temporary machine of a process killed with SIGKILL is gone after the next list",
         async { killed_temporary(home, &o).await },
+    )
+    .await;
+
+    c.run(
+        "smol create runs a machine in the background until smol stop or smol rm",
+        async { background_machines(home, &o).await },
+    )
+    .await;
+
+    c.run(
+        "smol fork, snapshot and restore of machines that run in the background",
+        async { background_fork(home, &o).await },
     )
     .await;
 

@@ -7,6 +7,9 @@
 //! smol exec -- uname -a                      # in the bare guest
 //! smol snapshot ./tpl -- sh -c 'echo ready > /root/state'   # a template
 //! smol restore ./tpl -- cat /root/state      # a machine from it, in ~0.3 s
+//! smol create dev --persistent               # a machine that runs in the background
+//! smol exec dev -- ls /root                  # in it (or in any store machine)
+//! smol stop dev; smol start dev; smol rm dev
 //! smol ls                                    # the machines of the store
 //! smol key create alice                      # an API key of `smol serve`
 //! smol serve --listen 127.0.0.1:7100         # the HTTP API (smol::api)
@@ -17,6 +20,7 @@
 //! (as `docker run` does), an interrupt 130. `RUST_LOG=smol=info` shows
 //! what smol does.
 
+mod owner;
 mod progress;
 
 use std::future::Future;
@@ -30,6 +34,7 @@ use indicatif::HumanBytes;
 use smol::image::{ImageResolver, ProgressFn};
 use smol::{ExecEvent, ExecOptions, ExecStream, Machine, MachineConfig, MachineState};
 
+use owner::{Ended, Want};
 use progress::{layers_text, spinner, PullBar};
 
 /// Exit code of a failure of smol itself.
@@ -67,42 +72,76 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         argv: Vec<String>,
     },
-    /// Run a command in a temporary machine (no image: the guest's busybox).
+    /// Run a command in the store's machine NAME (see `smol ls`), or
+    /// without NAME in a temporary machine (no image: the guest's busybox).
+    /// Another process may be running NAME; a stopped one is started for
+    /// the command and stopped after it.
     Exec {
         #[command(flatten)]
         options: RunOptions,
-        /// Run in the existing machine NAME (see `smol ls`) instead of a
-        /// temporary one. Another process may be running it; a stopped one
-        /// is started for the command and stopped after it.
-        #[arg(long, value_name = "NAME", conflicts_with_all = ["cpus", "memory", "disk"])]
-        machine: Option<String>,
+        /// The machine (no resources may be given then: it has its own).
+        #[arg(conflicts_with_all = ["cpus", "memory", "disk"])]
+        name: Option<String>,
         /// The command and its arguments (after `--`).
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        #[arg(required = true, last = true)]
         argv: Vec<String>,
     },
-    /// Snapshot a temporary machine into DIR (created; must be empty), after
-    /// running an optional set-up command in it, which must succeed.
+    /// Create a machine that runs in the background until `smol stop`: a
+    /// detached `smol __own NAME` process owns it. Without --persistent it
+    /// is deleted when it stops.
+    Create {
+        /// Its name (else one is generated).
+        name: Option<String>,
+        /// Kept, disk and all, when it stops (`smol start` boots it again).
+        #[arg(long)]
+        persistent: bool,
+        /// It may be forked (`smol fork`).
+        #[arg(long)]
+        forkable: bool,
+        #[command(flatten)]
+        resources: Resources,
+    },
+    /// Start the store's stopped machine NAME in the background (as
+    /// `create` does); nothing to do when a process runs it already.
+    Start { name: String },
+    /// The background owner of a machine (see `smol create`).
+    #[command(name = owner::OWN_COMMAND, hide = true)]
+    Own(OwnArgs),
+    /// Snapshot the store's machine NAME, which runs in the background,
+    /// into DIR (created; must be empty); it runs on. Without NAME:
+    /// snapshot a temporary machine after an optional set-up command, which
+    /// must succeed.
     Snapshot {
         #[command(flatten)]
         options: RunOptions,
-        /// Where the snapshot goes.
-        dir: std::path::PathBuf,
-        /// The set-up command and its arguments (after `--`).
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        /// NAME DIR, or DIR alone.
+        #[arg(num_args = 1..=2, required = true, value_name = "NAME] [DIR")]
+        targets: Vec<String>,
+        /// The set-up command of a temporary machine (after `--`).
+        #[arg(last = true)]
         argv: Vec<String>,
     },
-    /// Run a command in a temporary machine restored from the snapshot DIR
-    /// (it goes on where the snapshot stopped; DIR is not changed).
+    /// Restore the snapshot DIR (as written by `smol snapshot` or
+    /// `Machine::snapshot`; DIR is not changed) into a machine that goes on
+    /// where the snapshot stopped: one that runs in the background (as
+    /// `smol create` makes), or with a command, a temporary one that runs
+    /// it.
     Restore {
         /// The machine's name (else one is generated).
         #[arg(long)]
         name: Option<String>,
-        /// The snapshot, as written by `smol snapshot` or `Machine::snapshot`.
+        /// Keep it, disk and all, when it stops (background machines only).
+        #[arg(long, conflicts_with = "argv")]
+        persistent: bool,
         dir: std::path::PathBuf,
         /// The command and its arguments (after `--`).
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        #[arg(last = true)]
         argv: Vec<String>,
     },
+    /// Fork the store's forkable machine NAME, which runs in the background
+    /// (`smol create --forkable`), into a running clone named CLONE, owned
+    /// by the same background process.
+    Fork { name: String, clone: String },
     /// Serve the local engine's HTTP API (`smol::api`) until SIGTERM or
     /// Ctrl-C; clients use `ConnectOptions::cloud(KEY)`.
     Serve {
@@ -114,17 +153,50 @@ enum Command {
     /// List the machines of the store (or of the cloud with
     /// SMOL_CLOUD_TOKEN): name, state, persistence, owner process.
     Ls,
-    /// Stop the store's machine NAME. Refused, naming the process, while
-    /// another process runs it: that process owns its lifecycle.
+    /// Stop the store's machine NAME (its background owner lets it go).
+    /// Refused, naming the process, while another process runs it: that
+    /// process owns its lifecycle.
     Stop { name: String },
-    /// Delete the store's machine NAME and its disk. Refused, naming the
-    /// process, while another process runs it.
+    /// Delete the store's machine NAME and its disk (stopping it first when
+    /// it runs in the background). Refused, naming the process, while
+    /// another process runs it.
     Rm { name: String },
     /// Manage the API keys of `smol serve` (stored as hashes in SMOL_HOME).
     Key {
         #[command(subcommand)]
         action: KeyAction,
     },
+}
+
+/// What `smol __own` brings up: the arguments [`Want::args`] writes.
+#[derive(Args, Debug, PartialEq)]
+struct OwnArgs {
+    name: String,
+    /// Create it (else start the store's machine).
+    #[arg(long, conflicts_with = "restore")]
+    create: bool,
+    /// Restore it from this snapshot directory.
+    #[arg(long, value_name = "DIR")]
+    restore: Option<std::path::PathBuf>,
+    #[arg(long)]
+    persistent: bool,
+    #[arg(long, requires = "create")]
+    forkable: bool,
+    #[command(flatten)]
+    resources: Resources,
+}
+
+impl OwnArgs {
+    fn want(self) -> Want {
+        let config = |c: MachineConfig| c.name(self.name.clone()).persistent(self.persistent);
+        match self.restore {
+            _ if self.create => {
+                Want::Create(config(self.resources.machine_config()).forkable(self.forkable))
+            }
+            Some(ref dir) => Want::Restore(dir.clone(), config(MachineConfig::default())),
+            None => Want::Start(self.name),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug, PartialEq)]
@@ -148,6 +220,13 @@ struct RunOptions {
     /// Kill the command after this many seconds.
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     timeout: Option<u64>,
+    #[command(flatten)]
+    resources: Resources,
+}
+
+/// The size of a new machine; each unset one is the default's.
+#[derive(Args, Debug, Default, PartialEq)]
+struct Resources {
     /// vCPUs of the machine.
     #[arg(long)]
     cpus: Option<u32>,
@@ -159,14 +238,7 @@ struct RunOptions {
     disk: Option<u64>,
 }
 
-fn parse_env(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
-    }
-}
-
-impl RunOptions {
+impl Resources {
     fn machine_config(&self) -> MachineConfig {
         let mut config = MachineConfig::default();
         if let Some(c) = self.cpus {
@@ -180,7 +252,16 @@ impl RunOptions {
         }
         config
     }
+}
 
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+impl RunOptions {
     fn exec_options(&self) -> ExecOptions {
         let mut o = ExecOptions::default().envs(self.env.iter().cloned());
         if let Some(w) = &self.workdir {
@@ -207,6 +288,10 @@ enum CliError {
     NoExit,
     #[error("listening on {0}")]
     Listen(std::net::SocketAddr, #[source] std::io::Error),
+    #[error(transparent)]
+    Owner(#[from] owner::OwnerError),
+    #[error("{0}")]
+    Usage(String),
 }
 
 fn main() -> ExitCode {
@@ -250,16 +335,57 @@ async fn run(command: Command) -> Result<u8, CliError> {
             println!("NAME\tSTATE\tPERSISTENT\tOWNER");
             for m in Machine::list().await? {
                 let owner = m.owner_pid.map(|p| format!("pid {p}")).unwrap_or_default();
-                println!("{}\t{}\t{}\t{owner}", m.name, m.state, m.persistent);
+                match &m.unreadable {
+                    None => println!("{}\t{}\t{}\t{owner}", m.name, m.state, m.persistent),
+                    Some(why) => {
+                        println!("{}\tunreadable\t{}\t{owner}", m.name, m.persistent);
+                        eprintln!("smol: {}: {why} (left as it is)", m.name);
+                    }
+                }
             }
             Ok(0)
         }
         Command::Stop { name } => {
-            Machine::connect(&name).await?.stop().await?;
+            let released = owner::release(&name).await?;
+            match Machine::connect(&name).await {
+                Ok(m) => m.stop().await?,
+                // A machine that was not persistent went with its owner.
+                Err(smol::Error::NotFound { .. }) if released => {
+                    eprintln!("machine {name} stopped and deleted (it was not persistent)");
+                }
+                Err(e) => return Err(e.into()),
+            }
             Ok(0)
         }
         Command::Rm { name } => {
-            Machine::connect(&name).await?.delete().await?;
+            let released = owner::release(&name).await?;
+            match Machine::connect(&name).await {
+                Ok(m) => m.delete().await?,
+                Err(smol::Error::NotFound { .. }) if released => {}
+                Err(e) => return Err(e.into()),
+            }
+            Ok(0)
+        }
+        Command::Create {
+            name,
+            persistent,
+            forkable,
+            resources,
+        } => {
+            let config = resources
+                .machine_config()
+                .name(name.unwrap_or_else(generated_name))
+                .persistent(persistent)
+                .forkable(forkable);
+            launched(owner::launch(Want::Create(config)).await?)
+        }
+        Command::Start { name } => launched(owner::launch(Want::Start(name)).await?),
+        Command::Own(args) => launched(owner::serve(args.want()).await?),
+        Command::Fork { name, clone } => {
+            eprintln!(
+                "{}",
+                owner::ask(owner::Request::Fork { name, clone }).await?
+            );
             Ok(0)
         }
         Command::Key { action } => {
@@ -300,7 +426,7 @@ async fn run(command: Command) -> Result<u8, CliError> {
         }
         Command::Exec {
             options,
-            machine: Some(name),
+            name: Some(name),
             argv,
         } => {
             let exec = options.exec_options();
@@ -311,7 +437,7 @@ async fn run(command: Command) -> Result<u8, CliError> {
         }
         Command::Exec {
             options,
-            machine: None,
+            name: None,
             argv,
         } => {
             let exec = options.exec_options();
@@ -320,7 +446,30 @@ async fn run(command: Command) -> Result<u8, CliError> {
             })
             .await
         }
-        Command::Snapshot { options, dir, argv } => {
+        Command::Snapshot {
+            targets,
+            argv,
+            options,
+        } if targets.len() == 2 => {
+            if !argv.is_empty() || options != RunOptions::default() {
+                return Err(CliError::Usage(
+                    "a snapshot of a machine NAME takes no command and no options".into(),
+                ));
+            }
+            let [name, dir] = <[String; 2]>::try_from(targets).expect("two targets");
+            let dir = std::path::PathBuf::from(dir);
+            eprintln!(
+                "{}",
+                owner::ask(owner::Request::Snapshot { name, dir }).await?
+            );
+            Ok(0)
+        }
+        Command::Snapshot {
+            options,
+            targets,
+            argv,
+        } => {
+            let dir = std::path::PathBuf::from(&targets[0]);
             let exec = options.exec_options();
             in_machine(&options, |m| async move {
                 if !argv.is_empty() {
@@ -341,7 +490,20 @@ async fn run(command: Command) -> Result<u8, CliError> {
             })
             .await
         }
-        Command::Restore { name, dir, argv } => {
+        Command::Restore {
+            name,
+            persistent,
+            dir,
+            argv,
+        } if argv.is_empty() => {
+            let config = MachineConfig::default()
+                .name(name.unwrap_or_else(generated_name))
+                .persistent(persistent);
+            launched(owner::launch(Want::Restore(dir, config)).await?)
+        }
+        Command::Restore {
+            name, dir, argv, ..
+        } => {
             let config = MachineConfig {
                 name,
                 ..MachineConfig::default()
@@ -353,6 +515,18 @@ async fn run(command: Command) -> Result<u8, CliError> {
             .await
         }
     }
+}
+
+/// A name for a machine the user did not name, as the library makes them.
+fn generated_name() -> String {
+    format!("smol-{:08x}", rand::random::<u32>())
+}
+
+fn launched(ended: Ended) -> Result<u8, CliError> {
+    Ok(match ended {
+        Ended::Done => 0,
+        Ended::Interrupted => EXIT_INTERRUPTED,
+    })
 }
 
 /// `smol serve`: listens, says where on stdout, serves until SIGTERM or
@@ -425,7 +599,7 @@ where
     F: FnOnce(Machine) -> Fut,
     Fut: Future<Output = Result<u8, CliError>>,
 {
-    in_made_machine(Made::Create(options.machine_config()), work).await
+    in_made_machine(Made::Create(options.resources.machine_config()), work).await
 }
 
 async fn in_made_machine<F, Fut>(made: Made, work: F) -> Result<u8, CliError>
@@ -454,20 +628,23 @@ where
 }
 
 /// `work` in the store's machine `name`: as it is when another process
-/// runs it, else started for `work` and stopped after it.
+/// runs it (or boots it: that boot is waited for), else started for `work`
+/// and stopped after it.
 async fn in_named_machine<F, Fut>(name: &str, work: F) -> Result<u8, CliError>
 where
     F: FnOnce(Machine) -> Fut,
     Fut: Future<Output = Result<u8, CliError>>,
 {
     let m = Machine::connect(name).await?;
-    let started = m.state().await? != MachineState::Running;
-    if started {
+    let mut started = false;
+    if m.state().await? != MachineState::Running {
         let t = Instant::now();
         let starting = spinner(format!("starting machine {name}"));
         let r = interruptible(async { Ok(m.start().await?) }).await;
         starting.finish_and_clear();
         r?;
+        // Booted here, or by the process that owns it (then left to it).
+        started = owner::owned_here(name).await?;
         eprintln!("machine {name} up in {:.1?}", t.elapsed());
     }
     let result = interruptible(work(m.clone())).await;
@@ -569,11 +746,11 @@ mod tests {
             options.env,
             [("A".into(), "1".into()), ("B".into(), "x=y".into())]
         );
-        assert_eq!(options.memory, Some(256));
+        assert_eq!(options.resources.memory, Some(256));
         let exec = options.exec_options();
         assert_eq!(exec.workdir.as_deref(), Some("/tmp"));
         assert_eq!(exec.timeout, Some(Duration::from_secs(5)));
-        assert_eq!(options.machine_config().resources.memory_mb, 256);
+        assert_eq!(options.resources.machine_config().resources.memory_mb, 256);
     }
 
     #[test]
@@ -594,68 +771,144 @@ mod tests {
         let Command::Exec {
             argv,
             options,
-            machine,
+            name,
         } = parse(&["smol", "exec", "--cpus", "2", "--", "uname", "-a"]).unwrap()
         else {
             panic!()
         };
         assert_eq!(argv, ["uname", "-a"]);
-        assert_eq!(options.machine_config().resources.cpus, 2);
-        assert_eq!(machine, None);
-        let Command::Exec { argv, machine, .. } =
-            parse(&["smol", "exec", "--machine", "dev", "--", "ls"]).unwrap()
+        assert_eq!(options.resources.machine_config().resources.cpus, 2);
+        assert_eq!(name, None);
+        let Command::Exec { argv, name, .. } =
+            parse(&["smol", "exec", "dev", "--", "ls", "-la"]).unwrap()
         else {
             panic!()
         };
         assert_eq!(
-            (argv, machine),
-            (vec!["ls".to_string()], Some("dev".into()))
+            (argv, name),
+            (vec!["ls".to_string(), "-la".into()], Some("dev".into()))
         );
         assert!(
-            parse(&[
-                "smol",
-                "exec",
-                "--machine",
-                "dev",
-                "--disk",
-                "9",
-                "--",
-                "ls"
-            ])
-            .is_err(),
+            parse(&["smol", "exec", "dev", "--disk", "9", "--", "ls"]).is_err(),
             "a named machine has its own resources"
         );
         assert!(parse(&["smol", "exec"]).is_err());
         assert!(parse(&["smol", "exec", "--"]).is_err());
+        assert!(parse(&["smol", "exec", "dev"]).is_err(), "no command");
+    }
+
+    #[test]
+    fn create_start_and_the_owner_agree() {
+        let c = parse(&["smol", "create", "dev", "--persistent", "--disk", "512"]).unwrap();
+        let Command::Create {
+            name,
+            persistent,
+            resources,
+            ..
+        } = c
+        else {
+            panic!("{c:?}")
+        };
+        assert_eq!((name.as_deref(), persistent), (Some("dev"), true));
+        let config = resources.machine_config().name("dev").persistent(true);
+        assert_eq!(config.resources.disk_mb, 512);
+        let Command::Create {
+            name, persistent, ..
+        } = parse(&["smol", "create"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((name, persistent), (None, false));
+        assert_eq!(
+            parse(&["smol", "start", "dev"]).unwrap(),
+            Command::Start { name: "dev".into() }
+        );
+        assert!(parse(&["smol", "start"]).is_err());
+
+        // What `launch` passes its owner parses back to the same machine.
+        let forkable = config.clone().forkable(true);
+        let restored = MachineConfig::default().name("dev").persistent(true);
+        for want in [
+            Want::Create(config),
+            Want::Create(forkable),
+            Want::Start("dev".into()),
+            Want::Restore("/snap shots/a".into(), restored),
+        ] {
+            let mut args = vec!["smol".to_string(), owner::OWN_COMMAND.into()];
+            args.extend(want.args());
+            let Command::Own(own) = Cli::try_parse_from(&args).unwrap().command else {
+                panic!("{args:?}")
+            };
+            let back = own.want();
+            assert_eq!(back, want, "{args:?}");
+        }
     }
 
     #[test]
     fn snapshot_and_restore_take_a_directory() {
-        let Command::Snapshot { dir, argv, options } = parse(&[
+        let Command::Snapshot {
+            targets,
+            argv,
+            options,
+        } = parse(&[
             "smol", "snapshot", "--memory", "256", "./tpl", "--", "touch", "/x",
         ])
-        .unwrap() else {
+        .unwrap()
+        else {
             panic!()
         };
-        assert_eq!(dir, std::path::Path::new("./tpl"));
+        assert_eq!(targets, ["./tpl"]);
         assert_eq!(argv, ["touch", "/x"]);
-        assert_eq!(options.memory, Some(256));
-        let Command::Snapshot { argv, .. } = parse(&["smol", "snapshot", "./tpl"]).unwrap() else {
+        assert_eq!(options.resources.memory, Some(256));
+        let Command::Snapshot { argv, targets, .. } =
+            parse(&["smol", "snapshot", "./tpl"]).unwrap()
+        else {
             panic!()
         };
         assert!(argv.is_empty(), "no set-up command");
-        let Command::Restore { name, dir, argv } = parse(&[
+        assert_eq!(targets, ["./tpl"]);
+        let Command::Snapshot { targets, .. } =
+            parse(&["smol", "snapshot", "dev", "./tpl"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(targets, ["dev", "./tpl"], "a machine and a directory");
+        assert!(parse(&["smol", "snapshot", "a", "b", "c"]).is_err());
+        assert!(parse(&["smol", "snapshot"]).is_err());
+
+        let Command::Restore {
+            name,
+            dir,
+            argv,
+            persistent,
+        } = parse(&[
             "smol", "restore", "--name", "r1", "./tpl", "--", "cat", "/x",
         ])
-        .unwrap() else {
+        .unwrap()
+        else {
             panic!()
         };
         assert_eq!(name.as_deref(), Some("r1"));
         assert_eq!(dir, std::path::Path::new("./tpl"));
         assert_eq!(argv, ["cat", "/x"]);
+        assert!(!persistent);
+        let Command::Restore {
+            argv, persistent, ..
+        } = parse(&["smol", "restore", "--persistent", "./tpl"]).unwrap()
+        else {
+            panic!()
+        };
+        assert!(argv.is_empty() && persistent, "a background machine");
         assert!(
-            parse(&["smol", "restore", "./tpl"]).is_err(),
-            "needs a command"
+            parse(&["smol", "restore", "--persistent", "./tpl", "--", "ls"]).is_err(),
+            "a temporary machine is not persistent"
+        );
+        assert_eq!(
+            parse(&["smol", "fork", "golden", "clone-1"]).unwrap(),
+            Command::Fork {
+                name: "golden".into(),
+                clone: "clone-1".into()
+            }
         );
     }
 
