@@ -216,7 +216,7 @@ fn bench_blk(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("worker_32x1MiB", name), |b| {
             b.iter(|| {
                 driver.submit(DEPTH);
-                worker::dispatch(&bq, &io);
+                worker::dispatch(&bq, |job| io.submit(job));
                 driver.wait_used(&irq);
             })
         });

@@ -77,7 +77,8 @@ pub enum Error {
 #[derive(Debug)]
 struct Active {
     queue: Arc<BlockQueue>,
-    /// Dropping it waits for the requests it holds and joins the thread.
+    /// Dropping it waits for the request being served, drops the queued
+    /// ones and joins the thread.
     worker: IoWorker,
 }
 
@@ -160,14 +161,24 @@ impl Block {
         }
     }
 
-    /// Event loop: the driver kicked the queue.
+    /// Event loop: the driver kicked the queue (or we did, below).
     fn queue_notified(&mut self) {
-        if let Some(notify) = &self.registered_notify {
-            // Drain the counter; EAGAIN only means a spurious wake-up.
-            let _ = notify.read();
-        }
-        if let Some(active) = &self.active {
-            worker::dispatch(&active.queue, &active.worker);
+        let Some(notify) = &self.registered_notify else {
+            return;
+        };
+        // Drain the counter; EAGAIN only means a spurious wake-up.
+        let _ = notify.read();
+        let Some(active) = &self.active else {
+            return;
+        };
+        let dispatched = worker::dispatch(&active.queue, |job| active.worker.submit(job));
+        if dispatched.more {
+            // Chains may be left that the driver will not kick for again:
+            // kick ourselves, so the loop comes back once it has served the
+            // other devices' events.
+            if let Err(e) = notify.write(1) {
+                tracing::warn!(error = %e, "cannot re-arm the block queue");
+            }
         }
     }
 }
@@ -245,9 +256,9 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) -> bool {
-        // Dropping the worker waits for the requests it holds (at most a
-        // queue's worth), so nothing touches guest memory once the driver
-        // sees the reset complete.
+        // Dropping the worker waits for the request it is serving and drops
+        // the rest, so nothing touches guest memory once the driver sees the
+        // reset complete, and the vCPU waits for one request at most.
         self.active = None;
         self.pending_notify = None;
         self.acked_features = 0;

@@ -217,6 +217,7 @@ where
         }
         VIRTIO_BLK_T_GET_ID => {
             no_readable(out_len)?;
+            check_segment_count(&data_in).map_err(fail)?;
             RequestKind::GetId { data: data_in }
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
@@ -293,10 +294,16 @@ fn read_bytes<M: GuestMemoryBackend + ?Sized>(
     }
 }
 
-fn check_data(sector: u64, data: &[Segment], len: u64) -> Result<(), ParseError> {
+/// Every request's data obeys [`MAX_SEGMENTS`], whatever its type.
+fn check_segment_count(data: &[Segment]) -> Result<(), ParseError> {
     if data.len() > MAX_SEGMENTS {
         return Err(ParseError::TooManySegments { count: data.len() });
     }
+    Ok(())
+}
+
+fn check_data(sector: u64, data: &[Segment], len: u64) -> Result<(), ParseError> {
+    check_segment_count(data)?;
     if len % SECTOR_SIZE != 0 {
         return Err(ParseError::UnalignedLength { len });
     }
@@ -312,6 +319,7 @@ fn read_ranges<M: GuestMemoryBackend + ?Sized>(
     data: &[Segment],
     len: u64,
 ) -> Result<Vec<SectorRange>, ParseError> {
+    check_segment_count(data)?;
     let count = len / RANGE_LEN;
     if len % RANGE_LEN != 0 || count == 0 || count > u64::from(MAX_RANGES) {
         return Err(ParseError::BadRanges { len });
@@ -611,6 +619,31 @@ mod tests {
                 count: MAX_SEGMENTS + 1
             }
         );
+    }
+
+    /// GET_ID, discard and write-zeroes data obey the segment limit of
+    /// reads and writes.
+    #[test]
+    fn get_id_and_ranges_with_too_many_segments_are_refused() {
+        let mem = test_mem();
+        let too_many = MAX_SEGMENTS as u64 + 1;
+        let mq = MockSplitQueue::new(&mem, 2048);
+        let parse_with = |kind: u32, flags: u16, seg_len: u32| {
+            write_header(&mem, H, kind, 0);
+            let mut descs = vec![desc(H, 16, 0)];
+            descs.extend((0..too_many).map(|i| desc(DATA + i * 16, seg_len, flags)));
+            descs.push(desc(ST, 1, WRITE));
+            err(parse(mq.build_desc_chain(&descs).unwrap()))
+        };
+        let want = ParseError::TooManySegments {
+            count: MAX_SEGMENTS + 1,
+        };
+        // One byte each: 1025 bytes hold the whole id many times over.
+        let e = parse_with(VIRTIO_BLK_T_GET_ID, WRITE, 1);
+        assert_eq!((e.error, e.status), (want.clone(), Some(GuestAddress(ST))));
+        for kind in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+            assert_eq!(parse_with(kind, 0, 16).error, want);
+        }
     }
 
     #[test]

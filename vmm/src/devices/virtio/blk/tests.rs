@@ -18,12 +18,12 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::DiskFile;
-use super::worker::{self, BlockQueue};
+use super::worker::{self, BlockQueue, Dispatched};
 use super::*;
 use crate::devices::virtio::{ActivatedQueue, GuestMemory, Interrupt, VirtioDevice};
 use crate::DiskConfig;
@@ -69,8 +69,9 @@ pub fn write_header(mem: &GuestMemory, addr: u64, kind: u32, sector: u64) {
 }
 
 /// Stores `descs` as one chain at table index `first` and makes it
-/// available.
-fn add_chain(mq: &MockSplitQueue<GuestMemory>, first: u16, descs: &[RawDescriptor]) {
+/// available (only while the avail index is below the queue size: the mock
+/// does not wrap).
+pub fn add_chain(mq: &MockSplitQueue<GuestMemory>, first: u16, descs: &[RawDescriptor]) {
     let linked: Vec<_> = descs
         .iter()
         .enumerate()
@@ -89,7 +90,17 @@ fn add_chain(mq: &MockSplitQueue<GuestMemory>, first: u16, descs: &[RawDescripto
     mq.add_desc_chains(&linked, first).unwrap();
 }
 
-fn used_idx(mem: &GuestMemory, mq: &MockSplitQueue<GuestMemory>) -> u16 {
+/// Makes `head` available once more, in the next avail slot of a queue of
+/// `size` entries, whatever it is.
+fn make_available(mem: &GuestMemory, mq: &MockSplitQueue<GuestMemory>, size: u16, head: u16) {
+    let idx: u16 = mem.read_obj(mq.avail_addr().unchecked_add(2)).unwrap();
+    let slot = mq.avail_addr().unchecked_add(4 + 2 * u64::from(idx % size));
+    mem.write_obj(head, slot).unwrap();
+    mem.write_obj(idx.wrapping_add(1), mq.avail_addr().unchecked_add(2))
+        .unwrap();
+}
+
+pub fn used_idx(mem: &GuestMemory, mq: &MockSplitQueue<GuestMemory>) -> u16 {
     mem.read_obj(mq.used_addr().unchecked_add(2)).unwrap()
 }
 
@@ -101,20 +112,31 @@ fn used_elem(mem: &GuestMemory, mq: &MockSplitQueue<GuestMemory>, i: u16) -> (u3
     )
 }
 
-fn status_at(mem: &GuestMemory, addr: u64) -> u8 {
+pub fn status_at(mem: &GuestMemory, addr: u64) -> u8 {
     mem.read_obj(GuestAddress(addr)).unwrap()
 }
 
-fn wait_used(mem: &GuestMemory, mq: &MockSplitQueue<GuestMemory>, want: u16) {
+/// Waits up to 10 s for `done`, which another thread makes true.
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while used_idx(mem, mq) != want {
-        assert!(
-            Instant::now() < deadline,
-            "used ring stuck at {}",
-            used_idx(mem, mq)
-        );
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+fn wait_used(mem: &GuestMemory, mq: &MockSplitQueue<GuestMemory>, want: u16) {
+    wait_until(&format!("the used index is {want}"), || {
+        used_idx(mem, mq) == want
+    });
+}
+
+fn test_queue(mem: &GuestMemory, mq: &MockSplitQueue<GuestMemory>) -> BlockQueue {
+    BlockQueue::new(
+        mq.create_queue().unwrap(),
+        mem.clone(),
+        Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+    )
 }
 
 #[test]
@@ -341,22 +363,19 @@ fn device_serves_requests_through_the_event_loop() {
 }
 
 /// A guest error in one chain neither stops the queue nor reaches the host
-/// as a panic: the chains after it are served.
+/// as a panic: the chains after it are served. (Errors in the ring itself
+/// do stop it: see `ring_errors_stop_the_queue`.)
 #[test]
 fn bad_chains_do_not_stall_the_queue() {
     let mem = test_mem();
     let img = image(1 << 20);
     let disk = Arc::new(DiskFile::open(img.path(), false, "x").unwrap());
     let mq = MockSplitQueue::new(&mem, 16);
-    let bq = Arc::new(BlockQueue::new(
-        mq.create_queue().unwrap(),
-        mem.clone(),
-        Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()),
-    ));
+    let bq = Arc::new(test_queue(&mem, &mq));
     let worker = worker::IoWorker::spawn(disk, bq.clone()).unwrap();
 
     // 0: no status byte (returned with len 0); 1: read past the end (IOERR);
-    // 2: a head index outside the table (ignored); 3: a good flush.
+    // 4: a good flush.
     write_header(&mem, BUF_BASE, VIRTIO_BLK_T_FLUSH, 0);
     add_chain(&mq, 0, &[desc(BUF_BASE, 16, 0)]);
     write_header(&mem, BUF_BASE + 0x100, VIRTIO_BLK_T_IN, 2048);
@@ -369,28 +388,148 @@ fn bad_chains_do_not_stall_the_queue() {
             desc(BUF_BASE + 0x200, 1, WRITE),
         ],
     );
-    let avail_idx: u16 = mem.read_obj(mq.avail_addr().unchecked_add(2)).unwrap();
-    mem.write_obj(
-        200u16,
-        mq.avail_addr().unchecked_add(4 + 2 * u64::from(avail_idx)),
-    )
-    .unwrap();
-    mem.write_obj(avail_idx + 1, mq.avail_addr().unchecked_add(2))
-        .unwrap();
     add_chain(
         &mq,
         4,
         &[desc(BUF_BASE, 16, 0), desc(BUF_BASE + 0x300, 1, WRITE)],
     );
 
-    assert_eq!(worker::dispatch(&bq, &worker), 4);
-    drop(worker); // waits for the jobs
+    let dispatched = worker::dispatch(&bq, |job| worker.submit(job));
+    assert_eq!(
+        dispatched,
+        Dispatched {
+            jobs: 3,
+            more: false
+        }
+    );
+    worker.drain();
+    drop(worker);
+    assert!(!bq.needs_reset());
     assert_eq!(used_idx(&mem, &mq), 3);
     assert_eq!(used_elem(&mem, &mq, 0), (0, 0));
     assert_eq!(used_elem(&mem, &mq, 1), (1, 1));
     assert_eq!(status_at(&mem, BUF_BASE + 0x200), VIRTIO_BLK_S_IOERR as u8);
     assert_eq!(used_elem(&mem, &mq, 2), (4, 1));
     assert_eq!(status_at(&mem, BUF_BASE + 0x300), VIRTIO_BLK_S_OK as u8);
+}
+
+/// A driver that makes a head available again while it is still in flight
+/// gets it served once, and the queue stops until the device is reset. The
+/// review's case: one chain in every avail slot, the avail index moved a
+/// ring at a time, made 16,001 jobs on a 16-entry queue with none returned.
+#[test]
+fn head_reposted_while_in_flight_stops_the_queue() {
+    const QSIZE: u16 = 16;
+    let mem = test_mem();
+    let img = image(1 << 20);
+    let disk = DiskFile::open(img.path(), false, "x").unwrap();
+    let mq = MockSplitQueue::new(&mem, QSIZE);
+    let bq = test_queue(&mem, &mq);
+    write_header(&mem, BUF_BASE, VIRTIO_BLK_T_FLUSH, 0);
+    add_chain(
+        &mq,
+        0,
+        &[desc(BUF_BASE, 16, 0), desc(BUF_BASE + 0x100, 1, WRITE)],
+    );
+
+    let mut jobs = Vec::new();
+    for _ in 0..1000 {
+        worker::dispatch(&bq, |job| jobs.push(job));
+        for _ in 0..QSIZE {
+            make_available(&mem, &mq, QSIZE, 0);
+        }
+    }
+    assert_eq!(jobs.len(), 1, "the in-flight head was handed out again");
+    assert!(bq.needs_reset());
+    assert_eq!(used_idx(&mem, &mq), 0);
+
+    // The one real request still completes; the queue stays stopped, even
+    // for a head that is no longer in flight.
+    worker::complete(&disk, &bq, jobs.remove(0));
+    assert_eq!(used_idx(&mem, &mq), 1);
+    assert_eq!(status_at(&mem, BUF_BASE + 0x100), VIRTIO_BLK_S_OK as u8);
+    let dispatched = worker::dispatch(&bq, |_| panic!("a stopped queue popped a chain"));
+    assert_eq!(
+        dispatched,
+        Dispatched {
+            jobs: 0,
+            more: false
+        }
+    );
+}
+
+/// A head outside the queue (it could never be returned) and an avail index
+/// more than a queue ahead are driver errors too: the queue stops, the
+/// chains after them wait for a reset.
+#[test]
+fn ring_errors_stop_the_queue() {
+    const QSIZE: u16 = 16;
+    let mem = test_mem();
+    let flush = [desc(BUF_BASE, 16, 0), desc(BUF_BASE + 0x100, 1, WRITE)];
+    write_header(&mem, BUF_BASE, VIRTIO_BLK_T_FLUSH, 0);
+
+    let mq = MockSplitQueue::new(&mem, QSIZE);
+    let bq = test_queue(&mem, &mq);
+    make_available(&mem, &mq, QSIZE, 200);
+    add_chain(&mq, 0, &flush);
+    assert!(bq.pop().is_none());
+    assert!(bq.needs_reset());
+    assert!(bq.pop().is_none());
+
+    let mq = MockSplitQueue::new(&mem, QSIZE);
+    let bq = test_queue(&mem, &mq);
+    add_chain(&mq, 0, &flush);
+    mem.write_obj(QSIZE + 1, mq.avail_addr().unchecked_add(2))
+        .unwrap();
+    assert!(bq.pop().is_none());
+    assert!(bq.needs_reset());
+}
+
+/// A driver can also keep the queue busy for ever without re-posting a
+/// head in flight, by posting each chain again as soon as it is returned
+/// (a vCPU bumping the avail index as fast as the device pops). Here every
+/// completion does it by itself: the used ring lies over the avail ring and
+/// the device's used index is one ahead, so each used element it writes
+/// (head 0, length 0) reads as head 0 available once more. One dispatch
+/// still returns after a queue's worth and asks to be called again.
+#[test]
+fn dispatch_returns_after_a_queue_worth_of_chains() {
+    const QSIZE: u16 = 16;
+    let mem = test_mem();
+    let img = image(1 << 20);
+    let disk = DiskFile::open(img.path(), false, "x").unwrap();
+    let mq = MockSplitQueue::new(&mem, QSIZE);
+    let mut queue: Queue = mq.create_queue().unwrap();
+    let avail = mq.avail_addr().0;
+    queue.set_used_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
+    queue.set_next_used(1);
+    let bq = BlockQueue::new(
+        queue,
+        mem.clone(),
+        Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+    );
+    // No status byte: the chain goes back with length 0.
+    write_header(&mem, BUF_BASE, VIRTIO_BLK_T_FLUSH, 0);
+    add_chain(&mq, 0, &[desc(BUF_BASE, 16, 0)]);
+
+    // On a thread, so that a call that never returns fails the test.
+    let (done, returned) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in 0..2 {
+            let dispatched = worker::dispatch(&bq, |job| worker::complete(&disk, &bq, job));
+            let _ = done.send((dispatched, bq.needs_reset()));
+        }
+    });
+    let full = Dispatched {
+        jobs: usize::from(QSIZE),
+        more: true,
+    };
+    for call in 0..2 {
+        let got = returned
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("dispatch call {call} never returned"));
+        assert_eq!(got, (full, false), "call {call}");
+    }
 }
 
 /// Random descriptor tables and avail rings, thousands of them: every chain
@@ -411,11 +550,7 @@ fn random_descriptor_chains() {
 
     for case in 0..CASES {
         let mq = MockSplitQueue::new(&mem, QSIZE);
-        let bq = BlockQueue::new(
-            mq.create_queue().unwrap(),
-            mem.clone(),
-            Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()),
-        );
+        let bq = test_queue(&mem, &mq);
         // Plausible headers sprinkled over the buffer area.
         for slot in 0..8u64 {
             let sector = match rng.random_range(0..4) {

@@ -42,13 +42,22 @@ impl VsockQueues {
         })
     }
 
-    /// Hands every packet on the TX queue to the muxer. Malformed chains are
-    /// returned to the driver unread. Returns whether the used ring changed.
+    /// Hands the packets on the TX queue to the muxer, at most a queue's
+    /// worth per call. Malformed chains are returned to the driver unread.
+    /// Returns whether the used ring changed.
+    ///
+    /// The budget is there because a driver can make chains available as
+    /// fast as they are returned (the same head over and over): without it
+    /// this loop, and with it the VM's one event loop, would never end.
     pub fn process_tx(&mut self, muxer: &mut VsockMuxer) -> bool {
         let mem = &self.mem;
         let queue = &mut self.tx.queue;
-        let mut used = false;
-        while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
+        let budget = queue.size();
+        let mut served = 0;
+        while served < budget {
+            let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+                return served > 0;
+            };
             let head = chain.head_index();
             match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
                 Ok(pkt) => muxer.recv_from_guest(&pkt),
@@ -57,9 +66,15 @@ impl VsockQueues {
             if let Err(e) = queue.add_used(mem, head, 0) {
                 tracing::debug!("vsock: tx add_used: {e}");
             }
-            used = true;
+            served += 1;
         }
-        used
+        // Chains may be left that the driver will not kick for again: kick
+        // ourselves, so the event loop comes back here once it has served
+        // the other queues and devices (at worst one empty pass).
+        if let Err(e) = self.tx.notify.write(1) {
+            tracing::warn!("vsock: cannot re-arm the tx queue: {e}");
+        }
+        true
     }
 
     /// Fills RX buffers while the muxer has packets for the guest. Returns

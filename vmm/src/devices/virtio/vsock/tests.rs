@@ -998,3 +998,46 @@ fn read_ahead_stops_when_the_guest_stops_reading() {
     assert_eq!(h.recv().last().unwrap().hdr.op, OP_RST);
     assert_eq!(h.conns(), 0);
 }
+
+/// A guest that makes a TX chain available again as soon as it comes back,
+/// for ever, gets a queue's worth of chains served per `process_tx` call;
+/// the call re-arms the TX notify fd, so the event loop serves the other
+/// queues first and then comes back for the rest.
+#[test]
+fn tx_from_a_guest_that_never_stops_returns_after_a_queue_worth() {
+    const QSIZE: u16 = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let mut muxer = VsockMuxer::new(GUEST_CID, &dir.path().join("v.sock")).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let (_rx, rxq) = DriverQueue::new(&mem, 0, QSIZE);
+    let (mut tx, mut txq) = DriverQueue::new(&mem, 0x4000, QSIZE);
+    let (_event, eventq) = DriverQueue::new(&mem, 0x8000, QSIZE);
+    // An RST for no stream: the muxer drops it without an answer.
+    let slot = 0x1_0000;
+    mem.write_slice(&encode(&gpkt(OP_RST, 1, 2).hdr), GuestAddress(slot))
+        .unwrap();
+    assert_eq!(tx.add(&mem, &[(slot, 44, false)]), 0);
+    // "For ever" without a second thread: the used ring lies over the avail
+    // ring and the device's used index is one ahead, so each used element
+    // the device writes (head 0, length 0) reads as head 0 available once
+    // more, like a vCPU bumping the avail index as fast as the device pops.
+    txq.queue
+        .set_used_ring_address(Some(tx.avail as u32), Some((tx.avail >> 32) as u32));
+    txq.queue.set_next_used(1);
+    let interrupt = Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    let mut queues = VsockQueues::new(mem.clone(), interrupt, vec![rxq, txq, eventq]).unwrap();
+
+    // On a thread, so that a call that never returns fails the test.
+    let (done, returned) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let used = queues.process_tx(&mut muxer);
+        let _ = done.send(used);
+    });
+    let used = returned
+        .recv_timeout(Duration::from_secs(10))
+        .expect("process_tx never returned");
+    assert!(used);
+    let used_idx: u16 = mem.read_obj(GuestAddress(tx.avail + 2)).unwrap();
+    assert_eq!(used_idx, 1 + QSIZE, "one queue's worth of chains");
+    assert_eq!(tx.kick.read().unwrap(), 1, "the tx queue is re-armed");
+}
