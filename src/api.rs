@@ -53,7 +53,9 @@ pub struct MachineBody {
     pub config: MachineConfig,
 }
 
-/// An exec: argv (no shell), environment, working directory, timeout.
+/// An exec: argv (no shell), environment, working directory, timeout, and
+/// the most output a collected exec keeps (the server's default bound,
+/// [`DEFAULT_MAX_OUTPUT`](crate::exec::DEFAULT_MAX_OUTPUT), when absent).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ExecBody {
@@ -61,6 +63,8 @@ pub struct ExecBody {
     pub env: Vec<(String, String)>,
     pub workdir: Option<String>,
     pub timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_output: Option<u64>,
 }
 
 impl ExecBody {
@@ -72,6 +76,7 @@ impl ExecBody {
             timeout_ms: options
                 .timeout
                 .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)),
+            max_output: options.max_output,
         }
     }
 
@@ -80,6 +85,7 @@ impl ExecBody {
             timeout: self.timeout_ms.map(Duration::from_millis),
             env: self.env.clone(),
             workdir: self.workdir.clone(),
+            max_output: self.max_output,
         }
     }
 }
@@ -248,6 +254,9 @@ impl ErrorBody {
             }
             Error::NoSpace { path } => (507, ErrorBody::new("no_space", e, Some(path))),
             Error::NotForkable { name } => (409, ErrorBody::new("not_forkable", e, Some(name))),
+            Error::OutputTooLarge { program, .. } => {
+                (422, ErrorBody::new("output_too_large", e, Some(program)))
+            }
             Error::Unsupported(_) => (501, ErrorBody::new("unsupported", e, None)),
             Error::Unauthorized(_) => (401, ErrorBody::new("unauthorized", e, None)),
             Error::Guest { kind, .. } => {
@@ -295,6 +304,11 @@ impl ErrorBody {
             "permission_denied" => Error::PermissionDenied { path: subject },
             "no_space" => Error::NoSpace { path: subject },
             "not_forkable" => Error::NotForkable { name: subject },
+            // The limit is the client's own; it puts it back.
+            "output_too_large" => Error::OutputTooLarge {
+                program: subject,
+                limit: 0,
+            },
             "unsupported" => Error::Unsupported(message),
             "unauthorized" => Error::Unauthorized(message),
             "guest" => Error::Guest {

@@ -120,6 +120,11 @@ pub enum Error {
     /// `fork` of a machine not created with `forkable: true`.
     #[error("machine {name:?} was not created forkable (MachineConfig.forkable)")]
     NotForkable { name: String },
+    /// A collected exec's output passed its bound
+    /// ([`ExecOptions::max_output`](crate::ExecOptions::max_output)); the
+    /// command was killed.
+    #[error("the output of {program:?} passed {limit} bytes (ExecOptions::max_output); the command was killed")]
+    OutputTooLarge { program: String, limit: u64 },
     /// Not available (yet) in this engine, e.g. the cloud target.
     #[error("unsupported: {0}")]
     Unsupported(String),

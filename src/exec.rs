@@ -8,6 +8,12 @@
 //! agent itself stops answering (a hung guest) does the host give up, a grace
 //! period after the timeout, with [`Error::Timeout`].
 //!
+//!
+//! Collected output is bounded: past [`ExecOptions::max_output`] bytes of
+//! stdout and stderr together ([`DEFAULT_MAX_OUTPUT`] unless set), the
+//! command is killed and the call is [`Error::OutputTooLarge`]. A stream
+//! has no such bound: its reader takes the output as it comes.
+//!
 //! [`Machine::exec_with`]: crate::Machine::exec_with
 
 use std::pin::Pin;
@@ -20,7 +26,12 @@ use smol_protocol::ExecRequest;
 
 use crate::error::{Error, Result};
 
-/// Options of one exec: timeout, environment, working directory.
+/// The most output (stdout and stderr together) a collected exec keeps
+/// unless [`ExecOptions::max_output`] says otherwise: 64 MiB.
+pub const DEFAULT_MAX_OUTPUT: u64 = 64 << 20;
+
+/// Options of one exec: timeout, environment, working directory, and the
+/// most output a collected exec keeps.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExecOptions {
     pub timeout: Option<Duration>,
@@ -28,6 +39,9 @@ pub struct ExecOptions {
     pub env: Vec<(String, String)>,
     /// Working directory; `/` when absent.
     pub workdir: Option<String>,
+    /// Bytes of stdout and stderr together that `exec` and `run` collect
+    /// before they kill the command; [`DEFAULT_MAX_OUTPUT`] when absent.
+    pub max_output: Option<u64>,
 }
 
 impl ExecOptions {
@@ -54,6 +68,19 @@ impl ExecOptions {
     pub fn workdir(mut self, dir: impl Into<String>) -> Self {
         self.workdir = Some(dir.into());
         self
+    }
+
+    /// Kill the command and fail with [`Error::OutputTooLarge`] once a
+    /// collected exec has more than `bytes` of output (streams are not
+    /// bounded).
+    pub fn max_output(mut self, bytes: u64) -> Self {
+        self.max_output = Some(bytes);
+        self
+    }
+
+    /// The bound on collected output.
+    pub(crate) fn output_limit(&self) -> u64 {
+        self.max_output.unwrap_or(DEFAULT_MAX_OUTPUT)
     }
 
     /// Builds the protocol request, rejecting what execve cannot take.

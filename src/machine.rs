@@ -207,7 +207,7 @@ impl Machine {
         S: AsRef<str>,
     {
         let req = options.request(argv)?;
-        self.backend.exec(req).await
+        self.backend.exec(req, options.output_limit()).await
     }
 
     /// Runs `argv` and streams its output as it is produced.

@@ -32,9 +32,19 @@ pub(crate) struct RunningExec {
     timeout: Option<Duration>,
 }
 
-/// Runs `req` and collects its output; a broken connection is explained.
-pub(crate) async fn exec<L: AgentLink>(link: &L, req: ExecRequest) -> Result<ExecResult> {
-    let run = async { RunningExec::start(link, req).await?.collect().await };
+/// Runs `req` and collects up to `max_output` bytes of its output; a
+/// broken connection is explained.
+pub(crate) async fn exec<L: AgentLink>(
+    link: &L,
+    req: ExecRequest,
+    max_output: u64,
+) -> Result<ExecResult> {
+    let run = async {
+        RunningExec::start(link, req)
+            .await?
+            .collect(max_output)
+            .await
+    };
     match run.await {
         Ok(r) => Ok(r),
         Err(e) => Err(link.explain(e).await),
@@ -103,12 +113,24 @@ impl RunningExec {
         })
     }
 
-    /// Collects everything into an [`ExecResult`].
-    pub async fn collect(mut self) -> Result<ExecResult> {
+    /// Collects everything into an [`ExecResult`]; past `max_output`
+    /// bytes the connection is dropped, which makes the agent kill the
+    /// command, and the call is [`Error::OutputTooLarge`].
+    pub async fn collect(mut self, max_output: u64) -> Result<ExecResult> {
         let mut stdout = BytesMut::new();
         let mut stderr = BytesMut::new();
         loop {
-            match self.next().await? {
+            let raw = self.next().await?;
+            if let Raw::Stdout(b) | Raw::Stderr(b) = &raw {
+                let total = (stdout.len() + stderr.len()) as u64 + b.len() as u64;
+                if total > max_output {
+                    return Err(Error::OutputTooLarge {
+                        program: self.program,
+                        limit: max_output,
+                    });
+                }
+            }
+            match raw {
                 Raw::Stdout(b) => stdout.extend_from_slice(&b),
                 Raw::Stderr(b) => stderr.extend_from_slice(&b),
                 Raw::Exit(st) => {
@@ -179,6 +201,66 @@ fn exit_code(st: &ExitStatus) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Children of this process whose command line is `argv`.
+    fn children_running(argv: &[&str]) -> Vec<String> {
+        let want: Vec<u8> = argv
+            .iter()
+            .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+            .collect();
+        std::fs::read_dir("/proc/self/task")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+            .flat_map(|c| c.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+            .collect()
+    }
+
+    /// Issue 15: a guest that writes without end cannot grow the host
+    /// without bound; the command is killed at the bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn collected_output_is_bounded_and_the_command_killed() {
+        use crate::agent::loopback;
+        let t = tempfile::tempdir().unwrap();
+        let link = loopback::Link::new(t.path());
+        let opts = crate::ExecOptions::default();
+        let argv = ["cat", "/dev/zero"];
+        let e = exec(&link, opts.request(argv).unwrap(), 1 << 20)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::OutputTooLarge { program, limit } if program == "cat" && *limit == 1 << 20),
+            "{e}"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !children_running(&argv).is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            children_running(&argv),
+            Vec::<String>::new(),
+            "cat still runs"
+        );
+
+        // Right at the bound is fine; stdout and stderr count together.
+        let script = [
+            "sh",
+            "-c",
+            "head -c 600 /dev/zero; head -c 400 /dev/zero >&2",
+        ];
+        let r = exec(&link, opts.request(script).unwrap(), 1000)
+            .await
+            .unwrap();
+        assert_eq!((r.stdout.len(), r.stderr.len()), (600, 400));
+        let e = exec(&link, opts.request(script).unwrap(), 999)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::OutputTooLarge { .. }), "{e}");
+        assert_eq!(opts.output_limit(), crate::exec::DEFAULT_MAX_OUTPUT);
+        assert_eq!(opts.max_output(5).output_limit(), 5);
+    }
 
     #[test]
     fn exit_codes() {

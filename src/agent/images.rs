@@ -65,8 +65,9 @@ pub(crate) async fn run_collect<L: AgentLink>(
     argv: Vec<String>,
     options: ExecOptions,
 ) -> Result<ExecResult> {
+    let limit = options.output_limit();
     let req = container_request(link, image, argv, options).await?;
-    super::exec::exec(link, req).await
+    super::exec::exec(link, req, limit).await
 }
 
 /// The exec request of a `run`: the image's config applied, the container

@@ -48,7 +48,8 @@ pub(crate) trait Backend: Send + Sync + 'static {
     fn stop(&self) -> Call<'_, ()>;
     fn delete(&self) -> Call<'_, ()>;
 
-    fn exec(&self, req: ExecRequest) -> Call<'_, ExecResult>;
+    /// Runs `req`, collecting at most `max_output` bytes of output.
+    fn exec(&self, req: ExecRequest, max_output: u64) -> Call<'_, ExecResult>;
     fn exec_stream(&self, req: ExecRequest) -> Call<'_, ExecStream>;
 
     fn write_file<'a>(&'a self, path: &'a str, mode: Option<u32>, src: Source<'a>)

@@ -311,22 +311,28 @@ impl RemoteMachine {
             env: req.env.clone(),
             workdir: req.workdir.clone(),
             timeout_ms: req.timeout_ms,
+            max_output: None,
         }
     }
 
-    async fn exec(&self, req: ExecRequest) -> Result<ExecResult> {
+    async fn exec(&self, req: ExecRequest, max_output: u64) -> Result<ExecResult> {
         let timeout = req.timeout_ms;
-        self.exec_at("/exec", &RemoteMachine::exec_body(&req), timeout)
-            .await
+        let body = ExecBody {
+            max_output: Some(max_output),
+            ..RemoteMachine::exec_body(&req)
+        };
+        self.exec_at("/exec", &body, timeout, max_output).await
     }
 
     /// A collected exec at `rest` (`/exec`, `/run`), with a deadline past
-    /// the exec's own timeout when it has one.
+    /// the exec's own timeout when it has one; `max_output` is the bound the
+    /// body asks for (the server's error does not carry it).
     async fn exec_at(
         &self,
         rest: &str,
         body: &impl serde::Serialize,
         timeout_ms: Option<u64>,
+        max_output: u64,
     ) -> Result<ExecResult> {
         let path = self.path(rest);
         let deadline = timeout_ms.map(|ms| Duration::from_millis(ms) + EXEC_GRACE);
@@ -340,7 +346,13 @@ impl RemoteMachine {
                 }
             })
             .await?;
-        json::<ExecResultBody>(r).await?.into_result()
+        match json::<ExecResultBody>(r).await {
+            Err(Error::OutputTooLarge { program, .. }) => Err(Error::OutputTooLarge {
+                program,
+                limit: max_output,
+            }),
+            r => r?.into_result(),
+        }
     }
 
     async fn exec_stream(&self, req: ExecRequest) -> Result<ExecStream> {
@@ -624,8 +636,8 @@ impl Backend for RemoteMachine {
         RemoteMachine::delete(self).boxed()
     }
 
-    fn exec(&self, req: ExecRequest) -> Call<'_, ExecResult> {
-        RemoteMachine::exec(self, req).boxed()
+    fn exec(&self, req: ExecRequest, max_output: u64) -> Call<'_, ExecResult> {
+        RemoteMachine::exec(self, req, max_output).boxed()
     }
 
     fn exec_stream(&self, req: ExecRequest) -> Call<'_, ExecStream> {
@@ -672,7 +684,8 @@ impl Backend for RemoteMachine {
                 .timeout
                 .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
             let body = RemoteMachine::run_body(image, argv, &options);
-            self.exec_at("/run", &body, timeout).await
+            self.exec_at("/run", &body, timeout, options.output_limit())
+                .await
         }
         .boxed()
     }

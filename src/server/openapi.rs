@@ -232,7 +232,8 @@ pub fn document() -> Value {
                         "argv": {"type": "array", "items": {"type": "string"}},
                         "env": {"type": "array", "items": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2}},
                         "workdir": {"type": "string", "nullable": true},
-                        "timeout_ms": {"type": "integer", "minimum": 0, "nullable": true}
+                        "timeout_ms": {"type": "integer", "minimum": 0, "nullable": true},
+                        "max_output": {"type": "integer", "minimum": 0, "nullable": true}
                     }
                 },
                 "Run": {

@@ -611,8 +611,8 @@ impl Backend for LocalMachine {
         LocalMachine::delete(self).boxed()
     }
 
-    fn exec(&self, req: ExecRequest) -> Call<'_, ExecResult> {
-        agent::exec::exec(self, req).boxed()
+    fn exec(&self, req: ExecRequest, max_output: u64) -> Call<'_, ExecResult> {
+        agent::exec::exec(self, req, max_output).boxed()
     }
 
     fn exec_stream(&self, req: ExecRequest) -> Call<'_, ExecStream> {
