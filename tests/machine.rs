@@ -140,6 +140,56 @@ fn config_errors_need_no_boot() {
             Ok(())
         })
         .await;
+        c.run(
+            "records that cannot be read are listed as such, by smol ls too, and kept",
+            async {
+                let machines = home.path().join("machines");
+                let mut disks = Vec::new();
+                for (name, record) in [
+                    ("torn", &b"{\"version\": 1, \"na"[..]),
+                    (
+                        "newer",
+                        &br#"{"version": 99, "config": {"persistent": false}}"#[..],
+                    ),
+                ] {
+                    let dir = machines.join(name);
+                    std::fs::create_dir_all(&dir).ctx("mkdir")?;
+                    std::fs::write(dir.join("machine.json"), record).ctx("record")?;
+                    std::fs::write(dir.join("disk.img"), b"precious").ctx("disk")?;
+                    disks.push(dir.join("disk.img"));
+                }
+                let list = Machine::list_with(o.clone()).await.ctx("list")?;
+                let seen: Vec<(&str, Option<&str>)> = list
+                    .iter()
+                    .map(|m| (m.name.as_str(), m.unreadable.as_deref()))
+                    .collect();
+                ensure!(
+                    matches!(&seen[..], [("newer", Some(n)), ("torn", Some(t))]
+                        if n.contains("record version 99") && t.contains("unreadable record")),
+                    "listed: {seen:?}"
+                );
+                let (code, out, err) = smol_out(home.path(), &["ls"]).await?;
+                ensure!(
+                    code == Some(0)
+                        && out.contains("newer\tunreadable\tfalse")
+                        && out.contains("torn\tunreadable\ttrue")
+                        && err.contains("record version 99"),
+                    "smol ls: {code:?} {out:?} {err:?}"
+                );
+                for disk in &disks {
+                    let kept = std::fs::read(disk).ctx("read the disk back")?;
+                    ensure!(kept == b"precious", "{} changed", disk.display());
+                }
+                let e = Machine::connect_with("torn", o.clone()).await.unwrap_err();
+                ensure!(
+                    matches!(e, Error::Store { .. }),
+                    "connect to a torn record: {e}"
+                );
+                std::fs::remove_dir_all(&machines).ctx("clean up")?;
+                Ok(())
+            },
+        )
+        .await;
         c.run("nothing was created", async {
             let n = std::fs::read_dir(home.path().join("machines"))
                 .map(|d| {
@@ -243,7 +293,8 @@ fn background_owner(pid: u32) -> bool {
 /// this process too, is then killed with SIGKILL.
 async fn killed_owner(home: &std::path::Path, o: &ConnectOptions) -> CheckResult {
     let script = "echo synced before the kill > /root/killed.txt && sync \
-        && echo synced $(cat /proc/sys/kernel/random/boot_id) && exec sleep 100000";
+        && echo synced $(cat /proc/sys/kernel/random/boot_id) $(cat /etc/smol-marker) \
+        && exec sleep 100000";
     let exec_args = ["exec", "e2e-a", "--", "sh", "-c", script];
     let booting = async {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -267,7 +318,14 @@ async fn killed_owner(home: &std::path::Path, o: &ConnectOptions) -> CheckResult
     let (code, _, err) = started?;
     ensure!(code == Some(0), "smol start: {code:?} {err:?}");
     let (booting, (mut execd, exec_pid, line)) = execd?;
-    let boot_id = line["synced ".len()..].to_string();
+    let (boot_id, marker) = line["synced ".len()..]
+        .split_once(' ')
+        .ok_or(format!("smol exec printed {line:?}"))?;
+    ensure!(
+        marker == "still here",
+        "the file written before this process's drop, read by smol exec: {marker:?}"
+    );
+    let boot_id = boot_id.to_string();
     let seen = listed(o, "e2e-a").await?;
     let Some(pid) = seen.owner_pid else {
         return Err(format!("no owner: {seen:?}"));
