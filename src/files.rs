@@ -38,8 +38,16 @@ pub(crate) fn check_mode(mode: Option<u32>) -> Result<()> {
     }
 }
 
+/// The most [`FileStream::bytes`] collects of a file whose size is not
+/// known up front (procfs and sysfs files say 0): 64 MiB.
+pub const MAX_UNSIZED_READ: u64 = 64 << 20;
+
 /// A guest file being read: a `Stream` of chunks (at most 64 KiB each).
 /// [`FileStream::into_reader`] turns it into a tokio `AsyncRead`.
+///
+/// The size is the agent's word, and held to it: past a non-zero size the
+/// stream ends with an error (a file that grows while it is read is cut at
+/// its size by the agent). Size 0 means unknown (procfs).
 pub struct FileStream {
     size: u64,
     mode: u32,
@@ -49,6 +57,11 @@ pub struct FileStream {
 impl FileStream {
     /// A file's chunks from whichever engine reads it.
     pub(crate) fn new(size: u64, mode: u32, inner: BoxStream<'static, Result<Bytes>>) -> Self {
+        let inner = if size == 0 {
+            inner
+        } else {
+            held_to(size, inner)
+        };
         FileStream { size, mode, inner }
     }
 
@@ -62,12 +75,18 @@ impl FileStream {
         self.mode
     }
 
-    /// All of it in memory.
+    /// All of it in memory: at most its size, or [`MAX_UNSIZED_READ`]
+    /// when the size is not known.
     pub async fn bytes(mut self) -> Result<Bytes> {
         // The size is the agent's word: cap the up-front reservation.
         let mut out = Vec::with_capacity(self.size.min(64 << 20) as usize);
         while let Some(chunk) = self.inner.next().await {
             out.extend_from_slice(&chunk?);
+            if self.size == 0 && out.len() as u64 > MAX_UNSIZED_READ {
+                return Err(Error::Protocol(format!(
+                    "a file of unknown size passed {MAX_UNSIZED_READ} bytes; read it with read_file_stream"
+                )));
+            }
         }
         Ok(Bytes::from(out))
     }
@@ -78,6 +97,29 @@ impl FileStream {
             chunk: Bytes::new(),
         }
     }
+}
+
+/// `inner`, ended with an error once it has yielded more than `size` bytes.
+fn held_to(
+    size: u64,
+    mut inner: BoxStream<'static, Result<Bytes>>,
+) -> BoxStream<'static, Result<Bytes>> {
+    async_stream::stream! {
+        let mut seen = 0u64;
+        while let Some(chunk) = inner.next().await {
+            if let Ok(c) = &chunk {
+                seen = seen.saturating_add(c.len() as u64);
+                if seen > size {
+                    yield Err(Error::Protocol(format!(
+                        "the agent sent more than the {size} bytes it announced for the file"
+                    )));
+                    break;
+                }
+            }
+            yield chunk;
+        }
+    }
+    .boxed()
 }
 
 impl Stream for FileStream {
@@ -143,6 +185,30 @@ mod tests {
         check_mode(Some(0o4755)).unwrap();
         check_mode(None).unwrap();
         assert!(check_mode(Some(0o10000)).is_err());
+    }
+
+    /// Issue 15: an agent that sends more than it announced is cut off.
+    #[tokio::test]
+    async fn a_stream_is_held_to_its_announced_size() {
+        let chunks = |n: usize| {
+            futures::stream::iter((0..n).map(|_| Ok(Bytes::from_static(b"0123456789")))).boxed()
+        };
+        let b = FileStream::new(30, 0o644, chunks(3)).bytes().await.unwrap();
+        assert_eq!(b.len(), 30);
+        let e = FileStream::new(25, 0o644, chunks(1_000_000))
+            .bytes()
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("more than the 25 bytes"), "{e}");
+        // Unknown size (procfs): streamed as it comes, collected up to a cap.
+        let b = FileStream::new(0, 0o444, chunks(5)).bytes().await.unwrap();
+        assert_eq!(b.len(), 50);
+        let endless = futures::stream::repeat_with(|| Ok(Bytes::from(vec![0u8; 1 << 20])));
+        let e = FileStream::new(0, 0o444, endless.boxed())
+            .bytes()
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown size"), "{e}");
     }
 
     #[tokio::test]

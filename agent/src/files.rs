@@ -209,14 +209,25 @@ pub fn serve_write<S: Duplex>(
     Ok(())
 }
 
+/// Opens a regular file for `ReadFile`: its size and mode as of the open.
+/// Anything else (a device such as /dev/zero, which never ends, a FIFO, a
+/// socket; also behind a symlink) is refused. The type is checked on the
+/// opened file, so swapping the path afterwards changes nothing; the open
+/// does not block (O_NONBLOCK: a FIFO would wait for a writer) and takes
+/// no controlling terminal.
 fn open_for_read(path: &str) -> Result<(File, u64, u32), AgentError> {
     let p = check_path(path)?;
-    let meta = std::fs::metadata(p).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => {
-            AgentError::new(ErrorKind::NotFound, format!("file not found: {path}"))
-        }
-        _ => io_error(&e, path),
-    })?;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(p)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => {
+                AgentError::new(ErrorKind::NotFound, format!("file not found: {path}"))
+            }
+            _ => io_error(&e, path),
+        })?;
+    let meta = f.metadata().map_err(|e| io_error(&e, path))?;
     let ft = meta.file_type();
     if ft.is_dir() {
         return Err(AgentError::new(
@@ -224,16 +235,32 @@ fn open_for_read(path: &str) -> Result<(File, u64, u32), AgentError> {
             format!("path is a directory: {path}"),
         ));
     }
-    if ft.is_fifo() || ft.is_socket() {
-        return Err(invalid(format!("not a regular file: {path}")));
+    if !ft.is_file() {
+        return Err(invalid(format!(
+            "not a regular file: {path} (a {})",
+            kind_of(&ft)
+        )));
     }
-    let f = File::open(p).map_err(|e| io_error(&e, path))?;
     Ok((f, meta.len(), meta.permissions().mode() & 0o7777))
+}
+
+fn kind_of(ft: &std::fs::FileType) -> &'static str {
+    if ft.is_char_device() {
+        "character device"
+    } else if ft.is_block_device() {
+        "block device"
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_socket() {
+        "socket"
+    } else {
+        "special file"
+    }
 }
 
 /// Serves `ReadFile`: `FileInfo`, then Data frames and Eof (or `Error`).
 pub fn serve_read<S: Duplex>(conn: &mut S, path: &str) -> Result<(), ServeError> {
-    let (mut file, size, mode) = match open_for_read(path) {
+    let (file, size, mode) = match open_for_read(path) {
         Ok(x) => x,
         Err(e) => {
             send_error(conn, &e)?;
@@ -242,6 +269,13 @@ pub fn serve_read<S: Duplex>(conn: &mut S, path: &str) -> Result<(), ServeError>
     };
     send_response(conn, &Response::FileInfo { size, mode })?;
     let mut buf = vec![0u8; DATA_CHUNK];
+    // The size announced is what is sent (a file that grows meanwhile is
+    // cut there); 0 is what procfs and sysfs announce: read to the end.
+    let mut file: Box<dyn Read> = if size > 0 {
+        Box::new(file.take(size))
+    } else {
+        Box::new(file)
+    };
     loop {
         match file.read(&mut buf) {
             Ok(0) => break,

@@ -195,6 +195,30 @@ fn read_errors_are_named() {
     assert_eq!(e.kind, ErrorKind::InvalidArgument);
 }
 
+/// Issue 15: devices (endless ones included), FIFOs and sockets are
+/// refused, also behind a symlink, and the open never blocks.
+#[test]
+fn read_of_a_special_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let link = dir.path().join("zero-link");
+    std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+    for (path, kind) in [
+        ("/dev/zero".to_string(), "character device"),
+        (link.to_str().unwrap().to_string(), "character device"),
+        (fifo.to_str().unwrap().to_string(), "FIFO"),
+    ] {
+        let e = read(&path).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument, "{path}");
+        assert!(
+            e.message.contains("not a regular file") && e.message.contains(kind),
+            "{path}: {}",
+            e.message
+        );
+    }
+}
+
 #[test]
 fn read_of_a_proc_file_streams_its_contents() {
     // Size 0 in stat, yet it has contents: reading goes to EOF.
