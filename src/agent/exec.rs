@@ -71,7 +71,8 @@ impl RunningExec {
         let deadline = timeout.map(|t| Instant::now() + t + HOST_GRACE);
         let program = req.argv[0].clone();
         let mut conn = link.request(&Request::Exec(req)).await?;
-        let pid = match conn.response(None).await? {
+        let step = format!("the start of {program:?}");
+        let pid = match conn.response_within(None, &step).await? {
             Response::Started { pid } => pid,
             other => return Err(unexpected("exec", &other)),
         };

@@ -8,7 +8,7 @@ use futures::stream::StreamExt;
 use smol_protocol::{asyncio, AgentError, FrameKind, Request, Response, DATA_CHUNK};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::{parse, unexpected, AgentLink};
+use super::{answer_timeout, parse, unexpected, within, AgentLink};
 use crate::error::{Error, Result};
 use crate::files::FileStream;
 
@@ -44,14 +44,10 @@ where
             if n == 0 {
                 break;
             }
-            asyncio::write_frame(&mut wr, FrameKind::Data, &buf[..n])
-                .await
-                .map_err(|e| Error::from_protocol(e, &machine))?;
+            send_frame(&mut wr, FrameKind::Data, &buf[..n], &machine, path).await?;
             total += n as u64;
         }
-        asyncio::write_frame(&mut wr, FrameKind::Eof, &[])
-            .await
-            .map_err(|e| Error::from_protocol(e, &machine))?;
+        send_frame(&mut wr, FrameKind::Eof, &[], &machine, path).await?;
         Ok::<u64, Error>(total)
     };
     let answer = async {
@@ -88,7 +84,8 @@ where
         },
         sent = &mut send => match sent {
             Ok(total) => {
-                let size = answer.await?;
+                let what = || format!("write_file of {path} on machine {machine:?} (the agent did not confirm it)");
+                let size = within(answer_timeout(), what, answer).await?;
                 if size != total {
                     return Err(Error::Protocol(format!("sent {total} bytes, the agent wrote {size}")));
                 }
@@ -107,6 +104,24 @@ where
             },
         },
     }
+}
+
+/// One frame of an upload; a guest that takes none of it within
+/// [`ANSWER_TIMEOUT`] is a timeout.
+async fn send_frame(
+    wr: &mut tokio::net::unix::WriteHalf<'_>,
+    kind: FrameKind,
+    payload: &[u8],
+    machine: &str,
+    path: &str,
+) -> Result<()> {
+    let sent = async {
+        asyncio::write_frame(wr, kind, payload)
+            .await
+            .map_err(|e| Error::from_protocol(e, machine))
+    };
+    let what = || format!("write_file of {path} on machine {machine:?} (the guest took no data)");
+    within(answer_timeout(), what, sent).await
 }
 
 /// [`upload`], a broken connection explained by the machine's state.
@@ -149,14 +164,18 @@ pub(crate) async fn download(link: &impl AgentLink, path: &str) -> Result<FileSt
             path: path.to_string(),
         })
         .await?;
-    let (size, mode) = match conn.response(Some(path)).await? {
+    let (size, mode) = match conn
+        .response_within(Some(path), &format!("read_file of {path}"))
+        .await?
+    {
         Response::FileInfo { size, mode } => (size, mode),
         other => return Err(unexpected("read_file", &other)),
     };
     let path = path.to_string();
+    let step = format!("reading {path}");
     let inner = async_stream::stream! {
         loop {
-            let f = match conn.next().await {
+            let f = match conn.next_within(&step).await {
                 Ok(f) => f,
                 Err(e) => { yield Err(e); break; }
             };

@@ -17,13 +17,18 @@ use futures::{StreamExt, TryStreamExt};
 use smol_protocol::{AgentError, FrameKind, Request, Response, DATA_CHUNK};
 use tokio::io::AsyncReadExt;
 
-use super::{parse, unexpected, AgentLink};
+use super::{parse, unexpected, within, AgentLink};
 use crate::error::{Error, GuestErrorKind, Result};
 use crate::exec::{ExecOptions, ExecResult};
 use crate::image::{
     BlobStore, ContainerSpec, Descriptor, Digest, ImageError, ImageInfo, ImageRecord,
     ImageResolver, ImageSource, ProgressFn, PullEvent, PROGRESS_STEP,
 };
+
+/// Longest wait for the agent to confirm a layer after its last byte: it
+/// may still be writing the layer's last files (minutes for a large layer
+/// where the guest kernel is emulated).
+const LAYER_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Layers sent to one machine at once.
 const CONCURRENT_SENDS: usize = 2;
@@ -123,7 +128,7 @@ async fn ask<L: AgentLink, T>(
 ) -> Result<T> {
     let asked = async {
         let mut conn = link.request(&req).await?;
-        pick(conn.response(None).await?).map_err(|other| unexpected(what, &other))
+        pick(conn.response_within(None, what).await?).map_err(|other| unexpected(what, &other))
     };
     match asked.await {
         Ok(t) => Ok(t),
@@ -302,8 +307,10 @@ async fn send_layer<L: AgentLink>(
             }
         }
         conn.write(FrameKind::Eof, &[]).await?;
-        // Read the answer raw: image errors get their own names.
-        let f = conn.next().await?;
+        // Read the answer raw: image errors get their own names. The agent
+        // may still be unpacking the layer's last files.
+        let step = format!("storing layer {digest}");
+        let f = within(LAYER_ANSWER_TIMEOUT, || step, conn.next()).await?;
         match f.kind {
             FrameKind::Response => match parse::<Response>(&f, "response")? {
                 Response::LayerStored { .. } => Ok(()),

@@ -28,6 +28,45 @@ const MAX_REPLY: usize = 64;
 /// cores); past this the guest is not answering.
 const ACCEPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
+/// Longest wait for what the agent does at once: answer a request that
+/// needs no long work (a program started, a file's size, an image record),
+/// take the next frame of a transfer, send the next chunk of a file. A
+/// guest past it is not answering, and the call is [`Error::Timeout`]
+/// naming the step.
+pub(crate) const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+#[cfg(test)]
+thread_local! {
+    /// A shorter [`ANSWER_TIMEOUT`] for the tests of this thread (a
+    /// current-thread runtime runs all of a test's futures here).
+    pub(crate) static TEST_ANSWER_TIMEOUT: std::cell::Cell<Option<std::time::Duration>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// [`ANSWER_TIMEOUT`] (shorter in tests that set it).
+pub(crate) fn answer_timeout() -> std::time::Duration {
+    #[cfg(test)]
+    if let Some(t) = TEST_ANSWER_TIMEOUT.with(|t| t.get()) {
+        return t;
+    }
+    ANSWER_TIMEOUT
+}
+
+/// `fut`, or [`Error::Timeout`] for `what` after `limit`.
+pub(crate) async fn within<T>(
+    limit: std::time::Duration,
+    what: impl FnOnce() -> String,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout {
+            what: what(),
+            after: limit,
+        }),
+    }
+}
+
 /// Why the vsock handshake failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum HandshakeError {
@@ -122,10 +161,21 @@ impl AgentConnection {
         }
     }
 
+    /// Sends a frame; a guest that takes none of it within
+    /// [`ANSWER_TIMEOUT`] is a timeout.
     pub async fn write(&mut self, kind: FrameKind, payload: &[u8]) -> Result<()> {
-        asyncio::write_frame(&mut self.stream, kind, payload)
-            .await
-            .map_err(|e| Error::from_protocol(e, &self.machine))
+        let machine = &self.machine;
+        let sent = async {
+            asyncio::write_frame(&mut self.stream, kind, payload)
+                .await
+                .map_err(|e| Error::from_protocol(e, machine))
+        };
+        within(
+            answer_timeout(),
+            || format!("sending to the agent of machine {machine:?} (it took nothing)"),
+            sent,
+        )
+        .await
     }
 
     /// The next frame; the agent closing the connection is an error here
@@ -152,6 +202,25 @@ impl AgentConnection {
                 "expected a response frame, got {other:?}"
             ))),
         }
+    }
+
+    /// [`response`](Self::response) within [`ANSWER_TIMEOUT`]; `step`
+    /// names what was waited for in the timeout.
+    pub async fn response_within(&mut self, path: Option<&str>, step: &str) -> Result<Response> {
+        let what = format!(
+            "{step} on machine {:?} (the agent did not answer)",
+            self.machine
+        );
+        within(answer_timeout(), || what, self.response(path)).await
+    }
+
+    /// [`next`](Self::next) within [`ANSWER_TIMEOUT`].
+    pub async fn next_within(&mut self, step: &str) -> Result<Frame> {
+        let what = format!(
+            "{step} on machine {:?} (the agent sent nothing)",
+            self.machine
+        );
+        within(answer_timeout(), || what, self.next()).await
     }
 
     pub fn machine(&self) -> &str {
@@ -386,6 +455,66 @@ mod tests {
             }
         });
         (t, path)
+    }
+
+    /// A guest that accepts every connection and then says nothing, nor
+    /// reads anything: `<dir>/vsock.sock`.
+    fn silent_guest(dir: &Path) -> PathBuf {
+        let path = dir.join("vsock.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { return };
+                let mut b = [0u8; 1];
+                while std::io::Read::read(&mut s, &mut b).unwrap_or(0) == 1 && b[0] != b'\n' {}
+                let _ = std::io::Write::write_all(&mut s, b"OK 1024\n");
+                held.push(s);
+            }
+        });
+        path
+    }
+
+    /// Issue 15: every call to a guest that stops answering ends with a
+    /// timeout naming the step, instead of waiting forever.
+    #[tokio::test]
+    async fn a_silent_guest_times_out_naming_the_step() {
+        let t = tempfile::tempdir().unwrap();
+        let link = loopback::Link {
+            uds: silent_guest(t.path()),
+            root: t.path().join("images"),
+        };
+        TEST_ANSWER_TIMEOUT.with(|c| c.set(Some(std::time::Duration::from_millis(300))));
+        let timed_out = |e: Error, step: &str| match e {
+            Error::Timeout { what, .. } if what.contains(step) => {}
+            other => panic!("{step}: {other}"),
+        };
+        let req = crate::ExecOptions::default().request(["true"]).unwrap();
+        timed_out(
+            exec::exec(&link, req, 1 << 20).await.unwrap_err(),
+            "the start of \"true\"",
+        );
+        timed_out(
+            files::download(&link, "/etc/hostname").await.unwrap_err(),
+            "read_file of /etc/hostname",
+        );
+        // Small enough to sit in the socket's buffer: then no confirmation.
+        timed_out(
+            files::upload(&link, "/x", None, &b"abc"[..])
+                .await
+                .unwrap_err(),
+            "did not confirm",
+        );
+        // Too much for the buffer: the guest takes no data.
+        let big = vec![0u8; 16 << 20];
+        timed_out(
+            files::upload(&link, "/x", None, &big[..])
+                .await
+                .unwrap_err(),
+            "took no data",
+        );
+        timed_out(images::list_images(&link).await.unwrap_err(), "list images");
+        TEST_ANSWER_TIMEOUT.with(|c| c.set(None));
     }
 
     #[tokio::test]
