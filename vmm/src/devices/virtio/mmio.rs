@@ -6,7 +6,9 @@
 //! never leaves the kernel) and one irqfd for the interrupt line. The driver
 //! negotiates features and sets the queues up through registers; DRIVER_OK
 //! hands the queues to the device ([`VirtioDevice::activate`]), a status of
-//! 0 resets it.
+//! 0 resets it. DEVICE_NEEDS_RESET is not the driver's to write: it reads
+//! back while the [`Interrupt`]'s needs-reset flag is set (by a failed
+//! activation, or by the device itself) and a reset clears it.
 //!
 //! Every register access is guest controlled: unknown offsets, odd sizes and
 //! out-of-order writes are ignored (logged at debug), never a panic.
@@ -98,6 +100,10 @@ pub enum Error {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransportState {
     pub device_type: u32,
+    /// The Status register as the driver reads it: DEVICE_NEEDS_RESET in
+    /// it is the device's needs-reset flag, so a stopped device stays
+    /// stopped after a restore (and a state of an older monitor, which had
+    /// the bit only after a failed activation, means the same).
     pub status: u32,
     pub driver_features: u64,
     pub device_features_sel: u32,
@@ -211,9 +217,13 @@ impl MmioTransport {
         &self.interrupt
     }
 
-    /// The current device status register.
+    /// The device status register, as the driver reads it.
     pub fn status(&self) -> u32 {
-        self.status
+        if self.interrupt.needs_reset() {
+            self.status | STATUS_DEVICE_NEEDS_RESET
+        } else {
+            self.status
+        }
     }
 
     /// Saves the registers and the device's queues; the device finishes
@@ -232,7 +242,7 @@ impl MmioTransport {
         drop(device);
         TransportState {
             device_type: self.device_type,
-            status: self.status,
+            status: self.status(),
             driver_features: self.driver_features,
             device_features_sel: self.device_features_sel,
             driver_features_sel: self.driver_features_sel,
@@ -303,13 +313,18 @@ impl MmioTransport {
             _ => return Err(fail("device queues do not match the device status".into())),
         };
         self.queues = registers;
-        self.status = state.status;
+        // The bit goes back to the flag, which the device reads too: set
+        // before `activate` below, so it never uses its restored queues.
+        self.status = state.status & !STATUS_DEVICE_NEEDS_RESET;
         self.driver_features = state.driver_features;
         self.device_features_sel = state.device_features_sel;
         self.driver_features_sel = state.driver_features_sel;
         self.queue_sel = state.queue_sel;
         self.config_generation = state.config_generation;
-        self.interrupt.set_status(state.interrupt_status);
+        self.interrupt.restore(
+            state.interrupt_status,
+            state.status & STATUS_DEVICE_NEEDS_RESET != 0,
+        );
         let mut device = lock(&self.device);
         if state.status & STATUS_FEATURES_OK != 0 {
             device.set_acked_features(state.driver_features);
@@ -354,7 +369,7 @@ impl MmioTransport {
             REG_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size() as u32),
             REG_QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready() as u32),
             REG_INTERRUPT_STATUS => self.interrupt.status(),
-            REG_STATUS => self.status,
+            REG_STATUS => self.status(),
             // No shared memory regions: length and base read as all ones.
             REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH | REG_SHM_BASE_LOW | REG_SHM_BASE_HIGH => u32::MAX,
             REG_CONFIG_GENERATION => self.config_generation,
@@ -431,6 +446,9 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        // Linux writes back what it read plus one bit, so DEVICE_NEEDS_RESET
+        // comes along; it stays the device's (the flag), never the driver's.
+        let mut value = value & !STATUS_DEVICE_NEEDS_RESET;
         // The driver only ever adds bits; anything else is ignored.
         if value & self.status != self.status {
             tracing::debug!(
@@ -440,7 +458,6 @@ impl MmioTransport {
             );
             return;
         }
-        let mut value = value;
         let newly = value & !self.status;
 
         if newly & STATUS_FEATURES_OK != 0 {
@@ -459,6 +476,11 @@ impl MmioTransport {
                 tracing::debug!("driver ok before features ok");
                 return;
             }
+            if self.interrupt.needs_reset() {
+                // A failed activation is only retried after a reset.
+                tracing::debug!("driver ok while the device needs a reset");
+                return;
+            }
             tracing::debug!(
                 device_type = self.device_type,
                 features = self.driver_features,
@@ -466,10 +488,10 @@ impl MmioTransport {
             );
             if let Err(reason) = self.activate() {
                 tracing::warn!(device_type = self.device_type, %reason, "virtio device activation failed");
-                value = (value & !STATUS_DRIVER_OK) | STATUS_DEVICE_NEEDS_RESET;
-                self.status = value;
-                self.config_generation = self.config_generation.wrapping_add(1);
-                let _ = self.interrupt.signal_config_change();
+                self.status = value & !STATUS_DRIVER_OK;
+                if let Err(e) = self.interrupt.signal_needs_reset() {
+                    tracing::warn!(error = %e, "cannot interrupt the driver");
+                }
                 return;
             }
         }
@@ -525,7 +547,10 @@ impl MmioTransport {
         self.driver_features_sel = 0;
         self.driver_features = 0;
         self.queue_sel = 0;
-        self.interrupt.ack(u32::MAX);
+        // After the device's own reset, which dropped its queues: it cannot
+        // set the flag again behind us. (One that refused the reset has
+        // its next activation fail, which sets the flag anew.)
+        self.interrupt.reset();
     }
 }
 
@@ -570,7 +595,9 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::{ActivateError, TYPE_BLOCK};
+    use crate::devices::virtio::{
+        ActivateError, TYPE_BLOCK, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
+    };
     use vm_memory::GuestAddress;
 
     /// What a device saw of one queue at activation: desc, avail, used,
@@ -584,6 +611,9 @@ mod tests {
         acked: u64,
         config: [u8; 8],
         activated: Option<Vec<QueueSeen>>,
+        /// The queues and the line it was given, to report from.
+        queues: Vec<QueueState>,
+        interrupt: Option<Interrupt>,
         refuse: bool,
         resets: usize,
     }
@@ -624,6 +654,8 @@ mod tests {
             }
             queues[0].notify.write(1).unwrap();
             interrupt.signal_used_queue().unwrap();
+            self.queues = queues.iter().map(|q| q.queue.state()).collect();
+            self.interrupt = Some(interrupt);
             self.activated = Some(
                 queues
                     .iter()
@@ -650,7 +682,7 @@ mod tests {
             self.activated.is_some()
         }
         fn quiesce_queues(&mut self) -> Option<Vec<QueueState>> {
-            None
+            self.activated.as_ref().map(|_| self.queues.clone())
         }
     }
 
@@ -837,6 +869,122 @@ mod tests {
         assert!(dev.lock().unwrap().activated.is_none());
         assert_eq!(r(&mut t, REG_INTERRUPT_STATUS) & 2, 2);
         assert_eq!(irq.read().unwrap(), 1);
+
+        // A fixed queue is not retried before a reset; after one it is.
+        setup_queue(&mut t, 0, 256, 0x1_0000);
+        w(&mut t, REG_STATUS, ALL_OK);
+        assert!(dev.lock().unwrap().activated.is_none());
+        w(&mut t, REG_STATUS, 0);
+        assert_eq!(r(&mut t, REG_STATUS), 0);
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 0, 256, 0x1_0000);
+        w(&mut t, REG_STATUS, ALL_OK);
+        assert_eq!(r(&mut t, REG_STATUS), ALL_OK);
+        assert!(dev.lock().unwrap().activated.is_some());
+    }
+
+    /// Brings the rig's device up with queue 0, its activation interrupt
+    /// read and acked, and returns the line the device was given.
+    fn running(rig: &mut Rig) -> Interrupt {
+        negotiate(&mut rig.t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut rig.t, 0, 256, 0x1_0000);
+        w(&mut rig.t, REG_STATUS, ALL_OK);
+        assert_eq!(rig.irq.read().unwrap(), 1);
+        w(&mut rig.t, REG_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        rig.dev.lock().unwrap().interrupt.clone().unwrap()
+    }
+
+    /// A running device that finds the driver broke the protocol says so
+    /// through its line: the driver reads DEVICE_NEEDS_RESET in Status,
+    /// gets a configuration-change interrupt, and the bit stays until it
+    /// resets the device.
+    #[test]
+    fn device_signalled_needs_reset_shows_until_reset() {
+        let mut rig = rig();
+        let line = running(&mut rig);
+        let Rig {
+            mut t, dev, irq, ..
+        } = rig;
+        // Not the driver's bit to set.
+        w(&mut t, REG_STATUS, ALL_OK | STATUS_DEVICE_NEEDS_RESET);
+        assert_eq!(r(&mut t, REG_STATUS), ALL_OK);
+        line.signal_needs_reset().unwrap();
+        line.signal_needs_reset().unwrap();
+        assert_eq!(r(&mut t, REG_STATUS), ALL_OK | STATUS_DEVICE_NEEDS_RESET);
+        assert_eq!(r(&mut t, REG_INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(irq.read().unwrap(), 1, "one interrupt for one error");
+
+        // Linux adds a status bit by writing back what it read plus the
+        // bit: accepted, and the device's bit is still the device's.
+        let failed = ALL_OK | STATUS_DEVICE_NEEDS_RESET | STATUS_FAILED;
+        w(&mut t, REG_STATUS, failed);
+        assert_eq!(r(&mut t, REG_STATUS), failed);
+        assert_eq!(t.save_state().status, failed);
+
+        w(&mut t, REG_STATUS, 0);
+        assert_eq!(r(&mut t, REG_STATUS), 0);
+        assert_eq!(r(&mut t, REG_INTERRUPT_STATUS), 0);
+        assert!(!line.needs_reset());
+        assert_eq!(dev.lock().unwrap().resets, 1);
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 0, 256, 0x1_0000);
+        w(&mut t, REG_STATUS, ALL_OK);
+        assert_eq!(r(&mut t, REG_STATUS), ALL_OK, "set up again, it runs");
+    }
+
+    /// A device stopped over a driver error stays stopped after a restore:
+    /// the saved Status holds DEVICE_NEEDS_RESET and the restored device
+    /// gets a line with the flag already set. A state saved after a failed
+    /// activation (the only way an older monitor set the bit) means the
+    /// same.
+    #[test]
+    fn needs_reset_survives_a_snapshot() {
+        let mut from = rig();
+        running(&mut from).signal_needs_reset().unwrap();
+        let state = from.t.save_state();
+        assert_eq!(state.status, ALL_OK | STATUS_DEVICE_NEEDS_RESET);
+        assert_ne!(state.interrupt_status & VIRTIO_MMIO_INT_CONFIG, 0);
+
+        let Rig { mut t, dev, .. } = rig();
+        t.restore_state(&state).unwrap();
+        let line = dev.lock().unwrap().interrupt.clone().unwrap();
+        assert!(line.needs_reset(), "the restored device would run again");
+        assert_eq!(r(&mut t, REG_STATUS), ALL_OK | STATUS_DEVICE_NEEDS_RESET);
+        // The probe raised the used-ring bit again when it was activated.
+        let again = t.save_state();
+        assert_eq!(
+            again.interrupt_status,
+            state.interrupt_status | VIRTIO_MMIO_INT_VRING
+        );
+        assert_eq!(
+            TransportState {
+                interrupt_status: state.interrupt_status,
+                ..again
+            },
+            state
+        );
+        w(&mut t, REG_STATUS, 0);
+        assert!(!line.needs_reset());
+
+        let Rig { t: mut from, .. } = rig();
+        negotiate(&mut from, VIRTIO_F_VERSION_1);
+        setup_queue(&mut from, 0, 256, 0xfff0_0000);
+        w(&mut from, REG_STATUS, ALL_OK);
+        let state = from.save_state();
+        assert_eq!(
+            state.status,
+            (ALL_OK & !STATUS_DRIVER_OK) | STATUS_DEVICE_NEEDS_RESET
+        );
+        let Rig { mut t, dev, .. } = rig();
+        t.restore_state(&state).unwrap();
+        assert_eq!(r(&mut t, REG_STATUS), state.status);
+        w(&mut t, REG_STATUS, ALL_OK);
+        assert!(
+            dev.lock().unwrap().activated.is_none(),
+            "activated before a reset"
+        );
+        w(&mut t, REG_STATUS, 0);
+        assert_eq!(r(&mut t, REG_STATUS), 0);
     }
 
     #[test]

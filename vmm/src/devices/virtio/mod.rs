@@ -8,13 +8,18 @@
 //! and must not block: it stores the queues and wakes the device's subscriber
 //! (for instance by writing an activation `EventFd`), which then registers
 //! the queue notification fds with the event loop.
+//!
+//! A device that finds the driver broke the protocol in a way it cannot
+//! recover from calls [`Interrupt::signal_needs_reset`] and stops using its
+//! queues; the transport shows DEVICE_NEEDS_RESET in the Status register
+//! until the driver resets the device.
 
 pub mod blk;
 pub mod mmio;
 pub mod vsock;
 
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -39,11 +44,17 @@ pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
 pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
 
 /// The interrupt line of one virtio-mmio device: the InterruptStatus
-/// register shared with the transport, and the irqfd that raises the GSI.
+/// register shared with the transport, the irqfd that raises the GSI, and
+/// whether the device needs a reset (DEVICE_NEEDS_RESET, virtio 1.2 2.1).
+///
+/// The needs-reset flag lives here rather than in the transport because a
+/// device finds its errors on its own threads, where it holds this and not
+/// the transport; the transport reads it into the Status register.
 #[derive(Clone, Debug)]
 pub struct Interrupt {
     status: Arc<AtomicU32>,
     irq_evt: Arc<EventFd>,
+    needs_reset: Arc<AtomicBool>,
 }
 
 impl Interrupt {
@@ -51,6 +62,7 @@ impl Interrupt {
         Interrupt {
             status: Arc::new(AtomicU32::new(0)),
             irq_evt: Arc::new(irq_evt),
+            needs_reset: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -62,6 +74,31 @@ impl Interrupt {
     /// Tells the driver that the configuration space changed.
     pub fn signal_config_change(&self) -> io::Result<()> {
         self.signal(VIRTIO_MMIO_INT_CONFIG)
+    }
+
+    /// The device hit an error only a reset recovers from: from now until
+    /// the driver resets it, the Status register shows DEVICE_NEEDS_RESET,
+    /// and the driver gets a configuration-change interrupt (what virtio
+    /// 1.2, 2.1.2 asks of a device that sets it). Only the first call
+    /// raises the interrupt: the driver was told once it is set.
+    pub fn signal_needs_reset(&self) -> io::Result<()> {
+        // Set before the interrupt, so the driver's handler reads it.
+        if self.needs_reset.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.signal_config_change()
+    }
+
+    /// Whether the device needs a reset: a device uses no queue while it
+    /// does, so that a restore or a late kick does not start it again.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// The device was reset: no interrupt pending and no reset needed.
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
     }
 
     /// Sets the used-ring bit without raising the line: for a restore,
@@ -89,9 +126,11 @@ impl Interrupt {
         self.status.load(Ordering::SeqCst)
     }
 
-    /// Sets the InterruptStatus register (restoring a snapshot).
-    pub fn set_status(&self, bits: u32) {
+    /// Sets the InterruptStatus register and the needs-reset flag without
+    /// raising the line (restoring a snapshot; see `raise_if_pending`).
+    pub fn restore(&self, bits: u32, needs_reset: bool) {
         self.status.store(bits, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
     }
 
     /// InterruptACK: the driver clears the bits it has handled.

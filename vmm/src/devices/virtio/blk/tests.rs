@@ -25,7 +25,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::disk::DiskFile;
 use super::worker::{self, BlockQueue, Dispatched};
 use super::*;
-use crate::devices::virtio::{ActivatedQueue, GuestMemory, Interrupt, VirtioDevice};
+use crate::devices::virtio::{
+    ActivatedQueue, GuestMemory, Interrupt, VirtioDevice, VIRTIO_MMIO_INT_CONFIG,
+};
 use crate::DiskConfig;
 
 /// Guest memory: two adjacent 1 MiB regions, so buffers can straddle them.
@@ -131,12 +133,11 @@ fn wait_used(mem: &GuestMemory, mq: &MockSplitQueue<GuestMemory>, want: u16) {
     });
 }
 
-fn test_queue(mem: &GuestMemory, mq: &MockSplitQueue<GuestMemory>) -> BlockQueue {
-    BlockQueue::new(
-        mq.create_queue().unwrap(),
-        mem.clone(),
-        Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()),
-    )
+/// A queue on `mq`, and its interrupt line: what the driver is told.
+fn test_queue(mem: &GuestMemory, mq: &MockSplitQueue<GuestMemory>) -> (BlockQueue, Interrupt) {
+    let interrupt = Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    let queue = BlockQueue::new(mq.create_queue().unwrap(), mem.clone(), interrupt.clone());
+    (queue, interrupt)
 }
 
 #[test]
@@ -371,7 +372,8 @@ fn bad_chains_do_not_stall_the_queue() {
     let img = image(1 << 20);
     let disk = Arc::new(DiskFile::open(img.path(), false, "x").unwrap());
     let mq = MockSplitQueue::new(&mem, 16);
-    let bq = Arc::new(test_queue(&mem, &mq));
+    let (bq, interrupt) = test_queue(&mem, &mq);
+    let bq = Arc::new(bq);
     let worker = worker::IoWorker::spawn(disk, bq.clone()).unwrap();
 
     // 0: no status byte (returned with len 0); 1: read past the end (IOERR);
@@ -405,6 +407,7 @@ fn bad_chains_do_not_stall_the_queue() {
     worker.drain();
     drop(worker);
     assert!(!bq.needs_reset());
+    assert_eq!(interrupt.status() & VIRTIO_MMIO_INT_CONFIG, 0);
     assert_eq!(used_idx(&mem, &mq), 3);
     assert_eq!(used_elem(&mem, &mq, 0), (0, 0));
     assert_eq!(used_elem(&mem, &mq, 1), (1, 1));
@@ -414,9 +417,11 @@ fn bad_chains_do_not_stall_the_queue() {
 }
 
 /// A driver that makes a head available again while it is still in flight
-/// gets it served once, and the queue stops until the device is reset. The
-/// review's case: one chain in every avail slot, the avail index moved a
-/// ring at a time, made 16,001 jobs on a 16-entry queue with none returned.
+/// gets it served once, and the queue stops until the device is reset; the
+/// driver is told so (DEVICE_NEEDS_RESET, with one configuration-change
+/// interrupt). The review's case: one chain in every avail slot, the avail
+/// index moved a ring at a time, made 16,001 jobs on a 16-entry queue with
+/// none returned.
 #[test]
 fn head_reposted_while_in_flight_stops_the_queue() {
     const QSIZE: u16 = 16;
@@ -424,7 +429,7 @@ fn head_reposted_while_in_flight_stops_the_queue() {
     let img = image(1 << 20);
     let disk = DiskFile::open(img.path(), false, "x").unwrap();
     let mq = MockSplitQueue::new(&mem, QSIZE);
-    let bq = test_queue(&mem, &mq);
+    let (bq, interrupt) = test_queue(&mem, &mq);
     write_header(&mem, BUF_BASE, VIRTIO_BLK_T_FLUSH, 0);
     add_chain(
         &mq,
@@ -441,6 +446,13 @@ fn head_reposted_while_in_flight_stops_the_queue() {
     }
     assert_eq!(jobs.len(), 1, "the in-flight head was handed out again");
     assert!(bq.needs_reset());
+    assert!(interrupt.needs_reset(), "the transport would not show it");
+    assert_eq!(interrupt.status(), VIRTIO_MMIO_INT_CONFIG);
+    assert_eq!(
+        interrupt.irq_evt().read().unwrap(),
+        1,
+        "one interrupt for the 999 dispatches after the error"
+    );
     assert_eq!(used_idx(&mem, &mq), 0);
 
     // The one real request still completes; the queue stays stopped, even
@@ -469,20 +481,41 @@ fn ring_errors_stop_the_queue() {
     write_header(&mem, BUF_BASE, VIRTIO_BLK_T_FLUSH, 0);
 
     let mq = MockSplitQueue::new(&mem, QSIZE);
-    let bq = test_queue(&mem, &mq);
+    let (bq, interrupt) = test_queue(&mem, &mq);
     make_available(&mem, &mq, QSIZE, 200);
     add_chain(&mq, 0, &flush);
     assert!(bq.pop().is_none());
     assert!(bq.needs_reset());
+    assert_eq!(interrupt.status(), VIRTIO_MMIO_INT_CONFIG);
     assert!(bq.pop().is_none());
 
     let mq = MockSplitQueue::new(&mem, QSIZE);
-    let bq = test_queue(&mem, &mq);
+    let (bq, interrupt) = test_queue(&mem, &mq);
     add_chain(&mq, 0, &flush);
     mem.write_obj(QSIZE + 1, mq.avail_addr().unchecked_add(2))
         .unwrap();
     assert!(bq.pop().is_none());
     assert!(bq.needs_reset());
+    assert_eq!(interrupt.status(), VIRTIO_MMIO_INT_CONFIG);
+}
+
+/// The needs-reset flag is the stop itself: a queue whose line comes back
+/// from a snapshot with it set pops nothing, valid chains included.
+#[test]
+fn queue_restored_needing_reset_stays_stopped() {
+    let mem = test_mem();
+    write_header(&mem, BUF_BASE, VIRTIO_BLK_T_FLUSH, 0);
+    let mq = MockSplitQueue::new(&mem, 16);
+    let (bq, interrupt) = test_queue(&mem, &mq);
+    interrupt.restore(0, true);
+    add_chain(
+        &mq,
+        0,
+        &[desc(BUF_BASE, 16, 0), desc(BUF_BASE + 0x100, 1, WRITE)],
+    );
+    assert!(bq.pop().is_none());
+    interrupt.reset();
+    assert!(bq.pop().is_some(), "the flag is all that stops it");
 }
 
 /// A driver can also keep the queue busy for ever without re-posting a
@@ -550,7 +583,7 @@ fn random_descriptor_chains() {
 
     for case in 0..CASES {
         let mq = MockSplitQueue::new(&mem, QSIZE);
-        let bq = test_queue(&mem, &mq);
+        let (bq, _) = test_queue(&mem, &mq);
         // Plausible headers sprinkled over the buffer area.
         for slot in 0..8u64 {
             let sector = match rng.random_range(0..4) {

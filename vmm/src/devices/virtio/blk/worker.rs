@@ -11,9 +11,12 @@
 //! keeps its own record of the heads it has popped and not yet returned. A
 //! head made available again while still in flight, a head outside the
 //! queue, or an avail index more than a queue ahead is a driver error: the
-//! queue stops until the device is reset (what virtio 1.2, 2.1 calls
-//! DEVICE_NEEDS_RESET). That record is also what bounds the jobs waiting
-//! for the worker to the queue size.
+//! queue stops until the device is reset, and the driver is told with
+//! DEVICE_NEEDS_RESET (virtio 1.2, 2.1) and a configuration-change
+//! interrupt. The stop is the [`Interrupt`]'s needs-reset flag, which the
+//! transport shows in the Status register, clears on reset and keeps in a
+//! snapshot. That record is also what bounds the jobs waiting for the
+//! worker to the queue size.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,9 +49,6 @@ struct Ring {
     /// `in_flight[head]`: the chain at `head` was popped and is not back in
     /// the used ring yet. One entry per descriptor of the queue.
     in_flight: Vec<bool>,
-    /// The driver broke the ring protocol: nothing more is popped until the
-    /// device is reset.
-    needs_reset: bool,
 }
 
 /// A driver error in the ring itself, which stops the queue.
@@ -60,16 +60,6 @@ enum RingError {
     HeadOutside { head: u16, size: usize },
     #[error("avail index is more than a queue ahead of the device")]
     AvailTooFar,
-}
-
-impl Ring {
-    /// Stops the queue until the device is reset.
-    fn fail(&mut self, error: RingError) {
-        self.needs_reset = true;
-        // The transport cannot show DEVICE_NEEDS_RESET to the driver yet, so
-        // the log is where this surfaces (once: the queue pops no more).
-        tracing::warn!("block queue stopped until the device is reset: {error}");
-    }
 }
 
 /// An activated request queue with the memory and interrupt it needs.
@@ -84,11 +74,7 @@ impl BlockQueue {
     pub fn new(queue: Queue, mem: GuestMemory, interrupt: Interrupt) -> Self {
         let in_flight = vec![false; usize::from(queue.size())];
         BlockQueue {
-            ring: Mutex::new(Ring {
-                queue,
-                in_flight,
-                needs_reset: false,
-            }),
+            ring: Mutex::new(Ring { queue, in_flight }),
             mem,
             interrupt,
         }
@@ -111,7 +97,16 @@ impl BlockQueue {
     /// Whether a driver error stopped the queue (virtio's
     /// DEVICE_NEEDS_RESET); only a device reset starts it again.
     pub fn needs_reset(&self) -> bool {
-        self.lock().needs_reset
+        self.interrupt.needs_reset()
+    }
+
+    /// Stops the queue until the device is reset and tells the driver.
+    fn fail(&self, error: RingError) {
+        // Once: a stopped queue pops no more.
+        tracing::warn!("block queue stopped until the device is reset: {error}");
+        if let Err(e) = self.interrupt.signal_needs_reset() {
+            tracing::warn!(error = %e, "cannot interrupt the block driver");
+        }
     }
 
     /// Pops and parses the next available chain, if any. Returns `None`
@@ -120,13 +115,15 @@ impl BlockQueue {
         // The lock covers only the ring access, not the parsing.
         let chain = {
             let mut ring = self.lock();
-            if ring.needs_reset {
+            // Under the lock: `fail` is only called under it, so no pop
+            // starts on a ring another pop just stopped.
+            if self.needs_reset() {
                 return None;
             }
             let chain = match ring.queue.iter(&self.mem) {
                 Ok(mut available) => available.next()?,
                 Err(virtio_queue::Error::InvalidAvailRingIndex) => {
-                    ring.fail(RingError::AvailTooFar);
+                    self.fail(RingError::AvailTooFar);
                     return None;
                 }
                 Err(e) => {
@@ -141,12 +138,12 @@ impl BlockQueue {
             match ring.in_flight.get_mut(usize::from(head)) {
                 Some(busy) if !*busy => *busy = true,
                 Some(_) => {
-                    ring.fail(RingError::HeadInFlight(head));
+                    self.fail(RingError::HeadInFlight(head));
                     return None;
                 }
                 None => {
                     // It could never go back to the used ring either.
-                    ring.fail(RingError::HeadOutside { head, size });
+                    self.fail(RingError::HeadOutside { head, size });
                     return None;
                 }
             }
