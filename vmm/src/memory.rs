@@ -95,6 +95,22 @@ pub enum Error {
     Unaligned(u64),
     #[error("cannot map {len:#x} bytes copy-on-write at guest address {addr:#x}: {reason}")]
     Overlay { addr: u64, len: u64, reason: String },
+    #[error("cannot keep {0} bytes of guest memory out of core dumps")]
+    DontDump(usize, #[source] io::Error),
+}
+
+/// Marks `len` bytes of guest memory at `host` MADV_DONTDUMP: a crash of
+/// the monitor (inside a user's process, by default) must not write the
+/// guest's RAM, its secrets included, into a core file.
+fn dont_dump(host: *mut u8, len: usize) -> Result<(), Error> {
+    // SAFETY: `host..host + len` is a whole mapping of guest memory that
+    // the caller owns and keeps mapped; MADV_DONTDUMP only sets a flag on
+    // its VMAs and changes no byte and no mapping.
+    let ret = unsafe { libc::madvise(host.cast(), len, libc::MADV_DONTDUMP) };
+    if ret != 0 {
+        return Err(Error::DontDump(len, io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// One entry of the e820 memory map handed to the guest.
@@ -197,6 +213,7 @@ impl GuestRam {
                 .map_err(|e| Error::Mmap(len as usize, e))?;
             // `GuestRegionMmap::new` only fails when start + len overflows,
             // which `ram_ranges` never produces.
+            dont_dump(region.as_ptr(), region.size())?;
             let region = GuestRegionMmap::new(region, GuestAddress(start))
                 .expect("ram range within the address space");
             regions.push(region);
@@ -364,6 +381,8 @@ impl GuestRam {
         if ret == libc::MAP_FAILED {
             return Err(fail(io::Error::last_os_error().to_string()));
         }
+        // A new mapping: it does not inherit the flag of the one it replaced.
+        dont_dump(host, len as usize)?;
         self.overlays
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -448,6 +467,47 @@ mod tests {
     use vm_memory::Bytes;
 
     const MIB: u64 = 1 << 20;
+
+    /// The VmFlags of the mapping that holds `addr` in this process.
+    fn vm_flags_at(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((lo, hi)) = range.split_once('-') {
+                    if let (Ok(lo), Ok(hi)) =
+                        (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                    {
+                        inside = (lo..hi).contains(&addr);
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.trim().to_string();
+                }
+            }
+        }
+        panic!("no mapping holds {addr:#x}")
+    }
+
+    /// Issue 15: guest RAM, copy-on-write overlays included, stays out of
+    /// the monitor's core dumps.
+    #[test]
+    fn guest_memory_is_not_dumped() {
+        let ram = GuestRam::new(8 * MIB).unwrap();
+        let host = |gpa: u64| ram.memory().get_host_address(GuestAddress(gpa)).unwrap() as usize;
+        for gpa in [0, 4 * MIB, 8 * MIB - PAGE_SIZE] {
+            let flags = vm_flags_at(host(gpa));
+            assert!(flags.split(' ').any(|f| f == "dd"), "{gpa:#x}: {flags}");
+        }
+        let file = create_memfd().unwrap();
+        file.set_len(MIB).unwrap();
+        ram.map_private(2 * MIB, MIB, &file, 0).unwrap();
+        let flags = vm_flags_at(host(2 * MIB));
+        assert!(flags.split(' ').any(|f| f == "dd"), "overlay: {flags}");
+    }
 
     #[test]
     fn small_memory_is_one_range() {
