@@ -257,6 +257,7 @@ impl ErrorBody {
             Error::OutputTooLarge { program, .. } => {
                 (422, ErrorBody::new("output_too_large", e, Some(program)))
             }
+            Error::PortInUse { address } => (409, ErrorBody::new("port_in_use", e, Some(address))),
             Error::Unsupported(_) => (501, ErrorBody::new("unsupported", e, None)),
             Error::Unauthorized(_) => (401, ErrorBody::new("unauthorized", e, None)),
             Error::Guest { kind, .. } => {
@@ -309,6 +310,7 @@ impl ErrorBody {
                 program: subject,
                 limit: 0,
             },
+            "port_in_use" => Error::PortInUse { address: subject },
             "unsupported" => Error::Unsupported(message),
             "unauthorized" => Error::Unauthorized(message),
             "guest" => Error::Guest {

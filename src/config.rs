@@ -33,7 +33,8 @@ pub struct MachineConfig {
     pub image: Option<String>,
     /// Host directories shared into the guest (not available yet).
     pub mounts: Vec<MountSpec>,
-    /// Host ports forwarded to guest ports (not available yet).
+    /// Host TCP ports relayed to guest ports (see [`PortSpec`]); the
+    /// mappings in force are [`Machine::ports`](crate::Machine::ports).
     pub ports: Vec<PortSpec>,
     pub resources: ResourceSpec,
     /// Keep the record and disk when the last handle is dropped.
@@ -60,11 +61,53 @@ pub struct MountSpec {
     pub read_only: bool,
 }
 
-/// A host port forwarded to a guest port.
+/// A host TCP port relayed to a guest port while the machine runs.
+///
+/// Each connection to the host port is carried over vsock to the guest
+/// agent, which connects to `guest` on the guest's loopback (127.0.0.1,
+/// then ::1): the guest needs no network. The listener is bound before
+/// the machine starts (a port in use is [`Error::PortInUse`]) and closed
+/// when it stops.
+///
+/// ```
+/// let p = smol::PortSpec::new(0, 80); // any free host port to guest port 80
+/// assert_eq!(p.address, None);        // on 127.0.0.1
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortSpec {
+    /// The host port; 0 picks a free one at each start.
     pub host: u16,
+    /// The guest port (1 to 65535).
     pub guest: u16,
+    /// The host address to listen on; 127.0.0.1 when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::IpAddr>,
+}
+
+impl PortSpec {
+    /// `host` (0: any free port) on 127.0.0.1 to `guest`.
+    pub fn new(host: u16, guest: u16) -> Self {
+        PortSpec {
+            host,
+            guest,
+            address: None,
+        }
+    }
+
+    /// Listens on `address` instead of 127.0.0.1 (`0.0.0.0` for every
+    /// interface: anyone who reaches the host reaches the guest port).
+    pub fn address(mut self, address: std::net::IpAddr) -> Self {
+        self.address = Some(address);
+        self
+    }
+
+    /// The address the host listener binds.
+    pub fn bind_address(&self) -> std::net::SocketAddr {
+        let ip = self
+            .address
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        std::net::SocketAddr::new(ip, self.host)
+    }
 }
 
 /// CPU, memory, disk and network of a machine.
@@ -185,10 +228,10 @@ impl MachineConfig {
                 return Err(invalid(field, "0 seconds; leave it unset for no limit"));
             }
         }
+        validate_ports(&self.ports)?;
         // Later features: refuse rather than silently ignore them.
         let later = [
             (!self.mounts.is_empty(), "mounts"),
-            (!self.ports.is_empty(), "port forwarding"),
             (r.network, "outbound network (resources.network)"),
         ];
         if let Some((_, what)) = later.iter().find(|(set, _)| *set) {
@@ -198,6 +241,35 @@ impl MachineConfig {
         }
         Ok(())
     }
+}
+
+/// Most port mappings a machine may have (each is a listener and a task).
+pub const MAX_PORTS: usize = 64;
+
+/// Guest ports are 1..=65535; a fixed host address and port is used once.
+fn validate_ports(ports: &[PortSpec]) -> Result<()> {
+    if ports.len() > MAX_PORTS {
+        return Err(invalid(
+            "ports",
+            format!("{} mappings; at most {MAX_PORTS}", ports.len()),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for p in ports {
+        if p.guest == 0 {
+            return Err(invalid(
+                "ports",
+                format!("guest port 0 (host {}): a guest port is 1 to 65535", p.host),
+            ));
+        }
+        if p.host != 0 && !seen.insert(p.bind_address()) {
+            return Err(invalid(
+                "ports",
+                format!("host {} is mapped twice", p.bind_address()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
@@ -418,13 +490,49 @@ mod tests {
         };
         assert_eq!(field_of(c.validate().unwrap_err()), "image");
         let c = MachineConfig {
-            ports: vec![PortSpec {
-                host: 8080,
-                guest: 80,
+            mounts: vec![MountSpec {
+                source: "/tmp".into(),
+                target: "/mnt".into(),
+                read_only: false,
             }],
             ..Default::default()
         };
         assert!(matches!(c.validate(), Err(Error::Unsupported(_))));
+    }
+
+    #[test]
+    fn port_mappings_are_checked() {
+        let with = |ports: Vec<PortSpec>| MachineConfig {
+            ports,
+            ..Default::default()
+        };
+        with(vec![
+            PortSpec::new(8080, 80),
+            PortSpec::new(0, 80),
+            PortSpec::new(0, 80),
+        ])
+        .validate()
+        .unwrap();
+        let e = with(vec![PortSpec::new(8080, 0)]).validate().unwrap_err();
+        assert!(e.to_string().contains("guest port 0"), "{e}");
+        let e = with(vec![PortSpec::new(8080, 80), PortSpec::new(8080, 81)])
+            .validate()
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("127.0.0.1:8080 is mapped twice"),
+            "{e}"
+        );
+        // The same port on two addresses is two listeners.
+        with(vec![
+            PortSpec::new(8080, 80),
+            PortSpec::new(8080, 81).address("::1".parse().unwrap()),
+        ])
+        .validate()
+        .unwrap();
+        let many = vec![PortSpec::new(0, 80); MAX_PORTS + 1];
+        assert_eq!(field_of(with(many).validate().unwrap_err()), "ports");
+        let json = serde_json::to_string(&PortSpec::new(1, 2)).unwrap();
+        assert_eq!(json, r#"{"host":1,"guest":2}"#);
     }
 
     #[test]

@@ -125,6 +125,10 @@ pub enum Error {
     /// command was killed.
     #[error("the output of {program:?} passed {limit} bytes (ExecOptions::max_output); the command was killed")]
     OutputTooLarge { program: String, limit: u64 },
+    /// A host port of [`MachineConfig::ports`](crate::MachineConfig::ports)
+    /// is taken by another listener: the machine was not started.
+    #[error("host port {address} is already in use (MachineConfig.ports)")]
+    PortInUse { address: String },
     /// Not available (yet) in this engine, e.g. the cloud target.
     #[error("unsupported: {0}")]
     Unsupported(String),

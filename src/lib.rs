@@ -63,4 +63,4 @@ pub use image::{ImageInfo, PullEvent};
 pub use machine::Machine;
 pub use smol_vmm::snapshot::Error as SnapshotError;
 pub use smol_vmm::{is_kvm_pvm_host, SnapshotTimings};
-pub use state::{BootTimings, MachineInfo, MachineState, VmSetupTimings};
+pub use state::{BootTimings, MachineInfo, MachineState, PortMapping, VmSetupTimings};

@@ -16,7 +16,7 @@ use crate::error::Result;
 use crate::exec::{ExecOptions, ExecResult, ExecStream};
 use crate::files::{check_mode, check_path, FileStream};
 use crate::image::{ImageInfo, PullEvent};
-use crate::state::{BootTimings, MachineInfo, MachineState};
+use crate::state::{BootTimings, MachineInfo, MachineState, PortMapping};
 
 /// A handle to a microVM. Clone it freely (all clones drive the same
 /// machine); it is `Send + Sync`. When the last clone (and the last stream
@@ -188,6 +188,23 @@ impl Machine {
     /// [`Error::NotFound`](crate::Error::NotFound).
     pub async fn delete(&self) -> Result<()> {
         self.backend.delete().await
+    }
+
+    /// The host ports that relay to guest ports now
+    /// ([`MachineConfig::ports`]), with the port picked for each `host: 0`;
+    /// empty while the machine is stopped. A clone made by
+    /// [`fork`](Machine::fork) relays the same guest ports from free host
+    /// ports of its own.
+    ///
+    /// ```no_run
+    /// # async fn f() -> smol::Result<()> {
+    /// use smol::{Machine, MachineConfig, PortSpec};
+    /// let m = Machine::create(MachineConfig { ports: vec![PortSpec::new(0, 80)], ..Default::default() }).await?;
+    /// let web = m.ports().await?[0].host_addr(); // 127.0.0.1:<free port> to guest port 80
+    /// # Ok(()) }
+    /// ```
+    pub async fn ports(&self) -> Result<Vec<PortMapping>> {
+        self.backend.ports().await
     }
 
     /// Runs `argv` (no shell) and collects its output.

@@ -68,6 +68,23 @@ pub struct MachineInfo {
     pub unreadable: Option<String>,
 }
 
+/// A host listener of a running machine and the guest port it relays to
+/// (see [`PortSpec`](crate::PortSpec)): `host` is the port actually bound,
+/// also when the spec asked for any free one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMapping {
+    pub address: std::net::IpAddr,
+    pub host: u16,
+    pub guest: u16,
+}
+
+impl PortMapping {
+    /// `address:host`, what a client connects to.
+    pub fn host_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.address, self.host)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

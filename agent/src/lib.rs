@@ -4,6 +4,7 @@
 
 pub mod exec;
 pub mod files;
+pub mod forward;
 pub mod image;
 /// The wire protocol, shared with the SDK (the `smol-protocol` crate).
 pub use smol_protocol as protocol;

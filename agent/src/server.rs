@@ -25,6 +25,13 @@ pub trait Duplex: Read + Write + AsFd + Send + Sized + 'static {
         // non-socket (ENOTSOCK is ignored).
         unsafe { libc::shutdown(self.as_fd().as_raw_fd(), libc::SHUT_RDWR) };
     }
+
+    /// Closes the sending direction: the peer reads an end of stream and
+    /// may still send (a half-close).
+    fn shutdown_write(&self) {
+        // SAFETY: as for `shutdown_both`.
+        unsafe { libc::shutdown(self.as_fd().as_raw_fd(), libc::SHUT_WR) };
+    }
 }
 
 impl Duplex for UnixStream {
@@ -113,6 +120,7 @@ impl Agent {
             Request::MissingLayers { digests } => crate::image::serve::missing_layers(s, &digests)?,
             Request::RecordImage(record) => crate::image::serve::record_image(s, &record)?,
             Request::ListImages => crate::image::serve::list_images(s)?,
+            Request::Connect { port } => crate::forward::serve_connect(s, port)?,
         }
         Ok(())
     }

@@ -36,6 +36,12 @@
 //!   `Response::Images`.
 //! - An `Exec` with a `container` runs in a container of that image (see
 //!   (the agent's `image::container`); everything else is as for any exec.
+//! - `Connect`: the agent connects to the guest's TCP port on its loopback
+//!   and answers `Response::Connected` (or `Error`, kind `ConnectionRefused`
+//!   when nothing listens there). After that answer the connection carries
+//!   no more frames: it is a raw byte stream to the guest port in both
+//!   directions, and a half-close (vsock shutdown) in either direction is
+//!   passed on as a half-close of the TCP connection (port forwarding).
 //!
 //! The crate is shared by the SDK and the guest agent (serde types and
 //! framing only), so the SDK never compiles the agent.
@@ -296,6 +302,10 @@ pub enum Request {
     },
     RecordImage(crate::image::ImageRecord),
     ListImages,
+    /// Relay this connection to the guest's TCP port `port` on loopback.
+    Connect {
+        port: u16,
+    },
 }
 
 /// What makes a machine itself rather than a copy of the snapshot it was
@@ -362,6 +372,8 @@ pub enum Response {
     Images {
         images: Vec<crate::image::ImageRecord>,
     },
+    /// The guest port accepted: raw bytes from here on.
+    Connected,
 }
 
 /// How a process ended: carried in the `Exit` frame.
@@ -396,6 +408,8 @@ pub enum ErrorKind {
     Unsupported,
     Protocol,
     Io,
+    /// Nothing listens on the guest port of a `Connect`.
+    ConnectionRefused,
 }
 
 impl AgentError {

@@ -1,11 +1,13 @@
 //! Talking to the guest agent: one connection through the monitor's Unix
 //! socket, the `CONNECT <port>\n` / `OK <port>\n` handshake, then protocol
 //! frames. One connection carries one request (see `smol_protocol`): an
-//! exec ([`exec`]), a file transfer ([`files`]), an image call ([`images`]).
+//! exec ([`exec`]), a file transfer ([`files`]), an image call ([`images`]),
+//! a forwarded port connection ([`ports`]).
 
 pub(crate) mod exec;
 pub(crate) mod files;
 pub(crate) mod images;
+pub(crate) mod ports;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -225,6 +227,12 @@ impl AgentConnection {
 
     pub fn machine(&self) -> &str {
         &self.machine
+    }
+
+    /// The stream itself, for a connection that carries raw bytes after
+    /// its answer (a forwarded port's).
+    pub fn stream(&mut self) -> &mut UnixStream {
+        &mut self.stream
     }
 
     /// Splits into read and write halves (file uploads read the answer

@@ -23,7 +23,7 @@ use crate::error::Result;
 use crate::exec::{ExecOptions, ExecResult, ExecStream};
 use crate::files::FileStream;
 use crate::image::{ImageInfo, ProgressFn};
-use crate::state::{BootTimings, MachineState};
+use crate::state::{BootTimings, MachineState, PortMapping};
 
 /// A backend call: a boxed future, so that the trait is object-safe.
 pub(crate) type Call<'a, T> = BoxFuture<'a, Result<T>>;
@@ -47,6 +47,8 @@ pub(crate) trait Backend: Send + Sync + 'static {
     fn start(&self) -> Call<'_, ()>;
     fn stop(&self) -> Call<'_, ()>;
     fn delete(&self) -> Call<'_, ()>;
+    /// The forwarded ports listening now; none while the machine is stopped.
+    fn ports(&self) -> Call<'_, Vec<PortMapping>>;
 
     /// Runs `req`, collecting at most `max_output` bytes of output.
     fn exec(&self, req: ExecRequest, max_output: u64) -> Call<'_, ExecResult>;

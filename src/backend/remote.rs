@@ -636,6 +636,11 @@ impl Backend for RemoteMachine {
         RemoteMachine::delete(self).boxed()
     }
 
+    /// The server's listeners: addresses on the server's host.
+    fn ports(&self) -> Call<'_, Vec<crate::PortMapping>> {
+        self.get("/ports").boxed()
+    }
+
     fn exec(&self, req: ExecRequest, max_output: u64) -> Call<'_, ExecResult> {
         RemoteMachine::exec(self, req, max_output).boxed()
     }

@@ -217,6 +217,7 @@ fn router(state: AppState) -> Router {
         .route("/machines/{id}/exec/stream", post(exec_stream))
         .route("/machines/{id}/files", get(read_file).put(write_file))
         .route("/machines/{id}/fork", post(fork))
+        .route("/machines/{id}/ports", get(ports))
         .route("/machines/{id}/images", get(list_images))
         .route("/machines/{id}/images/pull", post(pull_image))
         .route("/machines/{id}/run", post(run))
@@ -482,6 +483,10 @@ async fn fork(
     let ForkBody { name } = parse(&body)?;
     let clone = m.fork(&name).await?;
     s.adopt(clone, owner).await
+}
+
+async fn ports(Target(m): Target) -> Result<Json<Vec<crate::PortMapping>>, ApiError> {
+    Ok(Json(m.ports().await?))
 }
 
 async fn list_images(Target(m): Target) -> Result<Json<Vec<ImageInfo>>, ApiError> {

@@ -141,6 +141,13 @@ pub fn document() -> Value {
                     "responses": ok_json(schema("Written"), "Written")
                 }
             },
+            "/v1/machines/{id}/ports": {
+                "parameters": [id_param()],
+                "get": {
+                    "operationId": "listPorts",
+                    "responses": ok_json(json!({"type": "array", "items": schema("PortMapping")}), "The forwarded ports listening now, on the server's host")
+                }
+            },
             "/v1/machines/{id}/images": {
                 "parameters": [id_param()],
                 "get": {
@@ -208,7 +215,25 @@ pub fn document() -> Value {
                         "ttl_seconds": {"type": "integer", "minimum": 0, "nullable": true},
                         "auto_stop_seconds": {"type": "integer", "minimum": 0, "nullable": true},
                         "mounts": {"type": "array", "items": {"type": "object"}},
-                        "ports": {"type": "array", "items": {"type": "object"}}
+                        "ports": {"type": "array", "items": schema("PortSpec")}
+                    }
+                },
+                "PortSpec": {
+                    "type": "object",
+                    "required": ["host", "guest"],
+                    "properties": {
+                        "host": {"type": "integer", "minimum": 0, "maximum": 65535},
+                        "guest": {"type": "integer", "minimum": 1, "maximum": 65535},
+                        "address": {"type": "string", "description": "An IP address; 127.0.0.1 when absent"}
+                    }
+                },
+                "PortMapping": {
+                    "type": "object",
+                    "required": ["address", "host", "guest"],
+                    "properties": {
+                        "address": {"type": "string"},
+                        "host": {"type": "integer", "minimum": 1, "maximum": 65535},
+                        "guest": {"type": "integer", "minimum": 1, "maximum": 65535}
                     }
                 },
                 "CreateMachine": {

@@ -19,9 +19,10 @@ use crate::agent::{unexpected, AgentConnection};
 use crate::backend::local::assets::GuestAssets;
 use crate::backend::local::disk::{DISK_CMDLINE, DISK_ID};
 use crate::backend::local::limits::{Activity, Due, Limits};
+use crate::backend::local::ports::{PortRelay, Target};
 use crate::backend::local::store::{MachineLock, MachinePaths, MachineRecord};
 use crate::error::{sanitize, Error, Result};
-use crate::state::{BootTimings, MachineState};
+use crate::state::{BootTimings, MachineState, PortMapping};
 
 /// Requests waiting for the actor; senders wait when it is full.
 pub(crate) const CHANNEL_CAPACITY: usize = 32;
@@ -51,6 +52,8 @@ pub(crate) enum Command {
     Snapshot(PathBuf, oneshot::Sender<Result<smol_vmm::SnapshotTimings>>),
     Stop(oneshot::Sender<Result<()>>),
     Delete(oneshot::Sender<Result<()>>),
+    /// The forwarded ports listening now (none while stopped).
+    Ports(oneshot::Sender<Result<Vec<PortMapping>>>),
 }
 
 // The VM moves in and out of blocking tasks.
@@ -68,6 +71,8 @@ pub(crate) struct MachineActor {
     paths: MachinePaths,
     lock: Option<MachineLock>,
     vm: Option<Vm>,
+    /// The forwarded ports' listeners, while the VM runs.
+    ports: Option<PortRelay>,
     state: MachineState,
     deleted: bool,
     timings: Option<BootTimings>,
@@ -88,6 +93,7 @@ impl MachineActor {
             paths,
             lock: Some(lock),
             vm: None,
+            ports: None,
             state,
             deleted: false,
             timings: None,
@@ -186,6 +192,19 @@ impl MachineActor {
                 let r = self.delete().await;
                 let _ = reply.send(r);
             }
+            Command::Ports(reply) => {
+                let r = if self.deleted {
+                    Err(self.not_found())
+                } else {
+                    self.refresh().await;
+                    Ok(self
+                        .ports
+                        .as_ref()
+                        .map(|p| p.mappings().to_vec())
+                        .unwrap_or_default())
+                };
+                let _ = reply.send(r);
+            }
         }
     }
 
@@ -224,6 +243,8 @@ impl MachineActor {
             return Ok(());
         }
         let begin = Instant::now();
+        // Before the boot: a host port in use costs none.
+        let mut ports = PortRelay::bind(&self.record.config.ports)?;
         // A restore reads neither the kernel nor the initramfs.
         let assets = match &snapshot {
             None => GuestAssets::locate()?,
@@ -236,6 +257,7 @@ impl MachineActor {
         // console log holds this boot only.
         remove_if_exists(&self.paths.vsock)?;
         remove_if_exists(&self.paths.ready)?;
+        remove_if_exists(&self.paths.ports)?;
         remove_if_exists(&self.paths.console_log)?;
         let r = &self.record.config.resources;
         let config = VmConfig {
@@ -274,8 +296,13 @@ impl MachineActor {
         let vmm = vm.timings();
         self.vm = Some(vm);
         let ready_from = Instant::now();
-        match self.wait_for_agent(boot_timeout(), restoring).await {
+        let up = match self.wait_for_agent(boot_timeout(), restoring).await {
+            Ok(()) => self.open_ports(&mut ports),
+            Err(e) => Err(e),
+        };
+        match up {
             Ok(()) => {
+                self.ports = Some(ports);
                 self.state = MachineState::Running;
                 // For other processes: the guest is up (see `store::observe`).
                 if let Err(e) = std::fs::write(&self.paths.ready, b"") {
@@ -301,6 +328,25 @@ impl MachineActor {
                 Err(e)
             }
         }
+    }
+
+    /// Starts relaying the bound ports to the guest, and tells other
+    /// processes where they listen.
+    fn open_ports(&self, ports: &mut PortRelay) -> Result<()> {
+        if self.record.config.ports.is_empty() {
+            return Ok(());
+        }
+        ports.serve(Target {
+            uds: self.paths.vsock.clone(),
+            machine: self.name.clone(),
+            activity: self.activity.clone(),
+        })?;
+        let json = serde_json::to_vec(ports.mappings())
+            .map_err(|e| Error::Internal(format!("port mappings: {e}")))?;
+        std::fs::write(&self.paths.ports, json)
+            .map_err(|e| Error::io(format!("writing {}", self.paths.ports.display()), e))?;
+        tracing::info!(machine = %self.name, ports = ?ports.mappings(), "forwarding ports");
+        Ok(())
     }
 
     /// What makes this machine itself after a boot or a restore, sent
@@ -433,7 +479,10 @@ impl MachineActor {
             return Ok(());
         };
         self.state = MachineState::Stopped;
+        // The listeners close first: nothing new reaches a stopping guest.
+        self.ports = None;
         remove_if_exists(&self.paths.ready)?;
+        remove_if_exists(&self.paths.ports)?;
         if graceful && vm.try_exit().is_none() {
             match tokio::time::timeout(SHUTDOWN_ASK_TIMEOUT, self.ask_shutdown()).await {
                 Ok(Ok(())) => {
@@ -530,6 +579,7 @@ impl Drop for MachineActor {
             let _ = std::fs::remove_dir_all(&self.paths.dir);
         } else {
             let _ = std::fs::remove_file(&self.paths.ready);
+            let _ = std::fs::remove_file(&self.paths.ports);
             let _ = std::fs::remove_file(&self.paths.vsock);
         }
     }

@@ -18,7 +18,7 @@ pub(crate) struct Activity {
     base: Instant,
     /// Milliseconds after `base` of the last request.
     last_ms: AtomicU64,
-    open: AtomicUsize,
+    pub(super) open: AtomicUsize,
 }
 
 impl Activity {

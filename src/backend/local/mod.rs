@@ -13,6 +13,7 @@ pub(crate) mod assets;
 pub(crate) mod disk;
 pub(crate) mod limits;
 pub(crate) mod peer;
+pub(crate) mod ports;
 pub(crate) mod snapshot;
 pub(crate) mod store;
 pub(crate) mod warm;
@@ -41,7 +42,7 @@ use crate::error::{Error, Result};
 use crate::exec::{ExecOptions, ExecResult, ExecStream};
 use crate::files::FileStream;
 use crate::image::{ImageInfo, ProgressFn};
-use crate::state::{BootTimings, MachineState};
+use crate::state::{BootTimings, MachineState, PortMapping};
 
 struct Shared {
     name: String,
@@ -272,10 +273,17 @@ impl LocalMachine {
         let dir = dir.to_path_buf();
         let d = dir.clone();
         let (saved, vm) = blocking(move || snapshot::load(&d)).await?;
+        // The snapshot's ports unless the config names its own (a second
+        // restore of a snapshot with fixed host ports needs other ones).
+        let ports = match config.ports.is_empty() {
+            true => saved.config.ports.clone(),
+            false => config.ports,
+        };
         let config = MachineConfig {
             name: config.name,
             persistent: config.persistent,
             forkable: config.forkable,
+            ports,
             ..saved.config
         };
         let (mut record, paths, lock) = blocking(move || {
@@ -327,6 +335,15 @@ impl LocalMachine {
         }
         let config = MachineConfig {
             name: Some(name.to_string()),
+            // The origin keeps its host ports: the clone's listen on free
+            // ones, to the same guest ports (see its `ports()`).
+            ports: self
+                .shared
+                .config
+                .ports
+                .iter()
+                .map(|p| crate::config::PortSpec { host: 0, ..*p })
+                .collect(),
             ..self.shared.config.clone()
         };
         let home = self.shared.home.clone();
@@ -609,6 +626,10 @@ impl Backend for LocalMachine {
 
     fn delete(&self) -> Call<'_, ()> {
         LocalMachine::delete(self).boxed()
+    }
+
+    fn ports(&self) -> Call<'_, Vec<PortMapping>> {
+        async { self.ask(Command::Ports).await? }.boxed()
     }
 
     fn exec(&self, req: ExecRequest, max_output: u64) -> Call<'_, ExecResult> {

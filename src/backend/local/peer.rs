@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use super::actor::{boot_timeout, Command};
 use super::store::{observe, MachinePaths};
 use crate::error::{Error, Result};
-use crate::state::MachineState;
+use crate::state::{MachineState, PortMapping};
 
 /// Answers `rx`'s commands for the machine `name` at `paths`, which the
 /// process `owner` (from its lock file, when it names one) runs.
@@ -51,8 +51,41 @@ pub(crate) async fn serve(
             Command::Snapshot(_, tx) => {
                 let _ = tx.send(Err(in_use()));
             }
+            Command::Ports(tx) => {
+                let _ = tx.send(ports(&name, &paths, owner).await);
+            }
         }
     }
+}
+
+/// Largest ports file read ([`MAX_PORTS`](crate::config::MAX_PORTS)
+/// mappings take a few KiB).
+const MAX_PORTS_FILE: u64 = 64 * 1024;
+
+/// The owner's forwarded ports, from the file it writes once they listen;
+/// none while its guest is not up.
+async fn ports(name: &str, paths: &MachinePaths, owner: Option<u32>) -> Result<Vec<PortMapping>> {
+    if !matches!(probe(name, paths, owner).await?, Probe::Up) {
+        return Ok(Vec::new());
+    }
+    let path = paths.ports.clone();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut text = Vec::new();
+        match std::fs::File::open(&path) {
+            Ok(f) => f.take(MAX_PORTS_FILE).read_to_end(&mut text),
+            // A machine with no ports has no file.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        serde_json::from_slice(&text).map_err(|e| Error::Store {
+            path: path.clone(),
+            reason: format!("unreadable port mappings: {e}"),
+        })
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("ports task: {e}")))?
 }
 
 /// How often a peer looks at the owner's files while waiting for its boot.
@@ -190,6 +223,18 @@ mod tests {
         up.await.unwrap();
         assert_eq!(state(&tx).await.unwrap(), MachineState::Running);
         assert!(ask(&tx, Command::Timings).await.is_none());
+        assert_eq!(
+            ask(&tx, Command::Ports).await.unwrap(),
+            vec![],
+            "no ports file"
+        );
+        let m = PortMapping {
+            address: [127, 0, 0, 1].into(),
+            host: 40123,
+            guest: 80,
+        };
+        std::fs::write(&paths.ports, serde_json::to_vec(&[m]).unwrap()).unwrap();
+        assert_eq!(ask(&tx, Command::Ports).await.unwrap(), vec![m]);
         assert!(is_in_use(ask(&tx, Command::Stop).await, me));
         assert!(is_in_use(ask(&tx, Command::Delete).await, me));
         let snap = ask(&tx, |r| Command::Snapshot(t.path().join("s"), r)).await;
@@ -199,6 +244,7 @@ mod tests {
         // The owner let go: stopped, whatever its socket file says.
         drop(lock);
         assert_eq!(state(&tx).await.unwrap(), MachineState::Stopped);
+        assert_eq!(ask(&tx, Command::Ports).await.unwrap(), vec![], "not up");
         let e = ask(&tx, |r| Command::Start(Default::default(), r))
             .await
             .unwrap_err();

@@ -58,6 +58,9 @@ pub(crate) struct MachinePaths {
     /// first Hello, removed when the VM goes): the socket alone appears
     /// as soon as the monitor starts, long before a boot is over.
     pub ready: PathBuf,
+    /// The owner's forwarded ports while they listen (JSON
+    /// `[PortMapping]`), for other processes' `ports()`.
+    pub ports: PathBuf,
     pub disk: PathBuf,
 }
 
@@ -69,6 +72,7 @@ impl MachinePaths {
             console_log: dir.join("console.log"),
             vsock: dir.join("vsock.sock"),
             ready: dir.join("ready"),
+            ports: dir.join("ports.json"),
             disk: dir.join("disk.img"),
             dir,
         }
