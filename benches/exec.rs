@@ -21,7 +21,7 @@ use smol::{ExecEvent, Machine, MachineConfig};
 
 mod common;
 
-use common::{p50, stream_bytes};
+use common::{guest_seconds, p50, stream_bytes};
 
 const MIB: usize = 1 << 20;
 
@@ -51,24 +51,6 @@ fn boot() -> Bench {
         machine,
         _home: home,
     }
-}
-
-/// Seconds the guest itself spends on `script` (a `sh` fragment), by its
-/// own clock (`/proc/uptime`, 10 ms steps: scripts should take ≥ 1 s).
-fn guest_seconds(rt: &tokio::runtime::Runtime, m: &Machine, script: &str) -> f64 {
-    let wrapped =
-        format!("read s _ < /proc/uptime; {script}; read e _ < /proc/uptime; echo \"$s $e\"");
-    let r = rt
-        .block_on(m.exec(["sh", "-c", &wrapped]))
-        .expect("guest timing");
-    assert!(r.success(), "guest timing of {script:?}: {r:?}");
-    let out = r.stdout_lossy();
-    let v: Vec<f64> = out
-        .split_whitespace()
-        .map(|x| x.parse().expect("uptime"))
-        .collect();
-    assert_eq!(v.len(), 2, "{out:?}");
-    (v[1] - v[0]).max(0.01)
 }
 
 fn ratios(b: &Bench, pvm: bool, stream_size: usize, file_size: usize) {

@@ -80,7 +80,7 @@ enum Command {
         #[command(flatten)]
         options: RunOptions,
         /// The machine (no resources may be given then: it has its own).
-        #[arg(conflicts_with_all = ["cpus", "memory", "disk"])]
+        #[arg(conflicts_with_all = ["cpus", "memory", "disk", "ports"])]
         name: Option<String>,
         /// The command and its arguments (after `--`).
         #[arg(required = true, last = true)]
@@ -236,6 +236,10 @@ struct Resources {
     /// Disk of the machine (where images are unpacked), in MiB.
     #[arg(long, value_name = "MIB")]
     disk: Option<u64>,
+    /// Relay host port HOST (0: any free one) on ADDR (127.0.0.1 when
+    /// absent; `[::1]` for IPv6) to the guest's port GUEST (repeatable).
+    #[arg(short = 'p', long = "port", value_name = "[ADDR:]HOST:GUEST", value_parser = parse_port)]
+    ports: Vec<smol::PortSpec>,
 }
 
 impl Resources {
@@ -250,7 +254,50 @@ impl Resources {
         if let Some(d) = self.disk {
             config.resources.disk_mb = d;
         }
+        config.ports = self.ports.clone();
         config
+    }
+}
+
+/// `[ADDR:]HOST:GUEST`, as `-p` takes it (and [`port_arg`] writes it).
+fn parse_port(s: &str) -> Result<smol::PortSpec, String> {
+    let bad = |why: &str| format!("{s:?}: {why} (expected [ADDR:]HOST:GUEST, e.g. 8080:80)");
+    let (rest, guest) = s.rsplit_once(':').ok_or_else(|| bad("no GUEST port"))?;
+    let guest: u16 = guest.parse().map_err(|_| bad("GUEST is not a port"))?;
+    let (addr, host) = match rest.rsplit_once(':') {
+        Some((addr, host)) => (Some(addr), host),
+        None => (None, rest),
+    };
+    let host: u16 = host.parse().map_err(|_| bad("HOST is not a port"))?;
+    let mut spec = smol::PortSpec::new(host, guest);
+    if let Some(a) = addr {
+        let a = a
+            .strip_prefix('[')
+            .and_then(|a| a.strip_suffix(']'))
+            .unwrap_or(a);
+        spec = spec.address(a.parse().map_err(|_| bad("ADDR is not an IP address"))?);
+    }
+    Ok(spec)
+}
+
+/// The `-p` argument of `spec`.
+fn port_arg(spec: &smol::PortSpec) -> String {
+    match spec.address {
+        Some(std::net::IpAddr::V6(a)) => format!("[{a}]:{}:{}", spec.host, spec.guest),
+        Some(a) => format!("{a}:{}:{}", spec.host, spec.guest),
+        None => format!("{}:{}", spec.host, spec.guest),
+    }
+}
+
+/// Says where the machine's forwarded ports listen, if it has any.
+async fn print_ports(m: &Machine) {
+    match m.ports().await {
+        Ok(ports) => {
+            for p in ports {
+                eprintln!("  {} -> guest port {}", p.host_addr(), p.guest);
+            }
+        }
+        Err(e) => eprintln!("smol: the ports of machine {}: {e}", m.name()),
     }
 }
 
@@ -620,6 +667,7 @@ where
     creating.finish_and_clear();
     let m = created?;
     eprintln!("machine {} up in {:.1?}", m.name(), t.elapsed());
+    print_ports(&m).await;
     let result = interruptible(work(m.clone())).await;
     if let Err(e) = m.delete().await {
         eprintln!("smol: deleting machine {}: {e}", m.name());
@@ -826,7 +874,11 @@ mod tests {
         assert!(parse(&["smol", "start"]).is_err());
 
         // What `launch` passes its owner parses back to the same machine.
-        let forkable = config.clone().forkable(true);
+        let mut forkable = config.clone().forkable(true);
+        forkable.ports = vec![
+            smol::PortSpec::new(8080, 80),
+            smol::PortSpec::new(0, 22).address("::1".parse().unwrap()),
+        ];
         let restored = MachineConfig::default().name("dev").persistent(true);
         for want in [
             Want::Create(config),
@@ -842,6 +894,30 @@ mod tests {
             let back = own.want();
             assert_eq!(back, want, "{args:?}");
         }
+    }
+
+    #[test]
+    fn ports_are_addr_host_guest() {
+        let p = |s: &str| parse_port(s);
+        assert_eq!(p("8080:80").unwrap(), smol::PortSpec::new(8080, 80));
+        assert_eq!(
+            p("0.0.0.0:0:22").unwrap(),
+            smol::PortSpec::new(0, 22).address("0.0.0.0".parse().unwrap())
+        );
+        let v6 = p("[::1]:9000:90").unwrap();
+        assert_eq!(v6.address, Some("::1".parse().unwrap()));
+        assert_eq!(parse_port(&port_arg(&v6)).unwrap(), v6);
+        for bad in ["80", "x:80", "8080:x", "70000:80", "nowhere:1:2", ""] {
+            let e = p(bad).unwrap_err();
+            assert!(e.contains("HOST:GUEST"), "{bad}: {e}");
+        }
+        let Command::Run { options, .. } =
+            parse(&["smol", "run", "-p", "8080:80", "--port", "0:443", "alpine"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(options.resources.machine_config().ports.len(), 2);
+        assert!(parse(&["smol", "exec", "-p", "1:2", "dev", "--", "true"]).is_err());
     }
 
     #[test]

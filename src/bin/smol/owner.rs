@@ -134,6 +134,11 @@ impl Want {
                     format!("--memory={}", r.memory_mb),
                     format!("--disk={}", r.disk_mb),
                 ]);
+                args.extend(
+                    c.ports
+                        .iter()
+                        .map(|p| format!("--port={}", super::port_arg(p))),
+                );
                 if c.forkable {
                     args.push("--forkable".into());
                 }
@@ -231,6 +236,9 @@ pub async fn launch(want: Want) -> Result<Ended, OwnerError> {
                 "machine {name} up in {:.1?}, owned by pid {pid} (`smol stop {name}` stops it)",
                 t.elapsed()
             );
+            if let Ok(m) = Machine::connect(&name).await {
+                super::print_ports(&m).await;
+            }
             Ok(Ended::Done)
         }
         Some(w) if w.starts_with("peer ") => {
