@@ -110,10 +110,13 @@ async fn run(home: &Path, url: &str, alice: &str, bob: &str, image: &str) {
 
     let t = Instant::now();
     let m = Machine::create_with(
-        MachineConfig::default()
-            .name("r1")
-            .disk_mb(256)
-            .forkable(true),
+        MachineConfig {
+            ports: vec![smol::PortSpec::new(0, 7777)],
+            ..MachineConfig::default()
+                .name("r1")
+                .disk_mb(256)
+                .forkable(true)
+        },
         cloud(alice),
     )
     .await
@@ -128,6 +131,39 @@ async fn run(home: &Path, url: &str, alice: &str, bob: &str, image: &str) {
         ensure!(m.dir().is_none(), "a remote machine has no local dir");
         let s = m.state().await.ctx("state")?;
         ensure!(s == smol::MachineState::Running, "{s}");
+        Ok(())
+    })
+    .await;
+
+    c.run("ports() lists the server's listener, which relays", async {
+        let ports = m.ports().await.ctx("ports")?;
+        ensure!(
+            ports.len() == 1 && ports[0].guest == 7777 && ports[0].host != 0,
+            "{ports:?}"
+        );
+        let r = m
+            .exec([
+                "sh",
+                "-c",
+                "(setsid nc -ll -p 7777 -e cat </dev/null >/dev/null 2>&1 &); \
+                 for i in $(seq 50); do netstat -ltn | grep -q ':7777 ' && exit 0; sleep 0.1; done; exit 1",
+            ])
+            .await
+            .ctx("start nc")?;
+        ensure!(r.exit_code == 0, "{r:?}");
+        // The server runs on this host: its listener is reachable here.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(ports[0].host_addr())
+            .await
+            .ctx("connect")?;
+        s.write_all(b"through the server's port").await.ctx("send")?;
+        s.shutdown().await.ctx("half-close")?;
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(120), s.read_to_end(&mut back))
+            .await
+            .map_err(|_| "no answer".to_string())?
+            .ctx("read")?;
+        ensure!(back == b"through the server's port", "{back:?}");
         Ok(())
     })
     .await;
