@@ -48,6 +48,7 @@ fn config(dir: &Path, vsock: bool) -> VmConfig {
             uds_path: dir.join("bench.sock"),
         }),
         disks: Vec::new(),
+        net: None,
     }
 }
 

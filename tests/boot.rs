@@ -60,6 +60,7 @@ fn config(dir: &Path) -> VmConfig {
             uds_path: dir.join("vsock.sock"),
         }),
         disks: Vec::new(),
+        net: None,
     }
 }
 

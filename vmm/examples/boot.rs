@@ -41,6 +41,7 @@ fn main() {
             uds_path: p.into(),
         }),
         disks: Vec::new(),
+        net: None,
     };
     let timeout = Duration::from_secs(args.get(3).map_or(120, |s| s.parse().expect("seconds")));
     let t0 = Instant::now();

@@ -26,6 +26,7 @@ fn main() {
         console_log: None,
         vsock: None,
         disks: Vec::new(),
+        net: None,
     };
     let timings: Vec<BootTimings> = (0..runs)
         .map(|_| {

@@ -3,7 +3,8 @@
 //! A [`VmConfig`] goes in, a running [`Vm`] comes out. The monitor knows
 //! nothing of images, machine names or the agent protocol: it boots a kernel
 //! with an initramfs, serves a serial console into a log file, and exposes
-//! virtio-mmio devices (block disks, a vsock whose host side is a Unix socket).
+//! virtio-mmio devices (block disks, a vsock whose host side is a Unix socket,
+//! a network card whose host side is passt).
 
 pub mod boot;
 pub mod cpu;
@@ -15,6 +16,7 @@ pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +51,45 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// virtio-blk disks, in order: the first is `/dev/vda`.
     pub disks: Vec<DiskConfig>,
+    /// A virtio-net device, if any.
+    pub net: Option<NetConfig>,
+}
+
+pub use devices::virtio::net::{IpNet, IpNetError};
+
+/// A virtio-net device whose host side is passt (or anything else that
+/// speaks qemu's stream framing: each Ethernet frame preceded by its length
+/// as a 4-byte big-endian integer).
+///
+/// The socket is shared (`Arc`) so that the config stays `Clone`; the
+/// device never closes it early, but shuts the connection down when the
+/// stream fails, which passt sees as its guest leaving.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// A connected `SOCK_STREAM` socket to passt, e.g. one end of a
+    /// `socketpair` whose other end passt got with `--fd`.
+    pub backend: Arc<OwnedFd>,
+    /// The guest's MAC address (a unicast address).
+    pub mac: [u8; 6],
+    /// Egress allow-list: `None` lets every frame out; with a list, only
+    /// ARP, DHCP, NDP and IP to an address inside one of the networks.
+    pub allow: Option<Vec<IpNet>>,
+}
+
+impl NetConfig {
+    /// A locally administered unicast address: every machine can have
+    /// the same one, each being alone on its link with its own passt.
+    pub const DEFAULT_MAC: [u8; 6] = [0x02, 0x73, 0x6d, 0x6f, 0x6c, 0x01];
+
+    /// A device on `backend` with [`NetConfig::DEFAULT_MAC`] and no
+    /// allow-list.
+    pub fn new(backend: OwnedFd) -> NetConfig {
+        NetConfig {
+            backend: Arc::new(backend),
+            mac: Self::DEFAULT_MAC,
+            allow: None,
+        }
+    }
 }
 
 /// A virtio-vsock device whose host side is a Unix socket.
@@ -216,10 +257,12 @@ impl Vm {
 
     /// Builds a VM from the snapshot in `dir` (see [`snapshot`]) and starts
     /// it where the snapshot stopped. `config` gives its host side: the
-    /// console log, the vsock socket, and disk files that hold the
-    /// snapshot's disks (copy them with [`snapshot::clone_file`]); its
-    /// memory, vCPUs and devices must match the snapshot's, and its kernel
-    /// and initramfs are not read.
+    /// console log, the vsock socket, disk files that hold the snapshot's
+    /// disks (copy them with [`snapshot::clone_file`]) and a new network
+    /// back end (a new passt; frames the old one held are lost, which the
+    /// guest's TCP recovers from); its memory, vCPUs and devices (the net
+    /// device's MAC included) must match the snapshot's, and its kernel and
+    /// initramfs are not read.
     pub fn restore(config: VmConfig, dir: &Path) -> Result<Vm, Error> {
         let snap = snapshot::VmSnapshot::load(dir)?;
         let (running, timings) = vm::restore(&config, dir, &snap)?;
@@ -242,7 +285,8 @@ impl Vm {
             .as_ref()
             .ok_or(Error::Snapshot(snapshot::Error::NotRunning))?;
         let cid = self.config.vsock.as_ref().map(|v| v.guest_cid);
-        Ok(running.snapshot(dir, &self.config.disks, cid)?)
+        let mac = self.config.net.as_ref().map(|n| n.mac);
+        Ok(running.snapshot(dir, &self.config.disks, cid, mac)?)
     }
 
     /// Host-initiated stop: kicks the vCPUs out of `KVM_RUN`, joins every

@@ -22,7 +22,7 @@ use crate::devices::bus::Bus;
 use crate::devices::i8042::{self, I8042};
 use crate::devices::serial::{self, ConsoleLog, SerialDevice};
 use crate::devices::virtio::mmio::MmioTransport;
-use crate::devices::virtio::{blk, vsock, VirtioDevice};
+use crate::devices::virtio::{blk, net, vsock, VirtioDevice};
 use crate::event_loop::{EventLoop, EventLoopHandle, Subscriber};
 use crate::exit::ExitState;
 use crate::memory::{GuestRam, KVM_TSS_ADDR, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
@@ -91,7 +91,7 @@ fn validate_shape(config: &VmConfig, kvm_pvm: bool) -> Result<Plan, Error> {
             max_mib: MAX_MEMORY_MIB,
         });
     }
-    let devices = config.disks.len() + config.vsock.is_some() as usize;
+    let devices = virtio_device_count(config);
     if devices > MAX_VIRTIO_DEVICES {
         return Err(Error::Device {
             name: "virtio".into(),
@@ -103,6 +103,17 @@ fn validate_shape(config: &VmConfig, kvm_pvm: bool) -> Result<Plan, Error> {
             return Err(Error::Device {
                 name: "vsock".into(),
                 reason: format!("guest cid {} is reserved; use 3 or above", v.guest_cid),
+            });
+        }
+    }
+    if let Some(n) = &config.net {
+        if !net::is_unicast_mac(&n.mac) {
+            return Err(Error::Device {
+                name: "virtio-net".into(),
+                reason: format!(
+                    "mac address {} is not a unicast address",
+                    net::format_mac(&n.mac)
+                ),
             });
         }
     }
@@ -121,10 +132,16 @@ fn validate_shape(config: &VmConfig, kvm_pvm: bool) -> Result<Plan, Error> {
     })
 }
 
+/// How many virtio-mmio devices `config` asks for.
+fn virtio_device_count(config: &VmConfig) -> usize {
+    config.disks.len() + config.vsock.is_some() as usize + config.net.is_some() as usize
+}
+
 /// The virtio-mmio slots, disks first (so the first disk is `/dev/vda`),
-/// then the vsock device.
+/// then the vsock device, then the network card (last, so that the slots
+/// of a VM without one are what they were before it existed).
 pub fn mmio_slots(config: &VmConfig) -> Vec<MmioSlot> {
-    let count = config.disks.len() + config.vsock.is_some() as usize;
+    let count = virtio_device_count(config);
     (0..count)
         .map(|i| MmioSlot {
             base: VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE,
@@ -162,6 +179,7 @@ impl Running {
         dir: &Path,
         disks: &[crate::DiskConfig],
         vsock_cid: Option<u32>,
+        net_mac: Option<[u8; 6]>,
     ) -> Result<crate::SnapshotTimings, crate::snapshot::Error> {
         use crate::snapshot::{self as snap, Error as S};
         let t0 = Instant::now();
@@ -217,10 +235,14 @@ impl Running {
                 transports,
                 disks: saved_disks,
                 vsock_cid,
+                net_mac,
             };
             state.store(dir)?;
             Ok::<_, S>((disk_time, memory_time, written))
         })();
+        for t in &self.transports {
+            crate::devices::bus::lock(t).resume_device();
+        }
         self.pause.resume();
         let (disks, memory, written) = result?;
         Ok(crate::SnapshotTimings {
@@ -315,6 +337,11 @@ fn create_virtio_devices(config: &VmConfig) -> Result<Vec<SharedDevice>, Error> 
         let name = "virtio-vsock".to_string();
         let dev =
             vsock::Vsock::new(v.guest_cid as u64, &v.uds_path).map_err(|e| device_err(&name, e))?;
+        devices.push(share(name, dev));
+    }
+    if let Some(n) = &config.net {
+        let name = "virtio-net".to_string();
+        let dev = net::Net::new(n).map_err(|e| device_err(&name, e))?;
         devices.push(share(name, dev));
     }
     Ok(devices)
@@ -580,11 +607,29 @@ fn check_restore_shape(
             snap.vsock_cid.is_some().to_string(),
             config.vsock.is_some().to_string(),
         ),
+        (
+            "a net device",
+            snap.net_mac.is_some().to_string(),
+            config.net.is_some().to_string(),
+        ),
+        // The guest read its MAC at probe and keeps it.
+        (
+            "net mac address",
+            snap.net_mac
+                .as_ref()
+                .map(net::format_mac)
+                .unwrap_or_default(),
+            config
+                .net
+                .as_ref()
+                .map(|n| net::format_mac(&n.mac))
+                .unwrap_or_default(),
+        ),
     ];
     if let Some((what, snapshot, config)) = pairs.into_iter().find(|(_, s, c)| s != c) {
         return mismatch(what, snapshot, config);
     }
-    let devices = config.disks.len() + config.vsock.is_some() as usize;
+    let devices = virtio_device_count(config);
     if snap.transports.len() != devices {
         return Err(Error::Snapshot(S::Corrupt {
             what: "device list".into(),
@@ -868,6 +913,7 @@ mod tests {
             console_log: None,
             vsock: None,
             disks: Vec::new(),
+            net: None,
         }
     }
 
@@ -1002,5 +1048,183 @@ mod tests {
                 irq: 7
             }
         );
+    }
+    fn net_config(mac: [u8; 6]) -> crate::NetConfig {
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        crate::NetConfig {
+            mac,
+            ..crate::NetConfig::new(ours.into())
+        }
+    }
+
+    #[test]
+    fn net_comes_last_and_counts_as_a_device() {
+        let mut c = config("/k".into());
+        c.disks = vec![
+            DiskConfig {
+                path: "/tmp/d".into(),
+                read_only: false,
+                id: "d".into(),
+            };
+            MAX_VIRTIO_DEVICES - 1
+        ];
+        c.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: "/tmp/x.sock".into(),
+        });
+        let without = mmio_slots(&c);
+        c.net = Some(net_config(crate::NetConfig::DEFAULT_MAC));
+        let with = mmio_slots(&c);
+        assert_eq!(with.len(), MAX_VIRTIO_DEVICES + 1);
+        assert_eq!(
+            &with[..without.len()],
+            &without[..],
+            "the others keep their slots"
+        );
+        assert!(matches!(
+            validate_shape(&c, false),
+            Err(Error::Device { .. })
+        ));
+        c.disks.pop();
+        assert!(validate_shape(&c, false).is_ok());
+    }
+
+    #[test]
+    fn net_mac_must_be_unicast() {
+        let mut c = config("/k".into());
+        c.net = Some(net_config([0xff; 6]));
+        let err = validate_shape(&c, false).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "device virtio-net: mac address ff:ff:ff:ff:ff:ff is not a unicast address"
+        );
+        c.net = Some(net_config([0; 6]));
+        assert!(matches!(
+            validate_shape(&c, false),
+            Err(Error::Device { .. })
+        ));
+    }
+
+    /// The smallest snapshot `check_restore_shape` can look at: one vCPU,
+    /// no devices.
+    fn bare_snapshot() -> crate::snapshot::VmSnapshot {
+        use crate::snapshot::{vcpu::VcpuState, vm_state::VmState, VmSnapshot, FORMAT_VERSION};
+        VmSnapshot {
+            version: FORMAT_VERSION,
+            memory_mib: 128,
+            kvm_pvm: false,
+            vcpus: vec![VcpuState {
+                cpuid: Vec::new(),
+                mp_state: Default::default(),
+                regs: Default::default(),
+                sregs: Default::default(),
+                xsave: Default::default(),
+                xcrs: None,
+                debug_regs: Default::default(),
+                lapic: Default::default(),
+                msrs: Vec::new(),
+                vcpu_events: Default::default(),
+            }],
+            vm: VmState {
+                pit: Default::default(),
+                clock: Default::default(),
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+            },
+            serial: crate::devices::serial::SerialSnapshot {
+                baud_divisor_low: 0,
+                baud_divisor_high: 0,
+                interrupt_enable: 0,
+                interrupt_identification: 0,
+                line_control: 0,
+                line_status: 0,
+                modem_control: 0,
+                modem_status: 0,
+                scratch: 0,
+                in_buffer: Vec::new(),
+            },
+            transports: Vec::new(),
+            disks: Vec::new(),
+            vsock_cid: None,
+            net_mac: None,
+        }
+    }
+
+    #[test]
+    fn restore_names_a_net_device_mismatch() {
+        use crate::snapshot::Error as S;
+        let plan = Plan {
+            vcpus: 1,
+            kvm_pvm: false,
+            memory_bytes: 128 << 20,
+        };
+        let mut c = config("/k".into());
+        let mut snap = bare_snapshot();
+        check_restore_shape(&c, &plan, &snap).unwrap();
+
+        c.net = Some(net_config(crate::NetConfig::DEFAULT_MAC));
+        let err = check_restore_shape(&c, &plan, &snap).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Snapshot(S::Mismatch {
+                    what: "a net device",
+                    ..
+                })
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "the snapshot has a net device false, the vm config asks for true"
+        );
+
+        snap.net_mac = Some([0x02, 0, 0, 0, 0, 9]);
+        let err = check_restore_shape(&c, &plan, &snap).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Snapshot(S::Mismatch {
+                    what: "net mac address",
+                    ..
+                })
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("02:00:00:00:00:09"), "{err}");
+
+        c.net = None;
+        let err = check_restore_shape(&c, &plan, &snap).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Snapshot(S::Mismatch {
+                    what: "a net device",
+                    ..
+                })
+            ),
+            "{err}"
+        );
+
+        // Same device, same MAC: only the device list must match now.
+        c.net = Some(net_config([0x02, 0, 0, 0, 0, 9]));
+        let err = check_restore_shape(&c, &plan, &snap).unwrap_err();
+        assert!(
+            matches!(err, Error::Snapshot(S::Corrupt { .. })),
+            "one slot, no saved transport: {err}"
+        );
+    }
+
+    /// A snapshot of a monitor without virtio-net has no `net_mac`: it
+    /// still loads, as a VM without one.
+    #[test]
+    fn older_snapshots_have_no_net_device() {
+        let snap = bare_snapshot();
+        let mut json: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&snap).unwrap()).unwrap();
+        json.as_object_mut().unwrap().remove("net_mac");
+        let back: crate::snapshot::VmSnapshot = serde_json::from_value(json).unwrap();
+        assert_eq!(back.net_mac, None);
     }
 }

@@ -97,6 +97,7 @@ impl Guest {
             console_log: Some(self.console()),
             vsock: None,
             disks: Vec::new(),
+            net: None,
         }
     }
 

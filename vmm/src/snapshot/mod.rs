@@ -108,10 +108,15 @@ pub struct VmSnapshot {
     pub vcpus: Vec<vcpu::VcpuState>,
     pub vm: vm_state::VmState,
     pub serial: SerialSnapshot,
-    /// One per virtio-mmio slot, in slot order (disks, then vsock).
+    /// One per virtio-mmio slot, in slot order (disks, vsock, net).
     pub transports: Vec<TransportState>,
     pub disks: Vec<SavedDisk>,
     pub vsock_cid: Option<u32>,
+    /// The net device's MAC, when the VM has one. Absent from snapshots
+    /// of monitors without virtio-net, which had none: an addition, not a
+    /// change of meaning, so the format version stays.
+    #[serde(default)]
+    pub net_mac: Option<[u8; 6]>,
 }
 
 #[derive(Deserialize)]

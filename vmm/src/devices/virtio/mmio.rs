@@ -345,6 +345,12 @@ impl MmioTransport {
         Ok(())
     }
 
+    /// After a snapshot (taken or failed): lets the device use its queues
+    /// again (see [`VirtioDevice::resume`]).
+    pub fn resume_device(&self) {
+        lock(&self.device).resume();
+    }
+
     /// After a restore, once the vCPUs' LAPICs are restored: raises the
     /// interrupt the saved or restored status holds.
     pub fn raise_restored_interrupt(&self) -> io::Result<()> {

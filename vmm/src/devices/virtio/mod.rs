@@ -1,7 +1,7 @@
 //! virtio devices and the virtio-mmio transport that carries them.
 //!
-//! The contract between the transport (`mmio.rs`) and a device (`blk.rs`,
-//! `vsock/`) is [`VirtioDevice`]. A device is shared as
+//! The contract between the transport (`mmio.rs`) and a device (`blk/`,
+//! `vsock/`, `net/`) is [`VirtioDevice`]. A device is shared as
 //! `Arc<Mutex<D>>` between the transport, which runs on vCPU threads, and the
 //! event-loop thread, where the device is also registered as an
 //! `event_manager::MutEventSubscriber`. `activate` is called on a vCPU thread
@@ -16,6 +16,7 @@
 
 pub mod blk;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::io;
@@ -108,6 +109,13 @@ impl Interrupt {
             .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
     }
 
+    /// Sets the configuration-change bit without raising the line: for a
+    /// restore, like [`Interrupt::mark_used_queue`].
+    pub fn mark_config_change(&self) {
+        self.status
+            .fetch_or(VIRTIO_MMIO_INT_CONFIG, Ordering::SeqCst);
+    }
+
     /// Raises the line if the status has bits set (after a restore).
     pub fn raise_if_pending(&self) -> io::Result<()> {
         if self.status() != 0 {
@@ -197,8 +205,14 @@ pub trait VirtioDevice: Send {
     /// For a snapshot, with every vCPU parked: finishes the requests the
     /// device holds and returns its queues as it sees them (indices
     /// included), or `None` when it is not activated. The device goes on
-    /// running afterwards.
+    /// running afterwards, unless its host side can fill guest buffers on
+    /// its own (virtio-net): such a device leaves its queues as saved until
+    /// [`VirtioDevice::resume`], so that guest memory, copied after this,
+    /// matches the saved indices.
     fn quiesce_queues(&mut self) -> Option<Vec<QueueState>>;
+    /// The snapshot that called [`VirtioDevice::quiesce_queues`] is done
+    /// (or failed) and the vCPUs run again: the device may use its queues.
+    fn resume(&mut self) {}
     /// What the device keeps beyond its queues, for a snapshot.
     fn save_device(&self) -> DeviceState {
         DeviceState::None
@@ -221,6 +235,10 @@ pub enum DeviceState {
     None,
     /// virtio-vsock: where host connections' local ports go on.
     Vsock { next_local_port: u32 },
+    /// virtio-net: the MAC the driver read, and the link status it was
+    /// last told (the back end itself is not saved: a restore gets a new
+    /// one).
+    Net { mac: [u8; 6], link_up: bool },
 }
 
 /// A queue's state in a snapshot (virtio-queue's `QueueState`, which has
