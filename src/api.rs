@@ -336,6 +336,7 @@ const KNOWN_NAMES: &[&str] = &[
     "resources.memory_mb",
     "resources.disk_mb",
     "resources.network",
+    "egress_allow",
     "auto_stop_seconds",
     "ttl_seconds",
     "argv",

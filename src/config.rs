@@ -50,6 +50,14 @@ pub struct MachineConfig {
     /// Boot the guest kernel instead of restoring the host's booted
     /// snapshot of this machine shape (see [`Machine::create`](crate::Machine::create)).
     pub cold_boot: bool,
+    /// With `resources.network`: the only destinations the guest may send
+    /// to, as networks (`"10.0.0.0/8"`, `"192.0.2.7"`, `"2001:db8::/32"`);
+    /// frames to any other address are dropped by the monitor. ARP, DHCP
+    /// and IPv6 neighbour discovery always pass. `None`: anywhere. The
+    /// gateway (`host.smol.internal`, the host's loopback) and the DNS
+    /// server are destinations like any other: list them to reach them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_allow: Option<Vec<String>>,
 }
 
 /// A host directory shared into the guest.
@@ -120,7 +128,10 @@ pub struct ResourceSpec {
     pub memory_mb: u32,
     /// Size of the machine disk (the persistent root) in MiB; sparse.
     pub disk_mb: u64,
-    /// Outbound network (not available yet).
+    /// Outbound network: a virtio-net device whose host side is a `passt`
+    /// of the machine's own (no root, no tap device). The guest is
+    /// configured by DHCP, and reaches the host's loopback as
+    /// `host.smol.internal`. Off: the machine has no network device.
     pub network: bool,
 }
 
@@ -229,11 +240,11 @@ impl MachineConfig {
             }
         }
         validate_ports(&self.ports)?;
+        if let Some(list) = &self.egress_allow {
+            egress_networks(list, r.network)?;
+        }
         // Later features: refuse rather than silently ignore them.
-        let later = [
-            (!self.mounts.is_empty(), "mounts"),
-            (r.network, "outbound network (resources.network)"),
-        ];
+        let later = [(!self.mounts.is_empty(), "mounts")];
         if let Some((_, what)) = later.iter().find(|(set, _)| *set) {
             return Err(Error::Unsupported(format!(
                 "{what} is not available in this version of smol"
@@ -241,6 +252,32 @@ impl MachineConfig {
         }
         Ok(())
     }
+}
+
+/// Most networks in [`MachineConfig::egress_allow`].
+pub const MAX_EGRESS_NETWORKS: usize = 256;
+
+/// The allow-list as the monitor takes it; every entry must parse, and
+/// the machine must have a network.
+pub(crate) fn egress_networks(list: &[String], network: bool) -> Result<Vec<smol_vmm::IpNet>> {
+    if !network {
+        return Err(invalid(
+            "egress_allow",
+            "set without resources.network (a machine without a network sends nothing)",
+        ));
+    }
+    if list.len() > MAX_EGRESS_NETWORKS {
+        return Err(invalid(
+            "egress_allow",
+            format!("{} networks; at most {MAX_EGRESS_NETWORKS}", list.len()),
+        ));
+    }
+    list.iter()
+        .map(|n| {
+            n.parse::<smol_vmm::IpNet>()
+                .map_err(|e| invalid("egress_allow", format!("{n:?}: {e}")))
+        })
+        .collect()
 }
 
 /// Most port mappings a machine may have (each is a listener and a task).
@@ -498,6 +535,31 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(c.validate(), Err(Error::Unsupported(_))));
+    }
+
+    #[test]
+    fn the_egress_list_needs_a_network_and_networks() {
+        let with = |list: &[&str], network: bool| MachineConfig {
+            egress_allow: Some(list.iter().map(|s| s.to_string()).collect()),
+            resources: ResourceSpec {
+                network,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        with(&["10.0.0.0/8", "192.0.2.7", "2001:db8::/32"], true)
+            .validate()
+            .unwrap();
+        with(&[], true).validate().unwrap();
+        let e = with(&["10.0.0.0/8"], false).validate().unwrap_err();
+        assert!(e.to_string().contains("resources.network"), "{e}");
+        let e = with(&["10.0.0.0/33"], true).validate().unwrap_err();
+        assert!(e.to_string().contains("10.0.0.0/33"), "{e}");
+        assert_eq!(
+            field_of(with(&["example.com"], true).validate().unwrap_err()),
+            "egress_allow"
+        );
+        MachineConfig::default().validate().unwrap();
     }
 
     #[test]

@@ -121,6 +121,7 @@ impl Agent {
             Request::RecordImage(record) => crate::image::serve::record_image(s, &record)?,
             Request::ListImages => crate::image::serve::list_images(s)?,
             Request::Connect { port } => crate::forward::serve_connect(s, port)?,
+            Request::ConfigureNetwork => crate::net::serve_configure(s)?,
         }
         Ok(())
     }

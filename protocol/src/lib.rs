@@ -42,6 +42,8 @@
 //!   no more frames: it is a raw byte stream to the guest port in both
 //!   directions, and a half-close (vsock shutdown) in either direction is
 //!   passed on as a half-close of the TCP connection (port forwarding).
+//! - `ConfigureNetwork`: the agent configures the network device by DHCP
+//!   and answers `Response::Network` (or `Error`).
 //!
 //! The crate is shared by the SDK and the guest agent (serde types and
 //! framing only), so the SDK never compiles the agent.
@@ -306,6 +308,9 @@ pub enum Request {
     Connect {
         port: u16,
     },
+    /// Configure the network device by DHCP (after every boot and
+    /// restore of a machine with `resources.network`).
+    ConfigureNetwork,
 }
 
 /// What makes a machine itself rather than a copy of the snapshot it was
@@ -374,6 +379,17 @@ pub enum Response {
     },
     /// The guest port accepted: raw bytes from here on.
     Connected,
+    Network(NetworkInfo),
+}
+
+/// The guest's network as DHCP configured it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    pub interface: String,
+    pub address: String,
+    /// Also `host.smol.internal`: the host's loopback through passt.
+    pub gateway: String,
+    pub dns: Vec<String>,
 }
 
 /// How a process ended: carried in the `Exit` frame.

@@ -215,7 +215,8 @@ pub fn document() -> Value {
                         "ttl_seconds": {"type": "integer", "minimum": 0, "nullable": true},
                         "auto_stop_seconds": {"type": "integer", "minimum": 0, "nullable": true},
                         "mounts": {"type": "array", "items": {"type": "object"}},
-                        "ports": {"type": "array", "items": schema("PortSpec")}
+                        "ports": {"type": "array", "items": schema("PortSpec")},
+                        "egress_allow": {"type": "array", "items": {"type": "string"}, "nullable": true}
                     }
                 },
                 "PortSpec": {

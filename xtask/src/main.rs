@@ -138,13 +138,16 @@ fn check_single_rust_vmm(assets: &(PathBuf, PathBuf)) -> Result<(), String> {
 }
 
 /// Debian packages the tests use on the host: the registry the image tests
-/// push to, busybox for the test images, mkfs.ext4 for machine disks.
+/// push to, busybox for the test images, mkfs.ext4 for machine disks,
+/// passt for machine networks.
 const TEST_PACKAGES: &[&str] = &[
     "docker-registry",
     "busybox-static",
     "e2fsprogs",
     // schemathesis' venv (tests/openapi.rs)
     "python3-venv",
+    // the network of machines with resources.network (tests/network.rs)
+    "passt",
 ];
 
 fn test(extra: &[String]) -> Result<(), String> {

@@ -19,6 +19,7 @@ use crate::agent::{unexpected, AgentConnection};
 use crate::backend::local::assets::GuestAssets;
 use crate::backend::local::disk::{DISK_CMDLINE, DISK_ID};
 use crate::backend::local::limits::{Activity, Due, Limits};
+use crate::backend::local::net::Passt;
 use crate::backend::local::ports::{PortRelay, Target};
 use crate::backend::local::store::{MachineLock, MachinePaths, MachineRecord};
 use crate::error::{sanitize, Error, Result};
@@ -73,6 +74,8 @@ pub(crate) struct MachineActor {
     vm: Option<Vm>,
     /// The forwarded ports' listeners, while the VM runs.
     ports: Option<PortRelay>,
+    /// The network's passt, while the VM runs (`resources.network`).
+    passt: Option<Passt>,
     state: MachineState,
     deleted: bool,
     timings: Option<BootTimings>,
@@ -94,6 +97,7 @@ impl MachineActor {
             lock: Some(lock),
             vm: None,
             ports: None,
+            passt: None,
             state,
             deleted: false,
             timings: None,
@@ -217,6 +221,10 @@ impl MachineActor {
     /// Notices a VM that ended on its own (guest poweroff, crash) and
     /// releases it.
     async fn refresh(&mut self) {
+        if let Some(status) = self.passt.as_mut().and_then(Passt::exited) {
+            tracing::warn!(machine = %self.name, "passt ended ({status}): the machine has no network now (see {})", self.paths.passt_log.display());
+            self.passt = None;
+        }
         let exited = self.vm.as_ref().and_then(|vm| vm.try_exit());
         if let Some(reason) = exited {
             match &reason {
@@ -260,6 +268,23 @@ impl MachineActor {
         remove_if_exists(&self.paths.ports)?;
         remove_if_exists(&self.paths.console_log)?;
         let r = &self.record.config.resources;
+        let (passt, net) = match r.network {
+            false => (None, None),
+            true => {
+                let allow = match &self.record.config.egress_allow {
+                    Some(list) => Some(crate::config::egress_networks(list, true)?),
+                    None => None,
+                };
+                let (passt, fd) = Passt::spawn(&self.paths.passt_log)?;
+                // Every machine has the same MAC: each is alone on its
+                // link, with a passt of its own.
+                let net = smol_vmm::NetConfig {
+                    allow,
+                    ..smol_vmm::NetConfig::new(fd)
+                };
+                (Some(passt), Some(net))
+            }
+        };
         let config = VmConfig {
             kernel: assets.kernel,
             initramfs: Some(assets.initramfs),
@@ -277,6 +302,7 @@ impl MachineActor {
                 read_only: false,
                 id: DISK_ID.to_string(),
             }],
+            net,
         };
         let restoring = snapshot.is_some();
         let name = self.name.clone();
@@ -295,9 +321,13 @@ impl MachineActor {
         let vm_setup = begin.elapsed();
         let vmm = vm.timings();
         self.vm = Some(vm);
+        self.passt = passt;
         let ready_from = Instant::now();
         let up = match self.wait_for_agent(boot_timeout(), restoring).await {
-            Ok(()) => self.open_ports(&mut ports),
+            Ok(()) => match self.configure_network().await {
+                Ok(()) => self.open_ports(&mut ports),
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         match up {
@@ -327,6 +357,29 @@ impl MachineActor {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// With a network: has the agent configure it by DHCP from this
+    /// start's passt (a restored guest asks its new passt again).
+    async fn configure_network(&self) -> Result<()> {
+        if !self.record.config.resources.network {
+            return Ok(());
+        }
+        let mut conn =
+            AgentConnection::open_with(&self.paths.vsock, &self.name, &Request::ConfigureNetwork)
+                .await
+                .map_err(|e| Error::Protocol(e.to_string()))?;
+        match conn.response_within(None, "configuring the network").await {
+            Ok(Response::Network(info)) => {
+                tracing::info!(machine = %self.name, address = %info.address, gateway = %info.gateway, dns = ?info.dns, "network configured");
+                Ok(())
+            }
+            Ok(other) => Err(unexpected("configure network", &other)),
+            Err(e) => Err(self.boot_error(format!(
+                "the guest could not configure its network: {e} (passt's log: {})",
+                self.paths.passt_log.display()
+            ))),
         }
     }
 
@@ -512,6 +565,8 @@ impl MachineActor {
         })
         .await
         .map_err(|e| Error::Internal(format!("vm stop task: {e}")))?;
+        // The monitor's end of its socket is closed: passt ends anyway.
+        self.passt = None;
         tracing::debug!(machine = %self.name, ?reason, "vm stopped");
         remove_if_exists(&self.paths.vsock)?;
         Ok(())
@@ -575,6 +630,7 @@ impl Drop for MachineActor {
         if let Some(mut vm) = self.vm.take() {
             vm.stop();
         }
+        self.passt = None;
         if !self.deleted && !self.record.config.persistent {
             let _ = std::fs::remove_dir_all(&self.paths.dir);
         } else {

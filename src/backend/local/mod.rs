@@ -12,6 +12,7 @@ pub(crate) mod actor;
 pub(crate) mod assets;
 pub(crate) mod disk;
 pub(crate) mod limits;
+pub(crate) mod net;
 pub(crate) mod peer;
 pub(crate) mod ports;
 pub(crate) mod snapshot;

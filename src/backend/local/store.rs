@@ -61,6 +61,8 @@ pub(crate) struct MachinePaths {
     /// The owner's forwarded ports while they listen (JSON
     /// `[PortMapping]`), for other processes' `ports()`.
     pub ports: PathBuf,
+    /// The machine's passt's log (`resources.network`).
+    pub passt_log: PathBuf,
     pub disk: PathBuf,
 }
 
@@ -73,6 +75,7 @@ impl MachinePaths {
             vsock: dir.join("vsock.sock"),
             ready: dir.join("ready"),
             ports: dir.join("ports.json"),
+            passt_log: dir.join("passt.log"),
             disk: dir.join("disk.img"),
             dir,
         }

@@ -79,9 +79,13 @@ impl WarmShape {
             h.update(b"\n");
         }
         let assets_key = hex::encode(&h.finalize()[..8]);
+        // A machine with a network has one more device: another shape.
         let key = format!(
-            "{assets_key}-{}cpu-{}m-{}d",
-            resources.cpus, resources.memory_mb, resources.disk_mb
+            "{assets_key}-{}cpu-{}m-{}d{}",
+            resources.cpus,
+            resources.memory_mb,
+            resources.disk_mb,
+            if resources.network { "-net" } else { "" }
         );
         let warm = cache.join("warm");
         Ok(WarmShape {
@@ -183,6 +187,10 @@ mod tests {
             a.dir,
             WarmShape::new(t.path(), &assets, &bigger).unwrap().dir
         );
+        let networked = ResourceSpec { network: true, ..r };
+        let n = WarmShape::new(t.path(), &assets, &networked).unwrap().dir;
+        assert_ne!(a.dir, n, "a network device is another shape");
+        assert!(n.to_string_lossy().ends_with("-net"), "{}", n.display());
         // A rebuilt kernel is another shape.
         std::fs::remove_file(&k).unwrap();
         std::fs::write(&k, b"kernel 2").unwrap();

@@ -80,7 +80,7 @@ enum Command {
         #[command(flatten)]
         options: RunOptions,
         /// The machine (no resources may be given then: it has its own).
-        #[arg(conflicts_with_all = ["cpus", "memory", "disk", "ports"])]
+        #[arg(conflicts_with_all = ["cpus", "memory", "disk", "ports", "network"])]
         name: Option<String>,
         /// The command and its arguments (after `--`).
         #[arg(required = true, last = true)]
@@ -240,6 +240,10 @@ struct Resources {
     /// absent; `[::1]` for IPv6) to the guest's port GUEST (repeatable).
     #[arg(short = 'p', long = "port", value_name = "[ADDR:]HOST:GUEST", value_parser = parse_port)]
     ports: Vec<smol::PortSpec>,
+    /// Give the machine an outbound network (passt; the host's loopback
+    /// is `host.smol.internal` in the guest).
+    #[arg(long)]
+    network: bool,
 }
 
 impl Resources {
@@ -255,6 +259,7 @@ impl Resources {
             config.resources.disk_mb = d;
         }
         config.ports = self.ports.clone();
+        config.resources.network = self.network;
         config
     }
 }

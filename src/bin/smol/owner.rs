@@ -139,6 +139,9 @@ impl Want {
                         .iter()
                         .map(|p| format!("--port={}", super::port_arg(p))),
                 );
+                if r.network {
+                    args.push("--network".into());
+                }
                 if c.forkable {
                     args.push("--forkable".into());
                 }
