@@ -207,6 +207,14 @@ impl Machine {
         self.backend.ports().await
     }
 
+    /// Where the machine's first forwarded port is reached: on the remote
+    /// engine `http://<server host>:<port>/`, the server listening for it
+    /// on its own address; `None` on the local engine, whose listeners
+    /// [`ports`](Machine::ports) lists, and for a machine without ports.
+    pub async fn url(&self) -> Result<Option<String>> {
+        self.backend.url().await
+    }
+
     /// Runs `argv` (no shell) and collects its output.
     pub async fn exec<I, S>(&self, argv: I) -> Result<ExecResult>
     where

@@ -190,6 +190,8 @@ async fn run(home: &Path) {
             ports.iter().all(|p| p.host != 0 && p.address.is_loopback()),
             "{ports:?}"
         );
+        let url = m.url().await.ctx("url")?;
+        ensure!(url.is_none(), "a local machine's url is {url:?}");
         Ok(())
     })
     .await;

@@ -164,6 +164,24 @@ async fn run(home: &Path, url: &str, alice: &str, bob: &str, image: &str) {
             .map_err(|_| "no answer".to_string())?
             .ctx("read")?;
         ensure!(back == b"through the server's port", "{back:?}");
+        // url() is the same listener, at the host the client uses.
+        let url = m.url().await.ctx("url")?;
+        let want = format!("http://127.0.0.1:{}/", ports[0].host);
+        ensure!(url.as_deref() == Some(want.as_str()), "{url:?}");
+        let bad = Machine::create_with(
+            MachineConfig {
+                ports: vec![smol::PortSpec::new(0, 80).address("0.0.0.0".parse().unwrap())],
+                ..MachineConfig::default().name("r-bad-port").disk_mb(256)
+            },
+            cloud(alice),
+        )
+        .await
+        .err()
+        .ok_or("a client chose the server's address")?;
+        ensure!(
+            matches!(&bad, Error::InvalidConfig { field: "ports", .. }),
+            "{bad}"
+        );
         Ok(())
     })
     .await;

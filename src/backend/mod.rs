@@ -49,6 +49,10 @@ pub(crate) trait Backend: Send + Sync + 'static {
     fn delete(&self) -> Call<'_, ()>;
     /// The forwarded ports listening now; none while the machine is stopped.
     fn ports(&self) -> Call<'_, Vec<PortMapping>>;
+    /// Where clients reach the machine's first forwarded port: `None` on
+    /// the local engine (use [`ports`](Self::ports)), the server's host
+    /// and that port on the remote one.
+    fn url(&self) -> Call<'_, Option<String>>;
 
     /// Runs `req`, collecting at most `max_output` bytes of output.
     fn exec(&self, req: ExecRequest, max_output: u64) -> Call<'_, ExecResult>;

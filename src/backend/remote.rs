@@ -641,6 +641,19 @@ impl Backend for RemoteMachine {
         self.get("/ports").boxed()
     }
 
+    /// The first forwarded port at the host this client reaches the
+    /// server by (the server listens for it on its own address).
+    fn url(&self) -> Call<'_, Option<String>> {
+        async {
+            let ports: Vec<crate::PortMapping> = self.get("/ports").await?;
+            let Some(first) = ports.first() else {
+                return Ok(None);
+            };
+            Ok(Some(port_url(&self.client().base, first.host)?))
+        }
+        .boxed()
+    }
+
     fn exec(&self, req: ExecRequest, max_output: u64) -> Call<'_, ExecResult> {
         RemoteMachine::exec(self, req, max_output).boxed()
     }
@@ -723,5 +736,38 @@ impl Backend for RemoteMachine {
             Ok(Arc::new(clone) as Arc<dyn Backend>)
         }
         .boxed()
+    }
+}
+
+/// `http://<the endpoint's host>:<port>/`.
+fn port_url(endpoint: &str, port: u16) -> Result<String> {
+    let url = reqwest::Url::parse(endpoint).map_err(|e| Error::InvalidArgument {
+        what: "endpoint",
+        reason: format!("{endpoint:?}: {e}"),
+    })?;
+    // An IPv6 host comes with its brackets.
+    let host = url.host_str().ok_or_else(|| Error::InvalidArgument {
+        what: "endpoint",
+        reason: format!("{endpoint:?} has no host"),
+    })?;
+    Ok(format!("http://{host}:{port}/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_url_is_at_the_endpoints_host() {
+        assert_eq!(
+            port_url("http://127.0.0.1:7100", 40123).unwrap(),
+            "http://127.0.0.1:40123/"
+        );
+        assert_eq!(
+            port_url("https://smol.example:443/", 8080).unwrap(),
+            "http://smol.example:8080/"
+        );
+        assert_eq!(port_url("http://[::1]:7100", 9).unwrap(), "http://[::1]:9/");
+        assert!(port_url("not a url", 1).is_err());
     }
 }

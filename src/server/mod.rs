@@ -56,6 +56,9 @@ struct Entry {
 struct AppState {
     home: PathBuf,
     keys: KeyStore,
+    /// The address the server listens on: machines' forwarded ports
+    /// listen there too, where the server's clients reach them.
+    listen_ip: std::net::IpAddr,
     machines: Arc<Mutex<HashMap<String, Entry>>>,
 }
 
@@ -145,8 +148,13 @@ pub async fn serve(
     home: PathBuf,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let listen_ip = listener
+        .local_addr()
+        .map_err(|e| Error::io("the server's listen address", e))?
+        .ip();
     let state = AppState {
         keys: KeyStore::new(&home),
+        listen_ip,
         home,
         machines: Arc::default(),
     };
@@ -296,7 +304,18 @@ async fn create(
     Extension(owner): Extension<Owner>,
     body: Bytes,
 ) -> Result<Json<MachineBody>, ApiError> {
-    let CreateMachine { config } = parse(&body)?;
+    let CreateMachine { mut config } = parse(&body)?;
+    for p in &mut config.ports {
+        if p.address.is_some() {
+            return Err(ApiError(Error::InvalidConfig {
+                field: "ports",
+                reason:
+                    "a remote client cannot choose the address: ports listen on the server's own"
+                        .into(),
+            }));
+        }
+        p.address = Some(s.listen_ip);
+    }
     if !config.mounts.is_empty() {
         return Err(ApiError(Error::InvalidConfig {
             field: "mounts",

@@ -225,7 +225,7 @@ pub fn document() -> Value {
                     "properties": {
                         "host": {"type": "integer", "minimum": 0, "maximum": 65535},
                         "guest": {"type": "integer", "minimum": 1, "maximum": 65535},
-                        "address": {"type": "string", "description": "An IP address; 127.0.0.1 when absent"}
+                        "address": {"type": "string", "description": "Refused here: ports listen on the server's own address"}
                     }
                 },
                 "PortMapping": {

@@ -633,6 +633,10 @@ impl Backend for LocalMachine {
         async { self.ask(Command::Ports).await? }.boxed()
     }
 
+    fn url(&self) -> Call<'_, Option<String>> {
+        async { Ok(None) }.boxed()
+    }
+
     fn exec(&self, req: ExecRequest, max_output: u64) -> Call<'_, ExecResult> {
         agent::exec::exec(self, req, max_output).boxed()
     }
