@@ -32,14 +32,7 @@ struct Bench {
 }
 
 fn boot() -> Bench {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let home = tempfile::Builder::new()
-        .prefix("smol-bench")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
+    let (rt, home) = common::runtime_and_home();
     let opts = smol::ConnectOptions::local().home(home.path());
     let t = Instant::now();
     let machine = rt

@@ -17,6 +17,8 @@
 #[path = "../tests/support/images.rs"]
 mod images;
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
@@ -66,14 +68,7 @@ fn benches(c: &mut Criterion) {
     if pvm {
         println!("kvm_pvm host: guest-side costs are emulated here (~0.4 ms per guest syscall)");
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let home = tempfile::Builder::new()
-        .prefix("smol-bench")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
+    let (rt, home) = common::runtime_and_home();
     let dir = home.path().join("layout");
     images::write_oci_layout(&dir, &[("bench", &images::busybox_image())]);
     let layout = format!("oci-layout:{}:bench", dir.display());

@@ -51,14 +51,7 @@ fn benches(c: &mut Criterion) {
     if pvm {
         println!("kvm_pvm host: guest-side costs are emulated here; the file is 1 MiB");
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let home = tempfile::Builder::new()
-        .prefix("smol-bench")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
+    let (rt, home) = common::runtime_and_home();
     let opts = smol::ConnectOptions::local().home(home.path());
     let config = MachineConfig {
         ports: vec![PortSpec::new(0, GUEST_PORT)],

@@ -11,28 +11,12 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{CheckResult, Checks, Ctx};
+use common::{sh, CheckResult, Checks, Ctx};
 use futures::StreamExt;
 use smol::{ConnectOptions, Error, ExecEvent, Machine, MachineConfig, SnapshotError};
 
 fn opts(home: &Path) -> ConnectOptions {
     ConnectOptions::local().home(home)
-}
-
-async fn sh(m: &Machine, script: &str) -> Result<String, String> {
-    let r = m
-        .exec(["sh", "-c", script])
-        .await
-        .ctx(&format!("exec on {}", m.name()))?;
-    if r.exit_code != 0 {
-        return Err(format!(
-            "{script:?} on {} exited {}: {}",
-            m.name(),
-            r.exit_code,
-            r.stderr_lossy()
-        ));
-    }
-    Ok(r.stdout_lossy().trim().to_string())
 }
 
 fn host_unix_time() -> i64 {

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{sha256, CheckResult, Checks, Ctx};
+use common::{sh, sha256, CheckResult, Checks, Ctx};
 use smol::{ConnectOptions, Error, Machine, MachineConfig, PortMapping, PortSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -25,22 +25,6 @@ const CLOSED: u16 = 9999;
 /// Longest wait for a forwarded connection's answer (an exec-like round
 /// trip through the guest, seconds on kvm_pvm hosts).
 const IO_LIMIT: Duration = Duration::from_secs(120);
-
-async fn sh(m: &Machine, script: &str) -> Result<String, String> {
-    let r = m
-        .exec(["sh", "-c", script])
-        .await
-        .ctx(&format!("exec on {}", m.name()))?;
-    if r.exit_code != 0 {
-        return Err(format!(
-            "{script:?} on {} exited {}: {}",
-            m.name(),
-            r.exit_code,
-            r.stderr_lossy()
-        ));
-    }
-    Ok(r.stdout_lossy().trim().to_string())
-}
 
 /// Starts the guest's servers (again after a boot: they are processes).
 async fn serve(m: &Machine) -> CheckResult {

@@ -59,3 +59,17 @@ pub fn guest_seconds(rt: &tokio::runtime::Runtime, m: &Machine, script: &str) ->
     assert_eq!(v.len(), 2, "{out:?}");
     (v[1] - v[0]).max(0.01)
 }
+
+/// A multi-threaded runtime and a short home for a bench's machines (the
+/// vsock socket path must fit in sun_path).
+pub fn runtime_and_home() -> (tokio::runtime::Runtime, tempfile::TempDir) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let home = tempfile::Builder::new()
+        .prefix("smol-bench")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    (rt, home)
+}

@@ -299,3 +299,21 @@ pub fn gone(dir: &Path) -> bool {
 pub fn flush() {
     let _ = std::io::stderr().flush();
 }
+
+/// Runs `script` with `sh -c` on `m`; its trimmed stdout, or an error
+/// naming the script, the machine, the exit code and stderr.
+pub async fn sh(m: &smol::Machine, script: &str) -> Result<String, String> {
+    let r = m
+        .exec(["sh", "-c", script])
+        .await
+        .ctx(&format!("exec on {}", m.name()))?;
+    if r.exit_code != 0 {
+        return Err(format!(
+            "{script:?} on {} exited {}: {}",
+            m.name(),
+            r.exit_code,
+            r.stderr_lossy()
+        ));
+    }
+    Ok(r.stdout_lossy().trim().to_string())
+}

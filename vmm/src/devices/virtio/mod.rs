@@ -19,6 +19,9 @@ pub mod mmio;
 pub mod net;
 pub mod vsock;
 
+#[cfg(test)]
+pub(crate) mod test_queue;
+
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -172,6 +175,21 @@ pub enum ActivateError {
 }
 
 /// A virtio device behind the virtio-mmio transport.
+/// A guest read of `data.len()` bytes at `offset` of a device's config
+/// space `config`: copied when wholly inside it, else left as it is (the
+/// transport zeroes it), never a panic on a guest's offset.
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = start
+        .checked_add(data.len())
+        .and_then(|end| config.get(start..end))
+    {
+        data.copy_from_slice(src);
+    }
+}
+
 pub trait VirtioDevice: Send {
     /// The virtio device id (`TYPE_*`).
     fn device_type(&self) -> u32;

@@ -221,15 +221,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = start
-            .checked_add(data.len())
-            .and_then(|end| self.config.get(start..end))
-        {
-            data.copy_from_slice(src);
-        }
+        super::read_config_space(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

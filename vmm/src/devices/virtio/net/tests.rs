@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -25,6 +25,7 @@ use crate::devices::virtio::mmio::{
     REG_QUEUE_READY, REG_QUEUE_SEL, REG_STATUS, STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET,
     STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
 };
+use crate::devices::virtio::test_queue::DriverQueue;
 use crate::devices::virtio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use crate::NetConfig;
 
@@ -43,107 +44,7 @@ const BIG_BASE: u64 = 0x100_0000;
 /// What the Linux driver posts without mergeable buffers: a header and a
 /// 1514-byte frame (it posts 1518, for a VLAN tag; this is the minimum).
 const RX_BUF_LEN: u32 = (NET_HDR_LEN + 1514) as u32;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
 const GUEST_MAC: [u8; 6] = [0x02, 0x73, 0x6d, 0x6f, 0x6c, 0x01];
-
-/// The driver's side of one split queue.
-struct DriverQueue {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    size: u16,
-    avail_idx: u16,
-    used_idx: u16,
-    free: Vec<u16>,
-    chains: HashMap<u16, Vec<u16>>,
-    kick: EventFd,
-}
-
-impl DriverQueue {
-    fn new(mem: &GuestMemory, base: u64, size: u16) -> (Self, ActivatedQueue) {
-        let desc = base;
-        let avail = desc + 16 * u64::from(size);
-        let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
-        let end = used + 6 + 8 * u64::from(size);
-        mem.write_slice(&vec![0u8; (end - base) as usize], GuestAddress(base))
-            .unwrap();
-        let mut queue = Queue::new(size).unwrap();
-        queue.set_size(size);
-        queue.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
-        queue.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
-        queue.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
-        queue.set_ready(true);
-        assert!(queue.is_valid(mem));
-        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
-        let dq = DriverQueue {
-            desc,
-            avail,
-            used,
-            size,
-            avail_idx: 0,
-            used_idx: 0,
-            free: (0..size).rev().collect(),
-            chains: HashMap::new(),
-            kick: notify.try_clone().unwrap(),
-        };
-        (dq, ActivatedQueue { queue, notify })
-    }
-
-    /// Makes `head` available in the next avail slot.
-    fn publish(&mut self, mem: &GuestMemory, head: u16) {
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
-        mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
-            .unwrap();
-    }
-
-    /// Adds a chain of (addr, len, device-writable) buffers.
-    fn add(&mut self, mem: &GuestMemory, bufs: &[(u64, u32, bool)]) -> u16 {
-        let idxs: Vec<u16> = bufs.iter().map(|_| self.free.pop().unwrap()).collect();
-        for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
-            let last = i + 1 == bufs.len();
-            let flags = if writable { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
-            let next = if last { 0 } else { idxs[i + 1] };
-            let at = self.desc + 16 * u64::from(idxs[i]);
-            mem.write_obj(addr, GuestAddress(at)).unwrap();
-            mem.write_obj(len, GuestAddress(at + 8)).unwrap();
-            mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-            mem.write_obj(next, GuestAddress(at + 14)).unwrap();
-        }
-        self.publish(mem, idxs[0]);
-        self.chains.insert(idxs[0], idxs.clone());
-        idxs[0]
-    }
-
-    fn kick(&self) {
-        self.kick.write(1).unwrap();
-    }
-
-    fn in_flight(&self) -> usize {
-        self.chains.len()
-    }
-
-    /// Used entries since the last call, as (head, len); frees their
-    /// descriptors.
-    fn take_used(&mut self, mem: &GuestMemory) -> Vec<(u16, u32)> {
-        let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
-        let mut out = Vec::new();
-        while self.used_idx != idx {
-            let at = self.used + 4 + 8 * u64::from(self.used_idx % self.size);
-            let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
-            let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
-            let head = id as u16;
-            if let Some(chain) = self.chains.remove(&head) {
-                self.free.extend(chain);
-            }
-            out.push((head, len));
-            self.used_idx = self.used_idx.wrapping_add(1);
-        }
-        out
-    }
-}
 
 /// An Ethernet frame of `len` bytes from the guest, numbered `seq` (in
 /// its first payload bytes) and otherwise patterned.

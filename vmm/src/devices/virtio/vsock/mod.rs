@@ -227,16 +227,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.guest_cid.to_le_bytes();
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = start
-            .checked_add(data.len())
-            .and_then(|end| config.get(start..end))
-        {
-            data.copy_from_slice(src);
-        }
+        super::read_config_space(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
