@@ -717,6 +717,11 @@ impl ConsoleWatch {
         let Ok(mut f) = std::fs::File::open(&self.path) else {
             return false;
         };
+        // The monitor empties a log that reached its size limit.
+        if f.metadata().is_ok_and(|m| m.len() < self.offset) {
+            self.offset = 0;
+            self.carry.clear();
+        }
         if f.seek(SeekFrom::Start(self.offset)).is_err() {
             return false;
         }
@@ -822,6 +827,13 @@ mod tests {
         assert!(!w.seen());
         f.write_all(b"dy\n").unwrap();
         assert!(w.seen());
+        // A log that started over is read from its start.
+        let mut w = ConsoleWatch::new(p.clone(), READY_LINE);
+        assert!(w.seen(), "read once");
+        let mut w2 = ConsoleWatch::new(p.clone(), "after the restart");
+        assert!(!w2.seen());
+        std::fs::write(&p, b"after the restart\n").unwrap();
+        assert!(w2.seen(), "the shorter file was read from 0");
         assert!(w.seen(), "stays seen");
     }
 

@@ -26,6 +26,11 @@ pub const ABSENT_UARTS: [u64; 3] = [0x2f8, 0x3e8, 0x2e8];
 const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
 /// Longest line kept in memory; longer lines are written out in pieces.
 const LINE_MAX: usize = 4096;
+/// Most bytes the console log file holds. Past it the file starts over
+/// with a note, so a guest that prints without end fills no host disk,
+/// and the newest output (what a failed boot's console tail quotes) is
+/// kept.
+pub const CONSOLE_LOG_MAX: u64 = 16 << 20;
 
 /// Raises the serial interrupt through its irqfd.
 pub struct IrqTrigger(pub EventFd);
@@ -43,15 +48,43 @@ pub struct ConsoleLog {
     file: Option<File>,
     line: Vec<u8>,
     exit: Arc<ExitState>,
+    /// Bytes in the file now, and the most it may hold.
+    written: u64,
+    limit: u64,
 }
 
 impl ConsoleLog {
+    /// `file` is opened for appending (a restored VM's log goes on).
     pub fn new(file: Option<File>, exit: Arc<ExitState>) -> Self {
+        let written = file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len());
         ConsoleLog {
             file,
             line: Vec::with_capacity(256),
             exit,
+            written,
+            limit: CONSOLE_LOG_MAX,
         }
+    }
+
+    /// The same with another size limit (tests).
+    pub fn with_limit(mut self, limit: u64) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// Empties an append-mode file that reached its limit, noting why.
+    fn start_over(&mut self, f: &mut File) -> io::Result<()> {
+        f.set_len(0)?;
+        let note = format!(
+            "[smol: the console log reached {} bytes and started over]\n",
+            self.limit
+        );
+        f.write_all(note.as_bytes())?;
+        self.written = note.len() as u64;
+        Ok(())
     }
 
     fn emit_line(&mut self) -> io::Result<()> {
@@ -64,8 +97,17 @@ impl ConsoleLog {
             let text = String::from_utf8_lossy(&self.line);
             self.exit.note_panic(text.trim().to_string());
         }
-        let res = match self.file.as_mut() {
-            Some(f) => f.write_all(&self.line),
+        let res = match self.file.take() {
+            Some(mut f) => {
+                let mut r = Ok(());
+                if self.written + self.line.len() as u64 > self.limit {
+                    r = self.start_over(&mut f);
+                }
+                let r = r.and_then(|()| f.write_all(&self.line));
+                self.written += self.line.len() as u64;
+                self.file = Some(f);
+                r
+            }
             None => Ok(()),
         };
         self.line.clear();
@@ -203,6 +245,27 @@ mod tests {
         tmp.reopen().unwrap().read_to_string(&mut s).unwrap();
         assert_eq!(s, "Linux version 6.1\npartial");
         assert_eq!(exit.reason(), None);
+    }
+
+    #[test]
+    fn the_log_starts_over_at_its_limit_keeping_the_newest() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(tmp.path())
+            .unwrap();
+        let exit = Arc::new(ExitState::new());
+        let mut log = ConsoleLog::new(Some(file), exit).with_limit(1000);
+        for i in 0..500 {
+            log.write_all(format!("line {i:04}\n").as_bytes()).unwrap();
+        }
+        let text = std::fs::read_to_string(tmp.path()).unwrap();
+        assert!(text.len() <= 1000, "{} bytes", text.len());
+        assert!(
+            text.starts_with("[smol: the console log reached 1000 bytes"),
+            "{text}"
+        );
+        assert!(text.ends_with("line 0499\n"), "{text}");
     }
 
     #[test]
