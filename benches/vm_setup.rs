@@ -49,6 +49,7 @@ fn config(dir: &Path, vsock: bool) -> VmConfig {
         }),
         disks: Vec::new(),
         net: None,
+        fs: Vec::new(),
     }
 }
 

@@ -61,6 +61,7 @@ fn config(dir: &Path) -> VmConfig {
         }),
         disks: Vec::new(),
         net: None,
+        fs: Vec::new(),
     }
 }
 

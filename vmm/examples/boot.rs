@@ -42,6 +42,7 @@ fn main() {
         }),
         disks: Vec::new(),
         net: None,
+        fs: Vec::new(),
     };
     let timeout = Duration::from_secs(args.get(3).map_or(120, |s| s.parse().expect("seconds")));
     let t0 = Instant::now();

@@ -27,6 +27,7 @@ fn main() {
         vsock: None,
         disks: Vec::new(),
         net: None,
+        fs: Vec::new(),
     };
     let timings: Vec<BootTimings> = (0..runs)
         .map(|_| {

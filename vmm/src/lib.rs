@@ -13,6 +13,7 @@ pub mod event_loop;
 pub mod exit;
 pub mod memory;
 pub mod snapshot;
+mod sparse;
 pub mod vcpu;
 pub mod vm;
 
@@ -53,6 +54,31 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// A virtio-net device, if any.
     pub net: Option<NetConfig>,
+    /// virtio-fs devices (vhost-user, each served by its own virtiofsd).
+    /// With any, every byte of guest RAM lives in its shared memfd, since
+    /// the back ends map it (see [`memory`]).
+    pub fs: Vec<FsConfig>,
+}
+
+/// A virtio-fs device: the guest mounts `tag` (`mount -t virtiofs <tag>
+/// <dir>`), and the requests go to the vhost-user back end listening on
+/// `socket` (virtiofsd's `--socket-path`), which must be up before the
+/// VM is built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsConfig {
+    /// The mount tag the guest sees: 1 to 36 bytes, no NUL.
+    pub tag: String,
+    /// The back end's vhost-user socket.
+    pub socket: PathBuf,
+}
+
+impl FsConfig {
+    pub fn new(tag: impl Into<String>, socket: impl Into<PathBuf>) -> FsConfig {
+        FsConfig {
+            tag: tag.into(),
+            socket: socket.into(),
+        }
+    }
 }
 
 pub use devices::virtio::net::{IpNet, IpNetError};
@@ -284,9 +310,7 @@ impl Vm {
             .running
             .as_ref()
             .ok_or(Error::Snapshot(snapshot::Error::NotRunning))?;
-        let cid = self.config.vsock.as_ref().map(|v| v.guest_cid);
-        let mac = self.config.net.as_ref().map(|n| n.mac);
-        Ok(running.snapshot(dir, &self.config.disks, cid, mac)?)
+        Ok(running.snapshot(dir, &self.config)?)
     }
 
     /// Host-initiated stop: kicks the vCPUs out of `KVM_RUN`, joins every

@@ -10,6 +10,14 @@
 //! every VM. Those ranges are recorded; their bytes live in the mapping, not
 //! in the RAM memfd, and [`GuestRam::file_offset_of_guest`] refuses them.
 //!
+//! A VM with vhost-user devices hands the memfd to their back ends
+//! (virtiofsd), which map it themselves: they must see every byte the
+//! guest sees. Such RAM is made with [`GuestRam::new_shared`] (or
+//! [`GuestRam::from_snapshot_shared`]) and keeps every byte in the memfd:
+//! [`GuestRam::place_image`] copies the boot images in instead of mapping
+//! them over, and a restore copies the snapshot's pages into a new memfd
+//! instead of mapping its file privately.
+//!
 //! The guest physical map (x86_64):
 //!
 //! ```text
@@ -95,6 +103,8 @@ pub enum Error {
     Unaligned(u64),
     #[error("cannot map {len:#x} bytes copy-on-write at guest address {addr:#x}: {reason}")]
     Overlay { addr: u64, len: u64, reason: String },
+    #[error("cannot copy a {0}-byte snapshot into guest memory")]
+    Copy(u64, #[source] io::Error),
     #[error("cannot keep {0} bytes of guest memory out of core dumps")]
     DontDump(usize, #[source] io::Error),
 }
@@ -177,6 +187,9 @@ pub struct GuestRam {
     private: bool,
     /// Guest ranges `(addr, len)` mapped over the memfd by `map_private`.
     overlays: Mutex<Vec<(u64, u64)>>,
+    /// Every byte lives in the memfd, which other processes map: nothing
+    /// may be mapped over it.
+    shared: bool,
 }
 
 impl GuestRam {
@@ -188,6 +201,37 @@ impl GuestRam {
         let file = Arc::new(create_memfd()?);
         file.set_len(size).map_err(|e| Error::Truncate(size, e))?;
         Self::map(file, size, libc::MAP_SHARED, false)
+    }
+
+    /// Like [`GuestRam::new`], for a VM whose vhost-user back ends map the
+    /// memfd: every guest byte stays in it (see the module documentation).
+    pub fn new_shared(size: u64) -> Result<Self, Error> {
+        let mut ram = Self::new(size)?;
+        ram.shared = true;
+        Ok(ram)
+    }
+
+    /// Guest RAM restored from a snapshot's memory file into a new memfd,
+    /// for a VM whose vhost-user back ends map it: the file's data extents
+    /// are copied (inside the host kernel), its holes stay holes. Costs a
+    /// copy of the guest's pages where [`GuestRam::from_snapshot`] maps
+    /// them lazily; the file is never changed.
+    pub fn from_snapshot_shared(file: &File, size: u64) -> Result<Self, Error> {
+        let ram = Self::new_shared(size)?;
+        let copy = |e: io::Error| Error::Copy(size, e);
+        let len = file.metadata().map_err(copy)?.len();
+        if len != size {
+            return Err(copy(io::Error::other(format!(
+                "the memory file holds {len} bytes"
+            ))));
+        }
+        let ranges: Vec<_> = crate::sparse::data_extents(file, 0, size)
+            .map_err(copy)?
+            .into_iter()
+            .map(|(start, end)| (start, start, end - start))
+            .collect();
+        ram.copy_ranges_from_file(file, &ranges).map_err(copy)?;
+        Ok(ram)
     }
 
     /// Guest RAM restored from a snapshot's memory file: `file` (laid out
@@ -226,6 +270,7 @@ impl GuestRam {
             size,
             private,
             overlays: Mutex::new(Vec::new()),
+            shared: false,
         })
     }
 
@@ -234,6 +279,12 @@ impl GuestRam {
     /// writes.
     pub fn is_private(&self) -> bool {
         self.private
+    }
+
+    /// Whether every guest byte lives in the memfd, which vhost-user back
+    /// ends may map ([`GuestRam::new_shared`]).
+    pub fn is_shared(&self) -> bool {
+        self.shared
     }
 
     /// Registers every region as a KVM memory slot (slots 0, 1, ...).
@@ -327,6 +378,37 @@ impl GuestRam {
             .clone()
     }
 
+    /// Puts `len` bytes of `file` from `file_offset` into guest memory at
+    /// `addr` (page aligned, inside one region), for the boot images:
+    /// mapped copy-on-write ([`GuestRam::map_private`]) into RAM of this
+    /// process alone, copied into the memfd (its data extents; holes read
+    /// as zero already) into [shared](GuestRam::new_shared) RAM.
+    pub fn place_image(
+        &self,
+        addr: u64,
+        len: u64,
+        file: &File,
+        file_offset: u64,
+    ) -> Result<(), Error> {
+        if !self.shared {
+            return self.map_private(addr, len, file, file_offset);
+        }
+        let fail = |reason: String| Error::Overlay { addr, len, reason };
+        let target = self
+            .file_offset_of_guest(addr, len)
+            .ok_or_else(|| fail("outside guest memory".into()))?;
+        let end = file_offset
+            .checked_add(len)
+            .ok_or_else(|| fail("file range overflows".into()))?;
+        let ranges: Vec<_> = crate::sparse::data_extents(file, file_offset, end)
+            .map_err(|e| fail(e.to_string()))?
+            .into_iter()
+            .map(|(start, stop)| (start, target + (start - file_offset), stop - start))
+            .collect();
+        self.copy_ranges_from_file(file, &ranges)
+            .map_err(|e| fail(e.to_string()))
+    }
+
     /// Maps `len` bytes of `file` from `file_offset` over guest memory at
     /// `addr`, copy-on-write: the guest reads the file's pages (shared with
     /// every VM mapping the same file, no copy) and its writes go to pages
@@ -342,6 +424,11 @@ impl GuestRam {
         file_offset: u64,
     ) -> Result<(), Error> {
         let fail = |reason: String| Error::Overlay { addr, len, reason };
+        if self.shared {
+            return Err(fail(
+                "guest memory shared with back ends keeps every byte in its memfd".into(),
+            ));
+        }
         if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || file_offset % PAGE_SIZE != 0 || len == 0
         {
             return Err(fail("not page aligned".into()));
@@ -404,6 +491,12 @@ impl GuestRam {
         file_offset: u64,
         len: u64,
     ) -> io::Result<()> {
+        self.copy_ranges_from_file(src, &[(src_offset, file_offset, len)])
+    }
+
+    /// [`GuestRam::copy_from_file`] for several `(src_offset, file_offset,
+    /// len)` ranges.
+    pub fn copy_ranges_from_file(&self, src: &File, ranges: &[(u64, u64, u64)]) -> io::Result<()> {
         use std::io::{Seek, SeekFrom};
         if self.private {
             // The file is a snapshot's: it must never change.
@@ -417,8 +510,20 @@ impl GuestRam {
         let mut out = File::options()
             .write(true)
             .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))?;
-        out.seek(SeekFrom::Start(file_offset))?;
-        sendfile_all(&out, src, src_offset, len)
+        for &(src_offset, file_offset, len) in ranges {
+            let in_bounds = file_offset
+                .checked_add(len)
+                .is_some_and(|end| end <= self.size);
+            if !in_bounds {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{len} bytes at {file_offset:#x} are beyond guest memory"),
+                ));
+            }
+            out.seek(SeekFrom::Start(file_offset))?;
+            sendfile_all(&out, src, src_offset, len)?;
+        }
+        Ok(())
     }
 }
 
@@ -633,6 +738,62 @@ mod tests {
             ram.copy_from_file(&src, 99_000, 0, 5_000).is_err(),
             "short source"
         );
+    }
+
+    /// Issue 11: RAM shared with back ends holds every byte in its memfd,
+    /// boot images included, and refuses overlays.
+    #[test]
+    fn shared_ram_copies_images_into_its_file() {
+        use std::os::unix::fs::FileExt;
+        let ram = GuestRam::new_shared(8 * MIB).unwrap();
+        assert!(ram.is_shared());
+        let image = create_memfd().unwrap();
+        image.set_len(3 * MIB).unwrap();
+        image.write_all_at(b"kernel text", MIB).unwrap();
+        image.write_all_at(b"more", 2 * MIB + 8).unwrap();
+        ram.place_image(4 * MIB, 2 * MIB, &image, MIB).unwrap();
+        let mut buf = [0u8; 11];
+        ram.file().read_exact_at(&mut buf, 4 * MIB).unwrap();
+        assert_eq!(&buf, b"kernel text", "in the memfd, not an overlay");
+        let mut buf = [0u8; 4];
+        ram.memory()
+            .read_slice(&mut buf, GuestAddress(5 * MIB + 8))
+            .unwrap();
+        assert_eq!(&buf, b"more");
+        assert!(ram.private_ranges().is_empty());
+        assert_eq!(ram.file_offset_of_guest(4 * MIB, 16), Some(4 * MIB));
+        assert!(matches!(
+            ram.map_private(0, MIB, &image, 0),
+            Err(Error::Overlay { .. })
+        ));
+        // Outside memory is refused, not written.
+        assert!(ram.place_image(7 * MIB, 2 * MIB, &image, 0).is_err());
+
+        // A private RAM overlays the image instead.
+        let private = GuestRam::new(8 * MIB).unwrap();
+        private.place_image(4 * MIB, 2 * MIB, &image, MIB).unwrap();
+        assert_eq!(private.private_ranges(), vec![(4 * MIB, 2 * MIB)]);
+    }
+
+    #[test]
+    fn a_snapshot_restored_shared_is_a_copy_in_a_new_memfd() {
+        use std::os::unix::fs::FileExt;
+        let snap = tempfile::tempfile().unwrap();
+        snap.set_len(8 * MIB).unwrap();
+        snap.write_all_at(&[7; 4096], 3 * MIB).unwrap();
+        let ram = GuestRam::from_snapshot_shared(&snap, 8 * MIB).unwrap();
+        assert!(ram.is_shared() && !ram.is_private());
+        let mut buf = [0u8; 4096];
+        ram.file().read_exact_at(&mut buf, 3 * MIB).unwrap();
+        assert!(buf.iter().all(|&b| b == 7));
+        ram.memory().write_obj(1u64, GuestAddress(3 * MIB)).unwrap();
+        snap.read_exact_at(&mut buf[..8], 3 * MIB).unwrap();
+        assert_eq!(buf[..8], [7; 8], "the snapshot file never changes");
+        // A file of another size is refused.
+        assert!(matches!(
+            GuestRam::from_snapshot_shared(&snap, 16 * MIB),
+            Err(Error::Copy(..))
+        ));
     }
 
     #[test]

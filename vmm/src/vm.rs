@@ -22,7 +22,7 @@ use crate::devices::bus::Bus;
 use crate::devices::i8042::{self, I8042};
 use crate::devices::serial::{self, ConsoleLog, SerialDevice};
 use crate::devices::virtio::mmio::MmioTransport;
-use crate::devices::virtio::{blk, net, vsock, VirtioDevice};
+use crate::devices::virtio::{blk, fs, net, vsock, VirtioDevice};
 use crate::event_loop::{EventLoop, EventLoopHandle, Subscriber};
 use crate::exit::ExitState;
 use crate::memory::{GuestRam, KVM_TSS_ADDR, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
@@ -117,6 +117,16 @@ fn validate_shape(config: &VmConfig, kvm_pvm: bool) -> Result<Plan, Error> {
             });
         }
     }
+    for (i, f) in config.fs.iter().enumerate() {
+        let name = || format!("virtio-fs {i}");
+        fs::check_tag(&f.tag).map_err(|e| device_err(&name(), e))?;
+        if config.fs[..i].iter().any(|other| other.tag == f.tag) {
+            return Err(device_err(
+                &name(),
+                format!("mount tag {:?} is used twice", f.tag),
+            ));
+        }
+    }
     let mut vcpus = config.vcpus;
     if kvm_pvm && vcpus > 1 {
         tracing::warn!(
@@ -134,12 +144,16 @@ fn validate_shape(config: &VmConfig, kvm_pvm: bool) -> Result<Plan, Error> {
 
 /// How many virtio-mmio devices `config` asks for.
 fn virtio_device_count(config: &VmConfig) -> usize {
-    config.disks.len() + config.vsock.is_some() as usize + config.net.is_some() as usize
+    config.disks.len()
+        + config.vsock.is_some() as usize
+        + config.net.is_some() as usize
+        + config.fs.len()
 }
 
 /// The virtio-mmio slots, disks first (so the first disk is `/dev/vda`),
-/// then the vsock device, then the network card (last, so that the slots
-/// of a VM without one are what they were before it existed).
+/// then the vsock device, then the network card, then the virtio-fs
+/// devices (each addition after the others, so that the slots of a VM
+/// without it are what they were before it existed).
 pub fn mmio_slots(config: &VmConfig) -> Vec<MmioSlot> {
     let count = virtio_device_count(config);
     (0..count)
@@ -173,15 +187,15 @@ pub struct Running {
 
 impl Running {
     /// Saves the whole VM into `dir` (see [`crate::snapshot`]) and lets it
-    /// run on. `disks` are the VM's disk files, copied while it is paused.
+    /// run on. `config` is the VM's: its disk files are copied while it is
+    /// paused.
     pub fn snapshot(
         &self,
         dir: &Path,
-        disks: &[crate::DiskConfig],
-        vsock_cid: Option<u32>,
-        net_mac: Option<[u8; 6]>,
+        config: &VmConfig,
     ) -> Result<crate::SnapshotTimings, crate::snapshot::Error> {
         use crate::snapshot::{self as snap, Error as S};
+        let disks = &config.disks;
         let t0 = Instant::now();
         if self.exit.should_stop() {
             return Err(S::NotRunning);
@@ -234,8 +248,9 @@ impl Running {
                 serial,
                 transports,
                 disks: saved_disks,
-                vsock_cid,
-                net_mac,
+                vsock_cid: config.vsock.as_ref().map(|v| v.guest_cid),
+                net_mac: config.net.as_ref().map(|n| n.mac),
+                fs_tags: config.fs.iter().map(|f| f.tag.clone()).collect(),
             };
             state.store(dir)?;
             Ok::<_, S>((disk_time, memory_time, written))
@@ -342,6 +357,11 @@ fn create_virtio_devices(config: &VmConfig) -> Result<Vec<SharedDevice>, Error> 
     if let Some(n) = &config.net {
         let name = "virtio-net".to_string();
         let dev = net::Net::new(n).map_err(|e| device_err(&name, e))?;
+        devices.push(share(name, dev));
+    }
+    for (i, f) in config.fs.iter().enumerate() {
+        let name = format!("virtio-fs {i} ({}, {})", f.tag, f.socket.display());
+        let dev = fs::Fs::new(f).map_err(|e| device_err(&name, e))?;
         devices.push(share(name, dev));
     }
     Ok(devices)
@@ -507,7 +527,13 @@ pub fn build(config: &VmConfig) -> Result<(Running, BootTimings), Error> {
     let (kvm, vm_fd) = open_kvm()?;
     let t_mem = Instant::now();
     timings.kvm = t_mem - t_start;
-    let ram = GuestRam::new(plan.memory_bytes).map_err(|e| Error::Memory(e.to_string()))?;
+    // vhost-user back ends map the memfd: they must see every byte.
+    let ram = if config.fs.is_empty() {
+        GuestRam::new(plan.memory_bytes)
+    } else {
+        GuestRam::new_shared(plan.memory_bytes)
+    }
+    .map_err(|e| Error::Memory(e.to_string()))?;
     let mem = ram.memory().clone();
     let slots = mmio_slots(config);
     timings.memory = t_mem.elapsed();
@@ -612,6 +638,12 @@ fn check_restore_shape(
             snap.net_mac.is_some().to_string(),
             config.net.is_some().to_string(),
         ),
+        // The guest knows its shares by tag.
+        (
+            "virtio-fs mount tags",
+            format!("{:?}", snap.fs_tags),
+            format!("{:?}", config.fs.iter().map(|f| &f.tag).collect::<Vec<_>>()),
+        ),
         // The guest read its MAC at probe and keeps it.
         (
             "net mac address",
@@ -679,8 +711,12 @@ pub fn restore(
         what: format!("cannot open {}", mem_path.display()),
         source,
     })?;
-    let ram = GuestRam::from_snapshot(mem_file, plan.memory_bytes)
-        .map_err(|e| Error::Memory(e.to_string()))?;
+    let ram = if config.fs.is_empty() {
+        GuestRam::from_snapshot(mem_file, plan.memory_bytes)
+    } else {
+        GuestRam::from_snapshot_shared(&mem_file, plan.memory_bytes)
+    }
+    .map_err(|e| Error::Memory(e.to_string()))?;
     timings.memory = t_mem.elapsed();
     let kvm_side = setup_kvm_side(&kvm, &vm_fd, &ram)?;
     timings.kvm += kvm_side.kvm;
@@ -914,6 +950,7 @@ mod tests {
             vsock: None,
             disks: Vec::new(),
             net: None,
+            fs: Vec::new(),
         }
     }
 
@@ -1148,7 +1185,70 @@ mod tests {
             disks: Vec::new(),
             vsock_cid: None,
             net_mac: None,
+            fs_tags: Vec::new(),
         }
+    }
+
+    #[test]
+    fn fs_tags_are_checked_and_fs_devices_come_last() {
+        let mut c = config("/k".into());
+        c.net = Some(net_config(crate::NetConfig::DEFAULT_MAC));
+        c.fs = vec![
+            crate::FsConfig::new("a", "/s0"),
+            crate::FsConfig::new("b", "/s1"),
+        ];
+        assert_eq!(validate_shape(&c, false).unwrap().vcpus, 1);
+        let slots = mmio_slots(&c);
+        assert_eq!(slots.len(), 3);
+        assert_eq!(slots[2].irq, VIRTIO_FIRST_IRQ + 2);
+        for (tags, bad) in [
+            (vec!["", "b"], "\"\""),
+            (vec!["a", &"x".repeat(37)], "xxxx"),
+            (vec!["a\0b"], "a\\0b"),
+            (vec!["a", "a"], "used twice"),
+        ] {
+            c.fs = tags
+                .iter()
+                .map(|t| crate::FsConfig::new(*t, "/s"))
+                .collect();
+            let err = validate_shape(&c, false).unwrap_err().to_string();
+            assert!(err.contains("virtio-fs") && err.contains(bad), "{err}");
+        }
+        c.fs = vec![crate::FsConfig::new("x".repeat(36), "/s")];
+        validate_shape(&c, false).unwrap();
+    }
+
+    #[test]
+    fn restore_names_an_fs_tag_mismatch() {
+        use crate::snapshot::Error as S;
+        let plan = Plan {
+            vcpus: 1,
+            kvm_pvm: false,
+            memory_bytes: 128 << 20,
+        };
+        let mut c = config("/k".into());
+        let mut snap = bare_snapshot();
+        snap.fs_tags = vec!["smol0".into()];
+        let err = check_restore_shape(&c, &plan, &snap).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Snapshot(S::Mismatch {
+                    what: "virtio-fs mount tags",
+                    ..
+                })
+            ),
+            "{err}"
+        );
+        c.fs = vec![crate::FsConfig::new("smol0", "/new.sock")];
+        // Tags match; the one device has no saved transport here.
+        let err = check_restore_shape(&c, &plan, &snap).unwrap_err();
+        assert!(matches!(err, Error::Snapshot(S::Corrupt { .. })), "{err}");
+        // Older snapshots carry no tags: no virtio-fs device.
+        let mut json = serde_json::to_value(bare_snapshot()).unwrap();
+        json.as_object_mut().unwrap().remove("fs_tags");
+        let back: crate::snapshot::VmSnapshot = serde_json::from_value(json).unwrap();
+        assert!(back.fs_tags.is_empty());
     }
 
     #[test]

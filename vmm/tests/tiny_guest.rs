@@ -98,6 +98,7 @@ impl Guest {
             vsock: None,
             disks: Vec::new(),
             net: None,
+            fs: Vec::new(),
         }
     }
 

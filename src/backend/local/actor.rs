@@ -303,6 +303,7 @@ impl MachineActor {
                 id: DISK_ID.to_string(),
             }],
             net,
+            fs: Vec::new(),
         };
         let restoring = snapshot.is_some();
         let name = self.name.clone();

@@ -133,7 +133,8 @@ impl ReadVolatile for KernelSource<'_> {
 
 /// Loads the `vmlinux` at `path` at its ELF physical addresses and finds
 /// its PVH entry note. The kernel is prepared once per process
-/// ([`template`]) and mapped copy-on-write.
+/// ([`template`]) and placed with [`GuestRam::place_image`]: mapped
+/// copy-on-write, or copied into RAM shared with back ends.
 pub fn load_kernel(ram: &GuestRam, path: &Path) -> Result<LoadedKernel, Error> {
     let file = open(
         path,
@@ -155,7 +156,7 @@ pub fn load_kernel(ram: &GuestRam, path: &Path) -> Result<LoadedKernel, Error> {
         });
     }
     let len = image.end.div_ceil(PAGE) * PAGE - image.start;
-    ram.map_private(image.start, len, &image.file, image.start)
+    ram.place_image(image.start, len, &image.file, image.start)
         .map_err(|source| Error::Map {
             what: "kernel",
             source,
@@ -246,7 +247,8 @@ fn lowest_segment(file: &mut File) -> Result<u64, String> {
 }
 
 /// Loads the initramfs at the top of memory below 4 GiB, page aligned,
-/// mapped copy-on-write from an image prepared once per process.
+/// placed ([`GuestRam::place_image`]) from an image prepared once per
+/// process.
 /// Returns `(address, size)`; [`check_initramfs_fits`] then checks it stays
 /// clear of the kernel (the two load in parallel).
 pub fn load_initramfs(ram: &GuestRam, path: &Path) -> Result<(u64, u64), Error> {
@@ -275,7 +277,7 @@ pub fn load_initramfs(ram: &GuestRam, path: &Path) -> Result<(u64, u64), Error> 
     };
     let image = INITRAMFS.get_or_build(key, || prepare_initramfs(&file, size, path))?;
     let len = image.size.div_ceil(PAGE) * PAGE;
-    ram.map_private(addr, len, &image.file, 0)
+    ram.place_image(addr, len, &image.file, 0)
         .map_err(|source| Error::Map {
             what: "initramfs",
             source,

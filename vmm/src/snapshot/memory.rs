@@ -17,7 +17,6 @@ use std::path::Path;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::seek;
 use crate::memory::GuestRam;
 
 const PAGE: u64 = 4096;
@@ -127,25 +126,12 @@ fn write_nonzero(
 /// Marks the pages of `file[offset..offset + len]` that lie in data
 /// extents (everything else reads as zero).
 fn mark_data_extents(file: &File, offset: u64, len: u64, want: &mut [bool]) -> io::Result<()> {
-    let end = offset + len;
-    let mut pos = offset;
-    while pos < end {
-        let data = match seek(file, pos, libc::SEEK_DATA) {
-            Ok(d) => d,
-            // ENXIO: no data at or after `pos`.
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
-            Err(e) => return Err(e),
-        };
-        if data >= end {
-            break;
-        }
-        let hole = seek(file, data, libc::SEEK_HOLE)?.min(end);
+    for (data, hole) in crate::sparse::data_extents(file, offset, offset + len)? {
         let first = (data - offset) / PAGE;
         let last = (hole - offset).div_ceil(PAGE);
         for p in first..last {
             want[p as usize] = true;
         }
-        pos = hole;
     }
     Ok(())
 }

@@ -108,7 +108,7 @@ pub struct VmSnapshot {
     pub vcpus: Vec<vcpu::VcpuState>,
     pub vm: vm_state::VmState,
     pub serial: SerialSnapshot,
-    /// One per virtio-mmio slot, in slot order (disks, vsock, net).
+    /// One per virtio-mmio slot, in slot order (disks, vsock, net, fs).
     pub transports: Vec<TransportState>,
     pub disks: Vec<SavedDisk>,
     pub vsock_cid: Option<u32>,
@@ -117,6 +117,10 @@ pub struct VmSnapshot {
     /// change of meaning, so the format version stays.
     #[serde(default)]
     pub net_mac: Option<[u8; 6]>,
+    /// The mount tags of the virtio-fs devices, in slot order (after the
+    /// net device). An addition like `net_mac`: older snapshots have none.
+    #[serde(default)]
+    pub fs_tags: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -250,14 +254,7 @@ fn clone_into(input: &File, out: &File) -> io::Result<CloneKind> {
     let len = input.metadata()?.len();
     out.set_len(len)?;
     let mut copied = 0u64;
-    let mut pos = 0u64;
-    while pos < len {
-        let data = match seek(input, pos, libc::SEEK_DATA) {
-            Ok(d) => d,
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
-            Err(e) => return Err(e),
-        };
-        let hole = seek(input, data, libc::SEEK_HOLE)?.min(len);
+    for (data, hole) in crate::sparse::data_extents(input, 0, len)? {
         let mut off_in = data as libc::loff_t;
         let mut off_out = data as libc::loff_t;
         let mut left = (hole - data) as usize;
@@ -286,22 +283,8 @@ fn clone_into(input: &File, out: &File) -> io::Result<CloneKind> {
             }
         }
         copied += hole - data;
-        pos = hole;
     }
     Ok(CloneKind::Sparse(copied))
-}
-
-pub(crate) fn seek(file: &File, pos: u64, whence: libc::c_int) -> io::Result<u64> {
-    let pos =
-        libc::off_t::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: lseek on an open fd has no memory effects. Callers use it
-    // only to find data and holes, on descriptors nothing else reads from.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), pos, whence) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as u64)
-    }
 }
 
 #[cfg(test)]

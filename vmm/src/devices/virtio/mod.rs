@@ -15,6 +15,7 @@
 //! until the driver resets the device.
 
 pub mod blk;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod vsock;
