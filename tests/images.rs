@@ -429,10 +429,13 @@ async fn oci_layout_directories_are_a_source() {
     let single = home.path().join("single");
     images::write_oci_layout(&single, &[("only", &bb)]);
     let p = res
-        .pull(single.to_str().unwrap())
+        .pull(&format!("oci-layout:{}", single.display()))
         .await
-        .expect("bare path to a layout");
+        .expect("the layout's one image, untagged");
     assert_eq!(p.image.digest.to_string(), bb.digest());
+    // Issue 15: a bare path is not an image reference.
+    let err = res.pull(single.to_str().unwrap()).await.unwrap_err();
+    assert!(matches!(err, ImageError::InvalidReference { .. }), "{err:?}");
     let err = res
         .pull(&format!("oci-layout:{}", home.path().display()))
         .await
@@ -483,11 +486,11 @@ async fn docker_save_archives_are_a_source() {
         "the synthesized manifest is stable"
     );
     assert_eq!(again.stats.blobs_fetched, 0);
-    let bare = res
-        .pull(archive.to_str().unwrap())
-        .await
-        .expect("bare path to an archive");
-    assert_eq!(bare.image.digest, i.digest);
+    let err = res.pull(archive.to_str().unwrap()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("docker-archive:<file>"),
+        "a bare path is refused, naming the explicit form: {err}"
+    );
 
     let err = res
         .pull(&format!("docker-archive:{}:other:tag", archive.display()))

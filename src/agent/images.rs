@@ -211,7 +211,9 @@ async fn pull_record<L: AgentLink>(
         .collect();
     report(PullEvent::Sending {
         layers: to_send.len(),
-        bytes: to_send.iter().map(|(_, l)| l.size).sum(),
+        bytes: to_send
+            .iter()
+            .fold(0u64, |sum, (_, l)| sum.saturating_add(l.size)),
     });
     tracing::info!(
         target: "smol::image",

@@ -54,11 +54,37 @@ pub struct IndexEntry {
     pub ref_name: Option<String>,
 }
 
+/// The largest manifest or index read (a registry's own limit is 4 MiB
+/// as well): past it, a pull stops reading with a named error.
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// The largest image config fetched and parsed.
+pub const MAX_CONFIG_BYTES: u64 = 8 << 20;
+/// Most layers of one image (overlayfs stacks far fewer).
+pub const MAX_LAYERS: usize = 1024;
+/// Most entries of one image index.
+pub const MAX_INDEX_ENTRIES: usize = 1024;
+
 /// An image manifest: one config and its layers, bottom first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageManifest {
     pub config: Descriptor,
     pub layers: Vec<Descriptor>,
+}
+
+impl ImageManifest {
+    /// The bytes of the layers, as their descriptors announce them.
+    /// `parse_manifest` refuses a manifest whose sizes overflow; this
+    /// saturates for one built elsewhere.
+    pub fn layer_bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .fold(0u64, |sum, l| sum.saturating_add(l.size))
+    }
+
+    /// The layers' and the config's bytes.
+    pub fn total_bytes(&self) -> u64 {
+        self.layer_bytes().saturating_add(self.config.size)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +153,15 @@ fn descriptor(
 /// Parses an index or an image manifest. `content_type` (the HTTP header,
 /// or a descriptor's media type) is used when the body does not say.
 pub fn parse_manifest(bytes: &[u8], content_type: Option<&str>) -> Result<Manifest, ImageError> {
+    if bytes.len() > MAX_MANIFEST_BYTES {
+        return Err(bad(
+            "manifest",
+            format!(
+                "{} bytes, larger than the {MAX_MANIFEST_BYTES} a manifest may have",
+                bytes.len()
+            ),
+        ));
+    }
     let raw: RawManifest =
         serde_json::from_slice(bytes).map_err(|e| bad("manifest", e.to_string()))?;
     if let Some(v) = raw.schema_version {
@@ -155,6 +190,12 @@ pub fn parse_manifest(bytes: &[u8], content_type: Option<&str>) -> Result<Manife
         let entries = raw
             .manifests
             .ok_or_else(|| bad("image index", "no manifests"))?;
+        if entries.len() > MAX_INDEX_ENTRIES {
+            return Err(bad(
+                "image index",
+                format!("{} entries, at most {MAX_INDEX_ENTRIES}", entries.len()),
+            ));
+        }
         let entries = entries
             .into_iter()
             .map(|e| {
@@ -176,9 +217,25 @@ pub fn parse_manifest(bytes: &[u8], content_type: Option<&str>) -> Result<Manife
             .ok_or_else(|| bad("image manifest", "no config"))?,
         OCI_CONFIG,
     )?;
+    if config.size > MAX_CONFIG_BYTES {
+        return Err(bad(
+            "image manifest",
+            format!(
+                "a config of {} bytes, larger than the {MAX_CONFIG_BYTES} a config may have",
+                config.size
+            ),
+        ));
+    }
     let layers = raw
         .layers
-        .ok_or_else(|| bad("image manifest", "no layers"))?
+        .ok_or_else(|| bad("image manifest", "no layers"))?;
+    if layers.len() > MAX_LAYERS {
+        return Err(bad(
+            "image manifest",
+            format!("{} layers, at most {MAX_LAYERS}", layers.len()),
+        ));
+    }
+    let layers = layers
         .into_iter()
         .map(|l| descriptor("image manifest", l, OCI_LAYER_GZIP))
         .collect::<Result<Vec<_>, ImageError>>()?;
@@ -189,6 +246,12 @@ pub fn parse_manifest(bytes: &[u8], content_type: Option<&str>) -> Result<Manife
                 media_type: l.media_type.clone(),
             });
         }
+    }
+    let total = layers
+        .iter()
+        .try_fold(config.size, |sum, l| sum.checked_add(l.size));
+    if total.is_none() {
+        return Err(bad("image manifest", "its layer sizes add up past 2^64"));
     }
     Ok(Manifest::Image(ImageManifest { config, layers }))
 }
@@ -264,6 +327,15 @@ struct RawRootfs {
 
 /// Parses an image config; an image for another platform is `NoPlatform`.
 pub fn parse_config(reference: &str, bytes: &[u8]) -> Result<ConfigFile, ImageError> {
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(bad(
+            "image config",
+            format!(
+                "{} bytes, larger than the {MAX_CONFIG_BYTES} a config may have",
+                bytes.len()
+            ),
+        ));
+    }
     let raw: RawConfigFile =
         serde_json::from_slice(bytes).map_err(|e| bad("image config", e.to_string()))?;
     if let (Some(os), Some(arch)) = (&raw.os, &raw.architecture) {
@@ -327,6 +399,57 @@ pub fn write_manifest(config: &Descriptor, layers: &[Descriptor]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    /// Issue 15: what a hostile registry or layout can put in a manifest
+    /// is bounded, and sizes are added with checks.
+    #[test]
+    fn manifests_are_bounded() {
+        let d = |size: u64| {
+            serde_json::json!({
+                "mediaType": OCI_LAYER_GZIP,
+                "digest": format!("sha256:{}", "a".repeat(64)),
+                "size": size,
+            })
+        };
+        let manifest = |config: serde_json::Value, layers: Vec<serde_json::Value>| {
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": config,
+                "layers": layers,
+            }))
+            .unwrap()
+        };
+        let ok = manifest(
+            serde_json::json!({"mediaType": OCI_CONFIG, "digest": format!("sha256:{}", "b".repeat(64)), "size": 10}),
+            vec![d(5), d(7)],
+        );
+        let Manifest::Image(m) = parse_manifest(&ok, None).unwrap() else {
+            panic!("an image manifest")
+        };
+        assert_eq!((m.layer_bytes(), m.total_bytes()), (12, 22));
+
+        let cfg = |size: u64| serde_json::json!({"mediaType": OCI_CONFIG, "digest": format!("sha256:{}", "b".repeat(64)), "size": size});
+        let err = parse_manifest(&manifest(cfg(10), vec![d(i64::MAX as u64); 3]), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("add up"), "{err}");
+        let err = parse_manifest(&manifest(cfg(MAX_CONFIG_BYTES + 1), vec![d(1)]), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("config of 8388609 bytes"), "{err}");
+        let err = parse_manifest(&manifest(cfg(1), vec![d(1); MAX_LAYERS + 1]), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("1025 layers"), "{err}");
+        let huge = vec![b' '; MAX_MANIFEST_BYTES + 1];
+        let err = parse_manifest(&huge, None).unwrap_err().to_string();
+        assert!(err.contains("larger than"), "{err}");
+        let err = parse_config("r", &vec![b' '; MAX_CONFIG_BYTES as usize + 1])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("image config"), "{err}");
+    }
+
     use super::*;
     use rand::{Rng, SeedableRng};
 

@@ -326,7 +326,7 @@ impl ImageResolver {
                 ),
             });
         }
-        let size = manifest.layers.iter().map(|l| l.size).sum::<u64>() + manifest.config.size;
+        let size = manifest.total_bytes();
         Ok(ResolvedImage {
             reference,
             digest,

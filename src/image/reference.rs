@@ -165,14 +165,29 @@ pub enum ImageSource {
 }
 
 impl ImageSource {
-    /// Parses `oci-layout:<dir>[:<tag>]`, `docker-archive:<file>[:<repo:tag>]`,
-    /// a path (`/…`, `./…`, `../…`: a directory is an OCI layout, a file a
-    /// docker archive) or else a registry reference.
+    /// Parses `oci-layout:<dir>[:<tag>]`, `docker-archive:<file>[:<repo:tag>]`
+    /// or else a registry reference. A bare path (`/…`, `./…`, `../…`) is
+    /// refused. With `SMOL_IMAGE_SOURCES=registry` in the environment, the
+    /// local forms are refused too: for a service that passes on image
+    /// names it does not trust, so that none reads the host's files.
     pub fn parse(source: &str) -> Result<ImageSource, ImageError> {
+        Self::parse_with(source, local_sources_allowed())
+    }
+
+    /// [`ImageSource::parse`], with local sources allowed or not.
+    pub fn parse_with(source: &str, allow_local: bool) -> Result<ImageSource, ImageError> {
         let bad = |reason: &str| ImageError::InvalidReference {
             reference: source.to_string(),
             reason: reason.to_string(),
         };
+        let local = ["oci-layout:", "oci:", "docker-archive:"]
+            .iter()
+            .any(|p| source.starts_with(p));
+        if local && !allow_local {
+            return Err(bad(
+                "local image sources are turned off (SMOL_IMAGE_SOURCES=registry)",
+            ));
+        }
         if let Some(rest) = source
             .strip_prefix("oci-layout:")
             .or_else(|| source.strip_prefix("oci:"))
@@ -214,23 +229,11 @@ impl ImageSource {
             });
         }
         if source.starts_with('/') || source.starts_with("./") || source.starts_with("../") {
-            let path = Path::new(source);
-            return if path.is_dir() {
-                Ok(ImageSource::OciLayout {
-                    dir: path.to_path_buf(),
-                    tag: None,
-                })
-            } else if path.is_file() {
-                Ok(ImageSource::DockerArchive {
-                    path: path.to_path_buf(),
-                    tag: None,
-                })
-            } else {
-                Err(ImageError::LocalSource {
-                    path: path.to_path_buf(),
-                    reason: "no such file or directory".into(),
-                })
-            };
+            // Only the explicit forms read local files: a name forwarded
+            // from elsewhere must not turn into a path by its looks.
+            return Err(bad(
+                "a path is not an image reference; write oci-layout:<dir> or docker-archive:<file>",
+            ));
         }
         ImageRef::parse(source).map(ImageSource::Registry)
     }
@@ -250,6 +253,14 @@ impl fmt::Display for ImageSource {
             }
         }
     }
+}
+
+/// `SMOL_IMAGE_SOURCES`: `registry` allows registry references only;
+/// unset (or `all`), local layouts and archives too.
+pub const IMAGE_SOURCES_ENV: &str = "SMOL_IMAGE_SOURCES";
+
+fn local_sources_allowed() -> bool {
+    std::env::var(IMAGE_SOURCES_ENV).map_or(true, |v| v != "registry")
 }
 
 /// Whether the first path part names a registry rather than a repository.
@@ -484,12 +495,26 @@ mod tests {
             ImageSource::parse("busybox").unwrap(),
             ImageSource::Registry(_)
         ));
-        assert!(matches!(
-            ImageSource::parse("/definitely/not/here"),
-            Err(ImageError::LocalSource { .. })
-        ));
+        let err = ImageSource::parse_with("oci-layout:/tmp/lay:v1", false).unwrap_err();
+        assert!(
+            err.to_string().contains("SMOL_IMAGE_SOURCES=registry"),
+            "{err}"
+        );
+        assert!(ImageSource::parse_with("docker-archive:/a.tar", false).is_err());
+        assert!(ImageSource::parse_with("busybox", false).is_ok());
+        // Issue 15: a bare path is not taken for a source, existing or not.
         let dir = tempfile::tempdir().unwrap();
-        let s = ImageSource::parse(dir.path().to_str().unwrap()).unwrap();
-        assert!(matches!(s, ImageSource::OciLayout { .. }));
+        for p in [
+            "/definitely/not/here".to_string(),
+            dir.path().display().to_string(),
+            "./layout".into(),
+            "../archive.tar".into(),
+        ] {
+            let err = ImageSource::parse(&p).unwrap_err();
+            assert!(
+                matches!(&err, ImageError::InvalidReference { reason, .. } if reason.contains("oci-layout:<dir>")),
+                "{p}: {err}"
+            );
+        }
     }
 }

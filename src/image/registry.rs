@@ -7,14 +7,16 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::errors::{OciDistributionError, OciEnvelope, OciErrorCode};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::Client;
+use oci_client::RegistryOperation;
 
 use super::error::ImageError;
 use super::manifest::{
     parse_manifest, select_platform, Descriptor, ImageManifest, Manifest, ACCEPTED_MANIFESTS,
+    MAX_MANIFEST_BYTES,
 };
 use super::progress::{Reporter, PROGRESS_STEP};
 use super::reference::ImageRef;
@@ -23,6 +25,8 @@ use super::{ImageResolver, PullEvent, PullStats};
 
 /// Layers fetched at once.
 const CONCURRENT_LAYERS: usize = 3;
+/// The most of an error response's body read (for its message).
+const MAX_ERROR_BODY: usize = 64 << 10;
 const MAX_INDEX_DEPTH: usize = 4;
 
 /// reqwest is built without a default TLS provider (to avoid aws-lc's C
@@ -33,6 +37,24 @@ pub(crate) fn install_crypto_provider() {
         // Fails only if another provider is already installed, which is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
+}
+
+/// The HTTP client of manifest GETs (see `get_manifest`), with the
+/// deadlines of [`client_for`]'s.
+fn manifest_http() -> Result<&'static reqwest::Client, String> {
+    static CLIENT: std::sync::OnceLock<Result<reqwest::Client, String>> =
+        std::sync::OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            install_crypto_provider();
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(15))
+                .read_timeout(Duration::from_secs(120))
+                .build()
+                .map_err(|e| format!("cannot build an HTTP client: {e}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 /// A client for one registry (plain HTTP when insecure).
@@ -214,7 +236,7 @@ impl ImageResolver {
             reference: label.clone(),
             digest: Some(digest.clone()),
             layers: manifest.layers.len(),
-            bytes: manifest.layers.iter().map(|l| l.size).sum::<u64>(),
+            bytes: manifest.layer_bytes(),
         });
 
         self.fetch_blob(&client, &oref, &manifest.config, None, r, reporter)
@@ -252,10 +274,7 @@ impl ImageResolver {
                 return Ok((self.store.read(d)?, d.clone()));
             }
         }
-        let (bytes, _) = client
-            .pull_manifest_raw(oref, auth, ACCEPTED_MANIFESTS)
-            .await
-            .map_err(|e| map_error(e, r))?;
+        let bytes = self.get_manifest(client, auth, oref, r).await?;
         stats.manifests_fetched += 1;
         let actual = Digest::of(&bytes);
         if let Some(d) = expected {
@@ -267,7 +286,94 @@ impl ImageResolver {
             }
         }
         self.store.write_bytes(&actual, &bytes)?;
-        Ok((bytes.to_vec(), actual))
+        Ok((bytes, actual))
+    }
+
+    /// GETs a manifest, reading at most [`MAX_MANIFEST_BYTES`] of it (and
+    /// [`MAX_ERROR_BODY`] of an error): oci-client's `pull_manifest_raw`
+    /// reads whatever the registry sends. oci-client still does the
+    /// authentication (the challenge and the token), and its error mapping
+    /// names what went wrong.
+    async fn get_manifest(
+        &self,
+        client: &Client,
+        auth: &RegistryAuth,
+        oref: &oci_client::Reference,
+        r: &ImageRef,
+    ) -> Result<Vec<u8>, ImageError> {
+        let token = client
+            .auth(oref, auth, RegistryOperation::Pull)
+            .await
+            .map_err(|e| map_error(e, r))?;
+        let scheme = if r.is_insecure(&self.insecure) {
+            "http"
+        } else {
+            "https"
+        };
+        let url = format!(
+            "{scheme}://{}/v2/{}/manifests/{}",
+            oref.resolve_registry(),
+            oref.repository(),
+            oref.digest().or(oref.tag()).unwrap_or("latest")
+        );
+        let http = manifest_http().map_err(|reason| ImageError::Network {
+            registry: r.registry.clone(),
+            reason,
+        })?;
+        let mut req = http
+            .get(&url)
+            .header(reqwest::header::ACCEPT, ACCEPTED_MANIFESTS.join(", "));
+        req = match (token, auth) {
+            (Some(token), _) => req.bearer_auth(token),
+            (None, RegistryAuth::Basic(user, password)) => req.basic_auth(user, Some(password)),
+            (None, _) => req,
+        };
+        let network = |e: reqwest::Error| map_error(OciDistributionError::RequestError(e), r);
+        let mut res = req.send().await.map_err(network)?;
+        let status = res.status();
+        let limit = if status.is_success() {
+            MAX_MANIFEST_BYTES
+        } else {
+            MAX_ERROR_BODY
+        };
+        let mut body = Vec::new();
+        while let Some(chunk) = res.chunk().await.map_err(network)? {
+            if body.len() + chunk.len() > limit {
+                if !status.is_success() {
+                    body.extend_from_slice(&chunk[..limit - body.len()]);
+                    break;
+                }
+                return Err(ImageError::BadManifest {
+                    what: "manifest",
+                    reason: format!(
+                        "{url} sends more than the {MAX_MANIFEST_BYTES} bytes a manifest may have"
+                    ),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if status == reqwest::StatusCode::OK {
+            return Ok(body);
+        }
+        let e = if status == reqwest::StatusCode::UNAUTHORIZED {
+            OciDistributionError::UnauthorizedError { url }
+        } else if status.is_client_error() {
+            match serde_json::from_slice::<OciEnvelope>(&body) {
+                Ok(envelope) => OciDistributionError::RegistryError { envelope, url },
+                Err(_) => OciDistributionError::ServerError {
+                    code: status.as_u16(),
+                    url,
+                    message: String::from_utf8_lossy(&body).into_owned(),
+                },
+            }
+        } else {
+            OciDistributionError::ServerError {
+                code: status.as_u16(),
+                url,
+                message: String::from_utf8_lossy(&body).into_owned(),
+            }
+        };
+        Err(map_error(e, r))
     }
 
     /// Makes sure the blob is in the store; returns (was cached, bytes
@@ -341,5 +447,104 @@ impl ImageResolver {
             .entry(r.registry.clone())
             .or_insert_with(|| Arc::new(client_for(r.is_insecure(&self.insecure))))
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::store::BlobStore;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A registry that answers `/v2/` and, for manifests, what `route`
+    /// says: (status, body length, body byte). Bodies are sent in 64 KiB
+    /// writes, as far as the client reads them.
+    async fn hostile_registry(route: fn(&str) -> (u16, usize, u8)) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let line = String::from_utf8_lossy(&req);
+                    let path = line.split(' ').nth(1).unwrap_or("").to_string();
+                    let (status, len, byte) = if path == "/v2/" {
+                        (200, 2, b'{')
+                    } else {
+                        route(&path)
+                    };
+                    let head = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Length: {len}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+                    );
+                    if s.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = vec![byte; 64 << 10];
+                    let mut left = len;
+                    while left > 0 {
+                        let n = left.min(chunk.len());
+                        if s.write_all(&chunk[..n]).await.is_err() {
+                            return;
+                        }
+                        left -= n;
+                    }
+                });
+            }
+        });
+        addr.to_string()
+    }
+
+    fn resolver(registry: &str) -> (ImageResolver, tempfile::TempDir) {
+        let t = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(t.path().join("images")).unwrap();
+        let r = ImageResolver::new(store)
+            .unwrap()
+            .with_insecure_registries(vec![registry.to_string()])
+            .with_credentials(Default::default());
+        (r, t)
+    }
+
+    /// Issue 15: a registry that sends a manifest without end is cut off
+    /// at the cap with a named error; its error bodies are read only in
+    /// part, and still named.
+    #[tokio::test]
+    async fn manifests_from_a_registry_are_bounded() {
+        let registry = hostile_registry(|path| {
+            if path.ends_with("/manifests/huge") {
+                (200, 64 << 20, b' ')
+            } else if path.ends_with("/manifests/gone") {
+                (404, 0, b' ')
+            } else {
+                (500, 32 << 20, b'x')
+            }
+        })
+        .await;
+        let (r, _t) = resolver(&registry);
+        let err = r.pull(&format!("{registry}/x:huge")).await.unwrap_err();
+        assert!(
+            matches!(&err, ImageError::BadManifest { what: "manifest", reason } if reason.contains("more than the 4194304")),
+            "{err}"
+        );
+        let err = r.pull(&format!("{registry}/x:gone")).await.unwrap_err();
+        // The tag list fails too: the repository is unknown.
+        assert!(matches!(err, ImageError::NotFound { .. }), "{err}");
+        let err = r.pull(&format!("{registry}/x:broken")).await.unwrap_err();
+        match err {
+            ImageError::Registry { status, body, .. } => {
+                assert_eq!(status, 500);
+                assert!(body.len() < 1000 && body.starts_with("xxx"), "{body}");
+            }
+            other => panic!("{other}"),
+        }
     }
 }
