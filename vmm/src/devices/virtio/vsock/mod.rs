@@ -90,6 +90,10 @@ pub struct Vsock {
     /// stream opened before that would hang. The driver refills and kicks
     /// the event queue right after handling it.
     reset_unacked: bool,
+    /// A snapshot is being taken: the queues stay as saved (bytes from host
+    /// streams must not land in guest memory while it is copied) until
+    /// [`VirtioDevice::resume`]. The muxer is not watched meanwhile.
+    paused: bool,
 }
 
 impl Vsock {
@@ -112,6 +116,7 @@ impl Vsock {
             muxer_registered: false,
             reset_pending: false,
             reset_unacked: false,
+            paused: false,
         })
     }
 
@@ -138,7 +143,14 @@ impl Vsock {
             }
             return;
         }
-        if !self.muxer_registered && !self.reset_unacked {
+        if self.paused {
+            if self.muxer_registered {
+                match ops.remove(Events::empty(&self.muxer)) {
+                    Ok(()) => self.muxer_registered = false,
+                    Err(e) => tracing::warn!("vsock: cannot unwatch the muxer: {e:?}"),
+                }
+            }
+        } else if !self.muxer_registered && !self.reset_unacked {
             match ops.add(Events::with_data(&self.muxer, EVT_MUXER, EventSet::IN)) {
                 Ok(()) => self.muxer_registered = true,
                 Err(e) => tracing::error!("vsock: cannot register the muxer: {e:?}"),
@@ -165,6 +177,15 @@ impl Vsock {
 
     /// Runs the queue work for one event token.
     fn handle(&mut self, token: u32) {
+        if self.paused {
+            // Kicks are consumed, not served: `resume` serves every queue.
+            if let Some(q) = &self.queues {
+                for queue in [&q.rx, &q.tx, &q.event] {
+                    let _ = queue.notify.read();
+                }
+            }
+            return;
+        }
         let Some(q) = self.queues.as_mut() else {
             if token == EVT_MUXER {
                 // Not active: let host streams queue up in the muxer.
@@ -254,13 +275,24 @@ impl VirtioDevice for Vsock {
     }
 
     fn quiesce_queues(&mut self) -> Option<Vec<virtio_queue::QueueState>> {
-        // Packets move only on the event loop, under this device's lock.
+        // Packets move only on the event loop, under this device's lock;
+        // from here until `resume`, none does.
         let q = self.queues.as_ref()?;
+        self.paused = true;
         Some(vec![
             q.rx.queue.state(),
             q.tx.queue.state(),
             q.event.queue.state(),
         ])
+    }
+
+    fn resume(&mut self) {
+        if std::mem::take(&mut self.paused) {
+            // The event loop watches the muxer again and serves what waited.
+            if let Err(e) = self.activate_evt.write(1) {
+                tracing::warn!("vsock: cannot wake the event loop after a snapshot: {e}");
+            }
+        }
     }
 
     fn save_device(&self) -> DeviceState {
@@ -283,6 +315,7 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) -> bool {
         self.reset_pending = false;
         self.reset_unacked = false;
+        self.paused = false;
         self.queues = None;
         self.muxer.reset();
         if let Err(e) = self.activate_evt.write(1) {
@@ -313,7 +346,9 @@ impl MutEventSubscriber for Vsock {
             EVT_ACTIVATE => {
                 let _ = self.activate_evt.read();
                 self.sync_registration(ops);
-                // Host streams that arrived before activation may be waiting.
+                // Host streams that arrived before activation (or during a
+                // snapshot) may be waiting, and so may guest packets.
+                self.handle(EVT_TX);
                 self.handle(EVT_MUXER);
             }
             EVT_EVENT => {
@@ -322,7 +357,12 @@ impl MutEventSubscriber for Vsock {
                 self.sync_registration(ops);
                 self.handle(EVT_MUXER);
             }
-            token => self.handle(token),
+            token => {
+                self.handle(token);
+                if self.paused {
+                    self.sync_registration(ops);
+                }
+            }
         }
     }
 }
