@@ -209,12 +209,38 @@ pub struct Vcpu {
     pub first_run: Option<Sender<Instant>>,
 }
 
+/// Clears this thread's `kvm_run` pointer for the kick handler when the
+/// run loop ends, returning or unwinding; a panic also ends the VM.
+struct RunGuard {
+    exit: Arc<ExitState>,
+    id: u8,
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+        if std::thread::panicking() {
+            self.exit.finish(ExitReason::Crashed(format!(
+                "the monitor's vcpu {} thread panicked",
+                self.id
+            )));
+        }
+    }
+}
+
 impl Vcpu {
     /// Runs until the VM ends; records a crash or a guest shutdown in the
     /// exit state.
     pub fn run(mut self) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|r| r.set(run_ptr));
+        // Declared after `self`, so dropped before it (and its VcpuFd):
+        // the pointer is gone before the mapping, even when a panic
+        // unwinds out of `run_once`, and the VM then stops.
+        let _guard = RunGuard {
+            exit: self.exit.clone(),
+            id: self.id,
+        };
         // Unblock the kick signal in case the creating thread had it blocked.
         let _ = vmm_sys_util::signal::unblock_signal(kick_signal());
 
@@ -227,7 +253,6 @@ impl Vcpu {
                 break;
             }
         }
-        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
         tracing::debug!(vcpu = self.id, "vcpu thread done");
     }
 

@@ -272,6 +272,12 @@ impl Running {
     /// Stops every thread and releases every resource; returns how the VM
     /// ended.
     pub fn stop(mut self) -> ExitReason {
+        self.shutdown()
+    }
+
+    /// [`Running::stop`] in place; idempotent, and what `Drop` does, so that
+    /// no vCPU runs on guest memory being unmapped, whatever path drops it.
+    fn shutdown(&mut self) -> ExitReason {
         self.exit.finish(ExitReason::HostStop);
         self.pause.resume();
         self.exit.forget_vcpu_threads();
@@ -289,6 +295,13 @@ impl Running {
             }
         }
         self.exit.reason().unwrap_or(ExitReason::HostStop)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // Fields drop after this: the threads are joined first.
+        self.shutdown();
     }
 }
 

@@ -200,6 +200,18 @@ fn host_stop_pulls_a_halted_vcpu_out() {
     let vm = Vm::start(g.config()).unwrap();
     std::thread::sleep(Duration::from_millis(20));
     drop(vm);
+
+    // Issue 15: the monitor's own handle, dropped without a stop, joins
+    // its vCPU threads before guest memory goes (the thread and fd counts
+    // of `tiny_guests` check that they are gone).
+    let threads = thread_count();
+    let (running, _) = smol_vmm::vm::build(&g.config()).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(thread_count() > threads, "the vm runs threads");
+    let t0 = Instant::now();
+    drop(running);
+    assert_eq!(thread_count(), threads, "dropping joined every thread");
+    assert!(t0.elapsed() < Duration::from_secs(2));
 }
 
 fn mmio_reaches_the_virtio_window() {
