@@ -20,6 +20,10 @@ pub(crate) async fn create_disk(path: &Path, size_mb: u64) -> Result<()> {
         reason: "mkfs.ext4 not found in PATH, /usr/sbin or /sbin (install e2fsprogs: apt-get install e2fsprogs)"
             .into(),
     })?;
+    format_disk(&mkfs, path, size_mb).await
+}
+
+async fn format_disk(mkfs: &Path, path: &Path, size_mb: u64) -> Result<()> {
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -32,7 +36,10 @@ pub(crate) async fn create_disk(path: &Path, size_mb: u64) -> Result<()> {
         )
     })?;
     drop(file);
-    let out = tokio::process::Command::new(&mkfs)
+    // A cancelled create (its future dropped) kills mkfs and removes the
+    // file: nothing of it stays behind.
+    let mut unmade = RemoveOnDrop(Some(path.to_path_buf()));
+    let out = tokio::process::Command::new(mkfs)
         .args(["-F", "-q", "-m", "0", "-L", DISK_ID, "-E"])
         // The file is sparse, so its inode tables already read as zeroes:
         // telling mke2fs spares the guest kernel from zeroing them lazily
@@ -40,10 +47,14 @@ pub(crate) async fn create_disk(path: &Path, size_mb: u64) -> Result<()> {
         .arg("lazy_itable_init=1,lazy_journal_init=1,assume_storage_prezeroed=1")
         .arg(path)
         .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
         .output()
         .await;
     let failure = match out {
-        Ok(o) if o.status.success() => return Ok(()),
+        Ok(o) if o.status.success() => {
+            unmade.0 = None;
+            return Ok(());
+        }
         Ok(o) => format!(
             "{} failed ({}): {}",
             mkfs.display(),
@@ -52,11 +63,22 @@ pub(crate) async fn create_disk(path: &Path, size_mb: u64) -> Result<()> {
         ),
         Err(e) => format!("running {}: {e}", mkfs.display()),
     };
-    let _ = std::fs::remove_file(path);
+    drop(unmade);
     Err(Error::Disk {
         path: path.to_path_buf(),
         reason: failure,
     })
+}
+
+/// Removes a file when dropped, unless emptied first.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// mkfs.ext4 lives in /usr/sbin, which is not in every user's PATH.
@@ -93,5 +115,55 @@ mod tests {
         assert_eq!(&bytes[1024 + 0x38..1024 + 0x3a], &[0x53, 0xef]);
         // An existing file is never overwritten.
         assert!(matches!(create_disk(&p, 64).await, Err(Error::Io { .. })));
+    }
+
+    /// Issue 15: a create cancelled while mkfs runs kills it and leaves no
+    /// disk file. (A stand-in mkfs that sleeps, so that it is caught
+    /// running; the real one takes milliseconds.)
+    #[tokio::test]
+    async fn a_cancelled_create_kills_mkfs_and_removes_the_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let mkfs = t.path().join("slow-mkfs");
+        let started = t.path().join("started");
+        std::fs::write(
+            &mkfs,
+            format!(
+                "#!/bin/sh\necho $$ > {}\nexec sleep 60\n",
+                started.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&mkfs, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let p = t.path().join("cancelled.img");
+        let mut fut = Box::pin(format_disk(&mkfs, &p, 64));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let pid: i32 = loop {
+            tokio::select! {
+                r = &mut fut => panic!("mkfs ended: {r:?}"),
+                _ = tokio::time::sleep(std::time::Duration::from_millis(10)) => {}
+            }
+            if let Some(pid) = std::fs::read_to_string(&started)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                break pid;
+            }
+            assert!(std::time::Instant::now() < deadline, "mkfs never ran");
+        };
+        assert!(p.exists());
+        drop(fut);
+        assert!(!p.exists(), "the disk file is removed");
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while alive() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mkfs {pid} still runs"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 }
