@@ -435,7 +435,10 @@ async fn oci_layout_directories_are_a_source() {
     assert_eq!(p.image.digest.to_string(), bb.digest());
     // Issue 15: a bare path is not an image reference.
     let err = res.pull(single.to_str().unwrap()).await.unwrap_err();
-    assert!(matches!(err, ImageError::InvalidReference { .. }), "{err:?}");
+    assert!(
+        matches!(err, ImageError::InvalidReference { .. }),
+        "{err:?}"
+    );
     let err = res
         .pull(&format!("oci-layout:{}", home.path().display()))
         .await
