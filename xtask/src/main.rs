@@ -5,6 +5,7 @@ mod cache;
 mod kernel;
 mod python;
 mod rootfs;
+mod virtiofsd;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -177,9 +178,12 @@ fn test(extra: &[String]) -> Result<(), String> {
     let boot_log = std::env::temp_dir().join(format!("smol-boots-{}.log", std::process::id()));
     let _ = std::fs::remove_file(&boot_log);
     let schemathesis = python::ensure_schemathesis()?;
+    // The back end of machines' shares (tests/mounts.rs).
+    let virtiofsd = virtiofsd::ensure_virtiofsd()?;
     let mut cmd = cargo(&args, &a);
     cmd.env("SMOL_BOOT_LOG", &boot_log)
-        .env("SMOL_SCHEMATHESIS", &schemathesis);
+        .env("SMOL_SCHEMATHESIS", &schemathesis)
+        .env("SMOL_VIRTIOFSD", &virtiofsd);
     let result = run("cargo test", cmd);
     let log = std::fs::read_to_string(&boot_log).unwrap_or_default();
     let _ = std::fs::remove_file(&boot_log);
@@ -209,8 +213,12 @@ fn demo() -> Result<(), String> {
 
 fn bench(extra: &[String]) -> Result<(), String> {
     let a = assets()?;
+    // benches/mounts.rs shares a directory into its machine.
+    let virtiofsd = virtiofsd::ensure_virtiofsd()?;
     // All features: benches/remote.rs needs `server`.
     let mut args = vec!["bench", "--workspace", "--all-features"];
     args.extend(extra.iter().map(String::as_str));
-    run("cargo bench", cargo(&args, &a))
+    let mut cmd = cargo(&args, &a);
+    cmd.env("SMOL_VIRTIOFSD", &virtiofsd);
+    run("cargo bench", cmd)
 }
