@@ -258,6 +258,10 @@ impl ErrorBody {
                 (422, ErrorBody::new("output_too_large", e, Some(program)))
             }
             Error::PortInUse { address } => (409, ErrorBody::new("port_in_use", e, Some(address))),
+            Error::MountSource { path, .. } => (
+                400,
+                ErrorBody::new("mount_source", e, Some(&path.to_string_lossy())),
+            ),
             Error::Unsupported(_) => (501, ErrorBody::new("unsupported", e, None)),
             Error::Unauthorized(_) => (401, ErrorBody::new("unauthorized", e, None)),
             Error::Guest { kind, .. } => {
@@ -311,6 +315,10 @@ impl ErrorBody {
                 limit: 0,
             },
             "port_in_use" => Error::PortInUse { address: subject },
+            "mount_source" => Error::MountSource {
+                path: subject.into(),
+                reason: message,
+            },
             "unsupported" => Error::Unsupported(message),
             "unauthorized" => Error::Unauthorized(message),
             "guest" => Error::Guest {
@@ -394,6 +402,10 @@ mod tests {
             },
             Error::FileNotFound { path: "/x".into() },
             Error::NotForkable { name: "m".into() },
+            Error::MountSource {
+                path: "/srv/x".into(),
+                reason: "does not exist".into(),
+            },
             Error::Unauthorized("no key".into()),
         ];
         for e in cases {

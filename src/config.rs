@@ -31,7 +31,8 @@ pub struct MachineConfig {
     /// OCI image pulled into the machine when it is created (see
     /// [`Machine::pull_image`](crate::Machine::pull_image)).
     pub image: Option<String>,
-    /// Host directories shared into the guest (not available yet).
+    /// Host directories shared into the guest (see [`MountSpec`]), at
+    /// most [`MAX_MOUNTS`].
     pub mounts: Vec<MountSpec>,
     /// Host TCP ports relayed to guest ports (see [`PortSpec`]); the
     /// mappings in force are [`Machine::ports`](crate::Machine::ports).
@@ -60,14 +61,49 @@ pub struct MachineConfig {
     pub egress_allow: Option<Vec<String>>,
 }
 
-/// A host directory shared into the guest.
+/// A host directory shared into the guest while the machine runs: a
+/// virtio-fs device served by a `virtiofsd` of its own on the host. What
+/// either side writes, the other sees.
+///
+/// ```
+/// let m = smol::MountSpec::new("/srv/data", "/data").read_only();
+/// assert!(m.read_only);
+/// let config = smol::MachineConfig::default().mount(m);
+/// assert_eq!(config.mounts.len(), 1);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MountSpec {
+    /// The host directory; it must exist when the machine starts. Made
+    /// absolute at create.
     pub source: PathBuf,
+    /// Where the guest sees it: an absolute, normalised path, created if
+    /// missing; not `/`, `/run`, `/tmp`, nor in `/proc`, `/sys`, `/dev`.
     pub target: String,
+    /// The guest can read but not change it (the guest's writes fail with
+    /// EROFS).
     #[serde(default)]
     pub read_only: bool,
 }
+
+impl MountSpec {
+    /// `source` on the host at `target` in the guest, writable.
+    pub fn new(source: impl Into<PathBuf>, target: impl Into<String>) -> Self {
+        MountSpec {
+            source: source.into(),
+            target: target.into(),
+            read_only: false,
+        }
+    }
+
+    /// The guest may only read the share.
+    pub fn read_only(mut self) -> Self {
+        self.read_only = true;
+        self
+    }
+}
+
+/// Most shares a machine may have (each is a device and a virtiofsd).
+pub const MAX_MOUNTS: usize = smol_protocol::MAX_SHARES;
 
 /// A host TCP port relayed to a guest port while the machine runs.
 ///
@@ -178,6 +214,12 @@ impl MachineConfig {
         self
     }
 
+    /// Shares a host directory into the guest (see [`MountSpec`]).
+    pub fn mount(mut self, mount: MountSpec) -> Self {
+        self.mounts.push(mount);
+        self
+    }
+
     /// Always boot the kernel (no warm create from a booted snapshot).
     pub fn cold_boot(mut self, cold: bool) -> Self {
         self.cold_boot = cold;
@@ -243,13 +285,7 @@ impl MachineConfig {
         if let Some(list) = &self.egress_allow {
             egress_networks(list, r.network)?;
         }
-        // Later features: refuse rather than silently ignore them.
-        let later = [(!self.mounts.is_empty(), "mounts")];
-        if let Some((_, what)) = later.iter().find(|(set, _)| *set) {
-            return Err(Error::Unsupported(format!(
-                "{what} is not available in this version of smol"
-            )));
-        }
+        validate_mounts(&self.mounts)?;
         Ok(())
     }
 }
@@ -304,6 +340,59 @@ fn validate_ports(ports: &[PortSpec]) -> Result<()> {
                 "ports",
                 format!("host {} is mapped twice", p.bind_address()),
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Targets are absolute, normalised, not reserved, and neither equal to
+/// nor inside another's (the inner one's directory would be made in the
+/// outer share, on the host). Sources are checked on the host at create
+/// (they must be directories there).
+fn validate_mounts(mounts: &[MountSpec]) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    if mounts.len() > MAX_MOUNTS {
+        return Err(invalid(
+            "mounts",
+            format!("{} mounts; at most {MAX_MOUNTS}", mounts.len()),
+        ));
+    }
+    for (i, m) in mounts.iter().enumerate() {
+        smol_protocol::check_mount_target(&m.target)
+            .map_err(|e| invalid("mounts", format!("target {e}")))?;
+        let source = m.source.as_os_str().as_bytes();
+        if source.is_empty() {
+            return Err(invalid(
+                "mounts",
+                format!("the source of {:?} is empty", m.target),
+            ));
+        }
+        if source.contains(&0) {
+            return Err(invalid(
+                "mounts",
+                format!("source {:?} contains a NUL byte", m.source),
+            ));
+        }
+        for other in &mounts[..i] {
+            if other.target == m.target {
+                return Err(invalid(
+                    "mounts",
+                    format!("target {:?} is given twice", m.target),
+                ));
+            }
+            let (outer, inner) = match m.target.len() < other.target.len() {
+                true => (&m.target, &other.target),
+                false => (&other.target, &m.target),
+            };
+            if inner
+                .strip_prefix(outer.as_str())
+                .is_some_and(|rest| rest.starts_with('/'))
+            {
+                return Err(invalid(
+                    "mounts",
+                    format!("target {inner:?} is inside the target {outer:?}"),
+                ));
+            }
         }
     }
     Ok(())
@@ -515,7 +604,7 @@ mod tests {
     }
 
     #[test]
-    fn later_features_are_refused_not_ignored() {
+    fn images_are_checked() {
         let c = MachineConfig {
             image: Some("alpine".into()),
             ..Default::default()
@@ -526,15 +615,64 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(field_of(c.validate().unwrap_err()), "image");
-        let c = MachineConfig {
-            mounts: vec![MountSpec {
-                source: "/tmp".into(),
-                target: "/mnt".into(),
-                read_only: false,
-            }],
+    }
+
+    #[test]
+    fn mounts_are_checked() {
+        let with = |mounts: Vec<MountSpec>| MachineConfig {
+            mounts,
             ..Default::default()
         };
-        assert!(matches!(c.validate(), Err(Error::Unsupported(_))));
+        with(vec![
+            MountSpec::new("/srv", "/data"),
+            MountSpec::new("/srv", "/data2").read_only(),
+            MountSpec::new("relative/dir", "/tmp/share"),
+        ])
+        .validate()
+        .unwrap();
+        for (mounts, needle) in [
+            (vec![MountSpec::new("/srv", "data")], "not an absolute path"),
+            (vec![MountSpec::new("/srv", "/data/")], "not normalised"),
+            (vec![MountSpec::new("/srv", "/a/../b")], "not normalised"),
+            (vec![MountSpec::new("/srv", "/a/./b")], "not normalised"),
+            (vec![MountSpec::new("/srv", "/")], "reserved"),
+            (vec![MountSpec::new("/srv", "/tmp")], "reserved"),
+            (vec![MountSpec::new("/srv", "/run")], "reserved"),
+            (vec![MountSpec::new("/srv", "/proc/x")], "under /proc"),
+            (vec![MountSpec::new("/srv", "/dev/shm")], "under /dev"),
+            (vec![MountSpec::new("/srv", "/sys")], "reserved"),
+            (vec![MountSpec::new("", "/data")], "empty"),
+            (
+                vec![MountSpec::new("/a", "/data"), MountSpec::new("/b", "/data")],
+                "\"/data\" is given twice",
+            ),
+            (
+                vec![
+                    MountSpec::new("/a", "/data/x"),
+                    MountSpec::new("/b", "/data"),
+                ],
+                "\"/data/x\" is inside the target \"/data\"",
+            ),
+            (
+                vec![MountSpec::new("/a", "/srv"); MAX_MOUNTS + 1],
+                "at most 8",
+            ),
+        ] {
+            let e = with(mounts).validate().unwrap_err();
+            assert!(e.to_string().contains(needle), "{needle}: {e}");
+            assert_eq!(field_of(e), "mounts");
+        }
+        // A prefix that is not a parent is another directory.
+        with(vec![
+            MountSpec::new("/a", "/data"),
+            MountSpec::new("/b", "/database"),
+        ])
+        .validate()
+        .unwrap();
+        let json = serde_json::to_string(&MountSpec::new("/s", "/t")).unwrap();
+        assert_eq!(json, r#"{"source":"/s","target":"/t","read_only":false}"#);
+        let back: MountSpec = serde_json::from_str(r#"{"source":"/s","target":"/t"}"#).unwrap();
+        assert!(!back.read_only);
     }
 
     #[test]

@@ -129,6 +129,14 @@ pub enum Error {
     /// is taken by another listener: the machine was not started.
     #[error("host port {address} is already in use (MachineConfig.ports)")]
     PortInUse { address: String },
+    /// A source of [`MachineConfig::mounts`](crate::MachineConfig::mounts)
+    /// is missing or not a directory on the host.
+    #[error("mount source {}: {reason}", path.display())]
+    MountSource { path: PathBuf, reason: String },
+    /// The virtiofsd of a share (`path`, its host directory) did not start
+    /// or ended; `reason` quotes the end of its log.
+    #[error("virtiofsd sharing {}: {reason}", path.display())]
+    Virtiofsd { path: PathBuf, reason: String },
     /// Not available (yet) in this engine, e.g. the cloud target.
     #[error("unsupported: {0}")]
     Unsupported(String),

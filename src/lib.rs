@@ -35,7 +35,8 @@
 //!
 //! Machines live under `SMOL_HOME` (default `~/.local/share/smol`), one
 //! directory each: `machine.json` (the record), `disk.img` (the persistent
-//! root, ext4), `console.log`, `vsock.sock`. The guest kernel and initramfs
+//! root, ext4), `console.log`, `vsock.sock` (and per share of
+//! [`MachineConfig::mounts`], virtiofsd's `fs<i>.sock` and `fs<i>.log`). The guest kernel and initramfs
 //! come from `SMOL_KERNEL` / `SMOL_INITRAMFS`, else from the cache that
 //! `cargo xtask assets` fills (`~/.cache/smol/assets`).
 
@@ -54,7 +55,7 @@ mod state;
 
 pub use config::{
     validate_name, ConnectOptions, MachineConfig, MountSpec, PortSpec, ResourceSpec,
-    DEFAULT_ENDPOINT, MAX_DISK_MB, MAX_NAME_LEN, MIN_DISK_MB,
+    DEFAULT_ENDPOINT, MAX_DISK_MB, MAX_MOUNTS, MAX_NAME_LEN, MIN_DISK_MB,
 };
 pub use error::{Error, GuestErrorKind, Result};
 pub use exec::{ExecEvent, ExecOptions, ExecResult, ExecStream};

@@ -66,8 +66,10 @@ impl Machine {
 
     /// A new machine from the snapshot in `dir`, running where the snapshot
     /// stopped. Its name, persistence and forkability come from `config`;
-    /// resources and image from the snapshot. One snapshot can be restored
-    /// any number of times; it is never changed.
+    /// resources and image from the snapshot, and so do its ports and
+    /// mounts unless `config` names its own (as many mounts as the
+    /// snapshot's: they are devices). One snapshot can be restored any
+    /// number of times; it is never changed.
     pub async fn restore(dir: impl AsRef<Path>, config: MachineConfig) -> Result<Machine> {
         Machine::restore_with(dir, config, ConnectOptions::from_env()).await
     }

@@ -182,6 +182,20 @@ async fn run(home: &Path, url: &str, alice: &str, bob: &str, image: &str) {
             matches!(&bad, Error::InvalidConfig { field: "ports", .. }),
             "{bad}"
         );
+        // A client's paths would name the server's directories.
+        let bad = Machine::create_with(
+            MachineConfig::default()
+                .name("r-bad-mount")
+                .mount(smol::MountSpec::new("/tmp", "/data")),
+            cloud(alice),
+        )
+        .await
+        .err()
+        .ok_or("a remote client shared a directory")?;
+        ensure!(
+            matches!(&bad, Error::InvalidConfig { field: "mounts", reason } if reason.contains("server's host")),
+            "{bad}"
+        );
         Ok(())
     })
     .await;

@@ -6,6 +6,7 @@ pub mod exec;
 pub mod files;
 pub mod forward;
 pub mod image;
+pub mod mounts;
 pub mod net;
 /// The wire protocol, shared with the SDK (the `smol-protocol` crate).
 pub use smol_protocol as protocol;

@@ -122,6 +122,8 @@ impl Agent {
             Request::ListImages => crate::image::serve::list_images(s)?,
             Request::Connect { port } => crate::forward::serve_connect(s, port)?,
             Request::ConfigureNetwork => crate::net::serve_configure(s)?,
+            Request::Mount { mounts } => crate::mounts::serve_mount(s, &mounts)?,
+            Request::Unmount { targets } => crate::mounts::serve_unmount(s, &targets)?,
         }
         Ok(())
     }

@@ -44,6 +44,13 @@
 //!   passed on as a half-close of the TCP connection (port forwarding).
 //! - `ConfigureNetwork`: the agent configures the network device by DHCP
 //!   and answers `Response::Network` (or `Error`).
+//! - `Mount`: the agent mounts each virtio-fs share (by its tag) at its
+//!   target, creating the target directory, and answers `Response::Ok` (or
+//!   `Error`); a share mounted there already is left as it is. `Unmount`:
+//!   the agent unmounts the shares at those targets (one not mounted is
+//!   skipped) and answers `Response::Ok`, or `Error` of kind `InUse` when a
+//!   guest process still uses one. The host unmounts every share before a
+//!   snapshot (FUSE state does not survive one) and mounts them again after.
 //!
 //! The crate is shared by the SDK and the guest agent (serde types and
 //! framing only), so the SDK never compiles the agent.
@@ -60,7 +67,7 @@ use serde::{Deserialize, Serialize};
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
 /// Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest payload either side accepts in one frame.
 pub const MAX_FRAME_LEN: u32 = 1 << 20;
 /// Size in which data (output, file contents) is cut into frames.
@@ -311,6 +318,106 @@ pub enum Request {
     /// Configure the network device by DHCP (after every boot and
     /// restore of a machine with `resources.network`).
     ConfigureNetwork,
+    /// Mount the machine's virtio-fs shares (after every boot and restore,
+    /// and after a snapshot).
+    Mount {
+        mounts: Vec<ShareMount>,
+    },
+    /// Unmount the shares at these targets (before a snapshot).
+    Unmount {
+        targets: Vec<String>,
+    },
+}
+
+/// A virtio-fs share as the guest mounts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareMount {
+    /// The device's mount tag (see [`check_share_tag`]).
+    pub tag: String,
+    /// Where it is mounted (see [`check_mount_target`]).
+    pub target: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Most shares a machine has (each is a device and a virtiofsd).
+pub const MAX_SHARES: usize = 8;
+/// Longest virtio-fs mount tag (the device's config field).
+pub const MAX_TAG_LEN: usize = 36;
+/// Longest mount target, in bytes (Linux's `PATH_MAX` less its NUL).
+pub const MAX_TARGET_LEN: usize = 4095;
+
+/// Guest directories a share may not be mounted on: the root, the API
+/// file systems and the agent's runtime directories. Nothing may be
+/// mounted under those marked `true` either.
+pub const RESERVED_TARGETS: &[(&str, bool)] = &[
+    ("/", false),
+    ("/proc", true),
+    ("/sys", true),
+    ("/dev", true),
+    ("/run", false),
+    ("/tmp", false),
+    // The agent's own: the machine disk, the image store, the lease.
+    ("/run/smol", true),
+];
+
+/// Why `target` cannot be a mount target: it must be absolute and
+/// normalised (no `.`, `..` or empty components, no trailing `/`), free
+/// of NUL, and not [`RESERVED_TARGETS`]. Both the SDK and the agent check.
+pub fn check_mount_target(target: &str) -> Result<(), String> {
+    if !target.starts_with('/') {
+        return Err(format!("{target:?} is not an absolute path"));
+    }
+    if target.len() > MAX_TARGET_LEN {
+        return Err(format!(
+            "a target of {} bytes is longer than {MAX_TARGET_LEN}",
+            target.len()
+        ));
+    }
+    if target.contains('\0') {
+        return Err(format!("{target:?} contains a NUL byte"));
+    }
+    if target != "/" {
+        for c in target[1..].split('/') {
+            if c.is_empty() || c == "." || c == ".." {
+                return Err(format!(
+                    "{target:?} is not normalised (an empty, \".\" or \"..\" component)"
+                ));
+            }
+        }
+    }
+    for (reserved, below) in RESERVED_TARGETS {
+        if target == *reserved {
+            return Err(format!("{target:?} is reserved for the system"));
+        }
+        if *below
+            && target
+                .strip_prefix(reserved)
+                .is_some_and(|r| r.starts_with('/'))
+        {
+            return Err(format!(
+                "{target:?} is under {reserved}, which is reserved for the system"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Why `tag` cannot be a share's tag: 1 to [`MAX_TAG_LEN`] bytes of ASCII
+/// letters, digits, `-` and `_`.
+pub fn check_share_tag(tag: &str) -> Result<(), String> {
+    let ok = !tag.is_empty()
+        && tag.len() <= MAX_TAG_LEN
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{tag:?} is not a share tag (1 to {MAX_TAG_LEN} of A-Z a-z 0-9 - _)"
+        ))
+    }
 }
 
 /// What makes a machine itself rather than a copy of the snapshot it was
@@ -426,6 +533,8 @@ pub enum ErrorKind {
     Io,
     /// Nothing listens on the guest port of a `Connect`.
     ConnectionRefused,
+    /// A guest process uses what was to be released (a share to unmount).
+    InUse,
 }
 
 impl AgentError {
@@ -498,6 +607,83 @@ mod tests {
             decode_header(&big),
             Err(ProtocolError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn mount_targets() {
+        for ok in [
+            "/mnt",
+            "/data/x",
+            "/tmp/share",
+            "/run/user",
+            "/srv/a b",
+            "/home/me/.cache",
+        ] {
+            check_mount_target(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "",
+            "mnt",
+            "./mnt",
+            "/",
+            "/proc",
+            "/proc/x",
+            "/sys",
+            "/sys/fs",
+            "/dev",
+            "/dev/shm",
+            "/run",
+            "/tmp",
+            "/run/smol",
+            "/run/smol/disk",
+            "/mnt/",
+            "//mnt",
+            "/mnt//x",
+            "/mnt/./x",
+            "/mnt/../etc",
+            "/..",
+            "/a\0b",
+        ] {
+            assert!(check_mount_target(bad).is_err(), "{bad:?}");
+        }
+        // Only the exact names, not a prefix of a longer one.
+        check_mount_target("/procfs").unwrap();
+        check_mount_target("/device").unwrap();
+        check_mount_target("/run/smoldir").unwrap();
+        assert!(check_mount_target(&format!("/{}", "x".repeat(MAX_TARGET_LEN))).is_err());
+    }
+
+    #[test]
+    fn share_tags() {
+        check_share_tag("smol0").unwrap();
+        check_share_tag(&"t".repeat(MAX_TAG_LEN)).unwrap();
+        for bad in ["", "a b", "a/b", "é", &"t".repeat(MAX_TAG_LEN + 1)] {
+            assert!(check_share_tag(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn mount_requests_round_trip() {
+        let req = Request::Mount {
+            mounts: vec![ShareMount {
+                tag: "smol0".into(),
+                target: "/data".into(),
+                read_only: true,
+            }],
+        };
+        let json = serde_json::to_string(&req).unwrap();
+        assert_eq!(
+            json,
+            r#"{"op":"mount","mounts":[{"tag":"smol0","target":"/data","read_only":true}]}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), req);
+        let json = serde_json::to_string(&Request::Unmount {
+            targets: vec!["/data".into()],
+        })
+        .unwrap();
+        assert_eq!(json, r#"{"op":"unmount","targets":["/data"]}"#);
+        let e = AgentError::new(ErrorKind::InUse, "busy");
+        assert!(serde_json::to_string(&e).unwrap().contains(r#""in_use""#));
     }
 
     #[test]

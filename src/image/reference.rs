@@ -3,7 +3,7 @@
 //! directory or a `docker save` archive).
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::error::ImageError;
 use super::store::Digest;

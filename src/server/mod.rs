@@ -319,7 +319,9 @@ async fn create(
     if !config.mounts.is_empty() {
         return Err(ApiError(Error::InvalidConfig {
             field: "mounts",
-            reason: "host directories of the server cannot be shared by a remote client".into(),
+            reason: "a remote client cannot share directories: its paths would name \
+                     directories of the server's host, not its own (mounts are for the local engine)"
+                .into(),
         }));
     }
     let m = Machine::create_with(config, ConnectOptions::local().home(&s.home)).await?;

@@ -214,7 +214,7 @@ pub fn document() -> Value {
                         "cold_boot": {"type": "boolean"},
                         "ttl_seconds": {"type": "integer", "minimum": 0, "nullable": true},
                         "auto_stop_seconds": {"type": "integer", "minimum": 0, "nullable": true},
-                        "mounts": {"type": "array", "items": {"type": "object"}},
+                        "mounts": {"type": "array", "items": {"type": "object"}, "description": "Must be empty here (400 otherwise): a remote client's paths would name the server's directories"},
                         "ports": {"type": "array", "items": schema("PortSpec")},
                         "egress_allow": {"type": "array", "items": {"type": "string"}, "nullable": true}
                     }

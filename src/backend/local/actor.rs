@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::agent::{unexpected, AgentConnection};
 use crate::backend::local::assets::GuestAssets;
 use crate::backend::local::disk::{DISK_CMDLINE, DISK_ID};
+use crate::backend::local::fs::{share_mounts, Shares};
 use crate::backend::local::limits::{Activity, Due, Limits};
 use crate::backend::local::net::Passt;
 use crate::backend::local::ports::{PortRelay, Target};
@@ -76,6 +77,8 @@ pub(crate) struct MachineActor {
     ports: Option<PortRelay>,
     /// The network's passt, while the VM runs (`resources.network`).
     passt: Option<Passt>,
+    /// The shares' virtiofsds, while the VM runs (`mounts`).
+    shares: Option<Shares>,
     state: MachineState,
     deleted: bool,
     timings: Option<BootTimings>,
@@ -98,6 +101,7 @@ impl MachineActor {
             vm: None,
             ports: None,
             passt: None,
+            shares: None,
             state,
             deleted: false,
             timings: None,
@@ -225,6 +229,9 @@ impl MachineActor {
             tracing::warn!(machine = %self.name, "passt ended ({status}): the machine has no network now (see {})", self.paths.passt_log.display());
             self.passt = None;
         }
+        for (source, log, status) in self.shares.as_mut().map(Shares::ended).unwrap_or_default() {
+            tracing::warn!(machine = %self.name, "the virtiofsd sharing {} ended ({status}): the guest cannot reach that share now (see {})", source.display(), log.display());
+        }
         let exited = self.vm.as_ref().and_then(|vm| vm.try_exit());
         if let Some(reason) = exited {
             match &reason {
@@ -285,6 +292,15 @@ impl MachineActor {
                 (Some(passt), Some(net))
             }
         };
+        // Listening before the VM is built: the monitor connects to each.
+        let (shares, fs) = match self.record.config.mounts.is_empty() {
+            true => (None, Vec::new()),
+            false => {
+                let (shares, devices) =
+                    Shares::start(&self.record.config.mounts, &self.paths.dir).await?;
+                (Some(shares), devices)
+            }
+        };
         let config = VmConfig {
             kernel: assets.kernel,
             initramfs: Some(assets.initramfs),
@@ -303,7 +319,7 @@ impl MachineActor {
                 id: DISK_ID.to_string(),
             }],
             net,
-            fs: Vec::new(),
+            fs,
         };
         let restoring = snapshot.is_some();
         let name = self.name.clone();
@@ -323,14 +339,15 @@ impl MachineActor {
         let vmm = vm.timings();
         self.vm = Some(vm);
         self.passt = passt;
+        self.shares = shares;
         let ready_from = Instant::now();
-        let up = match self.wait_for_agent(boot_timeout(), restoring).await {
-            Ok(()) => match self.configure_network().await {
-                Ok(()) => self.open_ports(&mut ports),
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        };
+        let up = async {
+            self.wait_for_agent(boot_timeout(), restoring).await?;
+            self.configure_network().await?;
+            self.mount_shares().await?;
+            self.open_ports(&mut ports)
+        }
+        .await;
         match up {
             Ok(()) => {
                 self.ports = Some(ports);
@@ -384,6 +401,46 @@ impl MachineActor {
         }
     }
 
+    /// With mounts: has the agent mount every share (after each boot and
+    /// restore, and after a snapshot). Shares mounted already stay.
+    async fn mount_shares(&self) -> Result<()> {
+        let mounts = &self.record.config.mounts;
+        if mounts.is_empty() {
+            return Ok(());
+        }
+        let req = Request::Mount {
+            mounts: share_mounts(mounts),
+        };
+        self.agent_ok(&req, "mounting the shares").await?;
+        tracing::info!(machine = %self.name, shares = mounts.len(), "shares mounted");
+        Ok(())
+    }
+
+    /// With mounts: has the agent unmount every share, before a snapshot
+    /// (the guest's FUSE state belongs to this start's virtiofsds). A
+    /// guest process using a share makes it fail (`GuestErrorKind::InUse`).
+    async fn unmount_shares(&self) -> Result<()> {
+        let mounts = &self.record.config.mounts;
+        if mounts.is_empty() {
+            return Ok(());
+        }
+        let req = Request::Unmount {
+            targets: mounts.iter().map(|m| m.target.clone()).collect(),
+        };
+        self.agent_ok(&req, "unmounting the shares").await
+    }
+
+    /// Sends `req` on a connection of its own; the agent answers `Ok`.
+    async fn agent_ok(&self, req: &Request, step: &str) -> Result<()> {
+        let mut conn = AgentConnection::open_with(&self.paths.vsock, &self.name, req)
+            .await
+            .map_err(|e| Error::Protocol(e.to_string()))?;
+        match conn.response_within(None, step).await? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(step, &other)),
+        }
+    }
+
     /// Starts relaying the bound ports to the guest, and tells other
     /// processes where they listen.
     fn open_ports(&self, ports: &mut PortRelay) -> Result<()> {
@@ -419,17 +476,29 @@ impl MachineActor {
     }
 
     /// Snapshots the running VM into `dir` (the monitor's part: memory,
-    /// vCPU and device state, the disk).
+    /// vCPU and device state, the disk). The shares are unmounted for it
+    /// and mounted again after: a snapshot holds no FUSE state, which a
+    /// restore (with new virtiofsds) could not use.
     async fn snapshot(&mut self, dir: PathBuf) -> Result<smol_vmm::SnapshotTimings> {
         if self.deleted {
             return Err(self.not_found());
         }
         self.refresh().await;
-        let Some(vm) = self.vm.take() else {
+        if self.vm.is_none() {
             return Err(Error::NotRunning {
                 name: self.name.clone(),
                 state: self.state,
             });
+        }
+        if let Err(e) = self.unmount_shares().await {
+            // Those unmounted already come back: the machine runs on as it was.
+            if let Err(again) = self.mount_shares().await {
+                tracing::warn!(machine = %self.name, "mounting the shares again after a failed unmount: {again}");
+            }
+            return Err(e);
+        }
+        let Some(vm) = self.vm.take() else {
+            return Err(Error::Internal("the vm went away during a snapshot".into()));
         };
         let (vm, r) = tokio::task::spawn_blocking(move || {
             let r = vm.snapshot(&dir).map_err(|e| match e {
@@ -441,7 +510,17 @@ impl MachineActor {
         .await
         .map_err(|e| Error::Internal(format!("vm snapshot task: {e}")))?;
         self.vm = Some(vm);
-        r
+        match (r, self.mount_shares().await) {
+            (r, Ok(())) => r,
+            (Ok(_), Err(e)) => {
+                tracing::warn!(machine = %self.name, "the snapshot was taken, but the shares could not be mounted again: {e}");
+                Err(e)
+            }
+            (Err(e), Err(m)) => {
+                tracing::warn!(machine = %self.name, "mounting the shares again after a failed snapshot: {m}");
+                Err(e)
+            }
+        }
     }
 
     /// Waits until the agent answers a Hello, the VM exits, or the deadline
@@ -566,8 +645,10 @@ impl MachineActor {
         })
         .await
         .map_err(|e| Error::Internal(format!("vm stop task: {e}")))?;
-        // The monitor's end of its socket is closed: passt ends anyway.
+        // The monitor's ends of their sockets are closed: passt and the
+        // virtiofsds end anyway.
         self.passt = None;
+        self.shares = None;
         tracing::debug!(machine = %self.name, ?reason, "vm stopped");
         remove_if_exists(&self.paths.vsock)?;
         Ok(())
@@ -632,6 +713,7 @@ impl Drop for MachineActor {
             vm.stop();
         }
         self.passt = None;
+        self.shares = None;
         if !self.deleted && !self.record.config.persistent {
             let _ = std::fs::remove_dir_all(&self.paths.dir);
         } else {

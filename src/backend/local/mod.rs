@@ -5,12 +5,14 @@
 //! connection to the guest agent ([`crate::agent`]).
 //!
 //! Its parts: the record store ([`store`]), disks ([`disk`]), guest assets
-//! ([`assets`]), snapshot directories ([`snapshot`]) and warm shapes
-//! ([`warm`]).
+//! ([`assets`]), snapshot directories ([`snapshot`]), warm shapes
+//! ([`warm`]), the network's passt ([`net`]) and the shares' virtiofsds
+//! ([`fs`]).
 
 pub(crate) mod actor;
 pub(crate) mod assets;
 pub(crate) mod disk;
+pub(crate) mod fs;
 pub(crate) mod limits;
 pub(crate) mod net;
 pub(crate) mod peer;
@@ -109,17 +111,20 @@ impl LocalMachine {
     /// of booting: see [`MachineConfig::cold_boot`] to always boot.
     /// `config` is validated by the caller; `home` is the store's root
     /// (`SMOL_HOME` when `None`).
-    pub async fn create(config: MachineConfig, home: Option<PathBuf>) -> Result<LocalMachine> {
+    pub async fn create(mut config: MachineConfig, home: Option<PathBuf>) -> Result<LocalMachine> {
         let begin = Instant::now();
         let image = config.image.clone();
-        // Before anything is written: a missing asset fails cleanly.
+        // Before anything is written: a missing asset, virtiofsd or share
+        // fails cleanly.
         let assets = GuestAssets::locate()?;
+        config.mounts = check_mounts(&config.mounts)?;
         let warm = match config.cold_boot {
             true => None,
             false => Some(WarmShape::new(
                 &assets::cache_dir(),
                 &assets,
                 &config.resources,
+                config.mounts.len(),
             )?),
         };
         let (mut record, paths, lock) = blocking(move || {
@@ -280,11 +285,28 @@ impl LocalMachine {
             true => saved.config.ports.clone(),
             false => config.ports,
         };
+        // Likewise the shares, as many as the snapshot's devices.
+        let mounts = match config.mounts.is_empty() {
+            true => saved.config.mounts.clone(),
+            false if config.mounts.len() != saved.config.mounts.len() => {
+                return Err(Error::InvalidConfig {
+                    field: "mounts",
+                    reason: format!(
+                        "{} mounts, but the snapshot's machine has {} (a restore keeps its \
+                         devices: give as many, or none to share the snapshot's directories)",
+                        config.mounts.len(),
+                        saved.config.mounts.len()
+                    ),
+                });
+            }
+            false => config.mounts,
+        };
         let config = MachineConfig {
             name: config.name,
             persistent: config.persistent,
             forkable: config.forkable,
             ports,
+            mounts: check_mounts(&mounts)?,
             ..saved.config
         };
         let (mut record, paths, lock) = blocking(move || {
@@ -345,6 +367,8 @@ impl LocalMachine {
                 .iter()
                 .map(|p| crate::config::PortSpec { host: 0, ..*p })
                 .collect(),
+            // The same host directories, through virtiofsds of its own.
+            mounts: check_mounts(&self.shared.config.mounts)?,
             ..self.shared.config.clone()
         };
         let home = self.shared.home.clone();
@@ -559,6 +583,16 @@ async fn place_snapshot(
         snapshot::copy_disk(&dir, &disk)
     })
     .await
+}
+
+/// With mounts: virtiofsd is there and every source is a directory; the
+/// mounts come back with their sources absolute.
+fn check_mounts(mounts: &[crate::config::MountSpec]) -> Result<Vec<crate::config::MountSpec>> {
+    if mounts.is_empty() {
+        return Ok(Vec::new());
+    }
+    fs::virtiofsd_program()?;
+    fs::resolve_sources(mounts)
 }
 
 /// Loads the snapshot in `dir` (a warm one) and returns its vsock CID.

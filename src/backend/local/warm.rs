@@ -61,10 +61,16 @@ fn host_boot_id() -> String {
 }
 
 impl WarmShape {
-    /// The shape of a machine with `resources` booted from `assets`, in
-    /// the cache directory `cache`: `<cache>/warm/<assets>-<resources>`,
-    /// where `<assets>` hashes the boot files' identities and the formats.
-    pub fn new(cache: &Path, assets: &GuestAssets, resources: &ResourceSpec) -> Result<WarmShape> {
+    /// The shape of a machine with `resources` and `shares` virtio-fs
+    /// devices (`MachineConfig.mounts`) booted from `assets`, in the cache
+    /// directory `cache`: `<cache>/warm/<assets>-<resources>`, where
+    /// `<assets>` hashes the boot files' identities and the formats.
+    pub fn new(
+        cache: &Path,
+        assets: &GuestAssets,
+        resources: &ResourceSpec,
+        shares: usize,
+    ) -> Result<WarmShape> {
         let mut h = Sha256::new();
         for part in [
             format!("snapshot {}", smol_vmm::snapshot::FORMAT_VERSION),
@@ -79,13 +85,18 @@ impl WarmShape {
             h.update(b"\n");
         }
         let assets_key = hex::encode(&h.finalize()[..8]);
-        // A machine with a network has one more device: another shape.
+        // A machine with a network or shares has more devices: another
+        // shape (a restore needs the snapshot's devices, no more, no less).
         let key = format!(
-            "{assets_key}-{}cpu-{}m-{}d{}",
+            "{assets_key}-{}cpu-{}m-{}d{}{}",
             resources.cpus,
             resources.memory_mb,
             resources.disk_mb,
-            if resources.network { "-net" } else { "" }
+            if resources.network { "-net" } else { "" },
+            match shares {
+                0 => String::new(),
+                n => format!("-{n}fs"),
+            }
         );
         let warm = cache.join("warm");
         Ok(WarmShape {
@@ -177,28 +188,45 @@ mod tests {
             initramfs: i,
         };
         let r = ResourceSpec::default();
-        let a = WarmShape::new(t.path(), &assets, &r).unwrap();
-        assert_eq!(a.dir, WarmShape::new(t.path(), &assets, &r).unwrap().dir);
+        let a = WarmShape::new(t.path(), &assets, &r, 0).unwrap();
+        assert_eq!(a.dir, WarmShape::new(t.path(), &assets, &r, 0).unwrap().dir);
         let bigger = ResourceSpec {
             memory_mb: 256,
             ..r
         };
         assert_ne!(
             a.dir,
-            WarmShape::new(t.path(), &assets, &bigger).unwrap().dir
+            WarmShape::new(t.path(), &assets, &bigger, 0).unwrap().dir
         );
         let networked = ResourceSpec { network: true, ..r };
-        let n = WarmShape::new(t.path(), &assets, &networked).unwrap().dir;
+        let n = WarmShape::new(t.path(), &assets, &networked, 0)
+            .unwrap()
+            .dir;
         assert_ne!(a.dir, n, "a network device is another shape");
         assert!(n.to_string_lossy().ends_with("-net"), "{}", n.display());
+        let one = WarmShape::new(t.path(), &assets, &r, 1).unwrap().dir;
+        let two = WarmShape::new(t.path(), &assets, &networked, 2)
+            .unwrap()
+            .dir;
+        assert_ne!(a.dir, one, "a share is a device: another shape");
+        assert!(
+            one.to_string_lossy().ends_with("d-1fs"),
+            "{}",
+            one.display()
+        );
+        assert!(
+            two.to_string_lossy().ends_with("-net-2fs"),
+            "{}",
+            two.display()
+        );
         // A rebuilt kernel is another shape.
         std::fs::remove_file(&k).unwrap();
         std::fs::write(&k, b"kernel 2").unwrap();
-        assert_ne!(a.dir, WarmShape::new(t.path(), &assets, &r).unwrap().dir);
+        assert_ne!(a.dir, WarmShape::new(t.path(), &assets, &r, 0).unwrap().dir);
         assert!(a.staging().starts_with(t.path().join("warm")));
 
         // Publishing the new assets' snapshot drops the old assets' one.
-        let b = WarmShape::new(t.path(), &assets, &r).unwrap();
+        let b = WarmShape::new(t.path(), &assets, &r, 0).unwrap();
         std::fs::create_dir_all(&a.dir).unwrap();
         let staging = b.staging();
         std::fs::create_dir_all(&staging).unwrap();
