@@ -204,8 +204,17 @@ pub trait VirtioDevice: Send {
     /// leave `data` untouched.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device-specific configuration space; out-of-range writes
-    /// are ignored.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// are ignored. By default nothing is writable (none of our devices
+    /// offers a feature that makes a field writable: no CONFIG_WCE, no
+    /// writable MAC) and the write is dropped.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!(
+            device_type = self.device_type(),
+            offset,
+            len = data.len(),
+            "ignoring a config write"
+        );
+    }
     /// The driver set DRIVER_OK. Runs on a vCPU thread: store what is given
     /// and wake the event-loop side; never block.
     fn activate(

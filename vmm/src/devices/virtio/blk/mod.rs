@@ -224,11 +224,6 @@ impl VirtioDevice for Block {
         super::read_config_space(&self.config, offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // Nothing we offer is writable (no CONFIG_WCE).
-        tracing::debug!(offset, len = data.len(), "ignored block config write");
-    }
-
     fn activate(
         &mut self,
         mem: GuestMemory,

@@ -318,13 +318,6 @@ impl VirtioDevice for Fs {
         super::read_config_space(&self.config_space(), offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        tracing::debug!(
-            "virtio-fs: ignoring {}-byte config write at {offset}",
-            data.len()
-        );
-    }
-
     fn activate(
         &mut self,
         mem: GuestMemory,

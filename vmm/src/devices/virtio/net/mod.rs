@@ -539,15 +539,6 @@ impl VirtioDevice for Net {
         super::read_config_space(&self.config_space(), offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // The MAC is read-only without the legacy interface or a control
-        // queue, and nothing else is writable.
-        tracing::debug!(
-            "virtio-net: ignoring {}-byte config write at {offset}",
-            data.len()
-        );
-    }
-
     fn activate(
         &mut self,
         mem: GuestMemory,

@@ -251,13 +251,6 @@ impl VirtioDevice for Vsock {
         super::read_config_space(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        tracing::debug!(
-            "vsock: ignoring {}-byte config write at {offset}",
-            data.len()
-        );
-    }
-
     fn activate(
         &mut self,
         mem: GuestMemory,
