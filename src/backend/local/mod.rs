@@ -105,6 +105,19 @@ fn registry() -> &'static Registry {
     OPEN.get_or_init(Default::default)
 }
 
+/// Enters a machine's handle in the registry, and drops the entries of
+/// machines whose handles are all gone: a service that creates machines
+/// for ever keeps only the live ones.
+fn register<T>(
+    reg: &mut HashMap<PathBuf, (mpsc::WeakSender<T>, Arc<Shared>)>,
+    dir: PathBuf,
+    tx: &mpsc::Sender<T>,
+    shared: Arc<Shared>,
+) {
+    reg.retain(|_, (weak, _)| weak.strong_count() > 0);
+    reg.insert(dir, (tx.downgrade(), shared));
+}
+
 impl LocalMachine {
     /// After the first machine of a shape (resources and guest assets) on
     /// this host, `create` restores that machine's booted snapshot instead
@@ -455,10 +468,12 @@ impl LocalMachine {
         let activity = limits::Activity::new();
         let actor = actor.watching(activity.clone());
         let shared = Shared::new(paths, actor.config().clone(), activity);
-        registry()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(paths.dir.clone(), (tx.downgrade(), shared.clone()));
+        register(
+            &mut registry().lock().unwrap_or_else(|p| p.into_inner()),
+            paths.dir.clone(),
+            &tx,
+            shared.clone(),
+        );
         tokio::spawn(actor.run(rx));
         LocalMachine { shared, tx }
     }
@@ -736,5 +751,36 @@ impl Backend for LocalMachine {
             Ok(Arc::new(clone) as Arc<dyn Backend>)
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 15: the entries of machines whose handles are all dropped go.
+    #[test]
+    fn the_registry_keeps_only_machines_with_handles() {
+        let home = tempfile::tempdir().unwrap();
+        let store = MachineStore::open(Some(home.path())).unwrap();
+        let shared = |name: &str| {
+            Shared::new(
+                &store.paths(name),
+                MachineConfig::default(),
+                limits::Activity::new(),
+            )
+        };
+        let mut reg = HashMap::new();
+        let (kept, _rx1) = mpsc::channel::<()>(1);
+        register(&mut reg, "/m/kept".into(), &kept, shared("kept"));
+        let (gone, _rx2) = mpsc::channel::<()>(1);
+        register(&mut reg, "/m/gone".into(), &gone, shared("gone"));
+        assert_eq!(reg.len(), 2);
+        drop(gone);
+        let (next, _rx3) = mpsc::channel::<()>(1);
+        register(&mut reg, "/m/next".into(), &next, shared("next"));
+        let mut dirs: Vec<_> = reg.keys().cloned().collect();
+        dirs.sort();
+        assert_eq!(dirs, [PathBuf::from("/m/kept"), PathBuf::from("/m/next")]);
     }
 }
