@@ -1371,6 +1371,46 @@ async fn end_to_end(home: &std::path::Path) {
     }
 
     c.run(
+        "a guest that powers itself off reads as stopped within seconds; calls fail fast",
+        async {
+            let d = Machine::create_with(MachineConfig::default().disk_mb(256), o.clone())
+                .await
+                .ctx("create d")?;
+            // PID 1 takes SIGTERM as a power-off; the exec may or may not
+            // see its own end.
+            let _ = d.exec(["sh", "-c", "kill -TERM 1; sleep 60"]).await;
+            let t = Instant::now();
+            let mut state = d.state().await.ctx("state")?;
+            while state != MachineState::Stopped && t.elapsed() < Duration::from_secs(10) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                state = d.state().await.ctx("state")?;
+            }
+            ensure!(
+                state == MachineState::Stopped,
+                "state {state} after {:.1?}",
+                t.elapsed()
+            );
+            report!(
+                "[e2e]   a powered-off guest read as stopped after {:.2?}",
+                t.elapsed()
+            );
+            let t = Instant::now();
+            let e = d.exec(["true"]).await.unwrap_err();
+            ensure!(matches!(e, Error::NotRunning { .. }), "exec: {e}");
+            let e = d.read_file("/etc/hostname").await.unwrap_err();
+            ensure!(matches!(e, Error::NotRunning { .. }), "read_file: {e}");
+            ensure!(
+                t.elapsed() < Duration::from_secs(3),
+                "the calls took {:.1?}",
+                t.elapsed()
+            );
+            d.delete().await.ctx("delete")?;
+            Ok(())
+        },
+    )
+    .await;
+
+    c.run(
         "a dropped non-persistent machine is stopped and removed",
         async {
             let b = Machine::create_with(MachineConfig::default().disk_mb(256), o.clone())
