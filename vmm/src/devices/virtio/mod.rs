@@ -71,8 +71,14 @@ impl Interrupt {
         }
     }
 
-    /// Tells the driver that a used ring has new entries.
+    /// Tells the driver that a used ring has new entries; nothing once the
+    /// device needs a reset (a request finishing after the failure): its
+    /// queues are dead to the driver until it resets the device, and the
+    /// configuration interrupt of the failure was the last word.
     pub fn signal_used_queue(&self) -> io::Result<()> {
+        if self.needs_reset() {
+            return Ok(());
+        }
         self.signal(VIRTIO_MMIO_INT_VRING)
     }
 
@@ -313,5 +319,31 @@ impl From<QueueSnapshot> for QueueState {
             avail_ring: q.avail_ring,
             used_ring: q.used_ring,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After DEVICE_NEEDS_RESET a late used buffer raises no interrupt;
+    /// after the reset they do again.
+    #[test]
+    fn no_used_interrupt_once_the_device_needs_a_reset() {
+        let irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let line = Interrupt::new(irq.try_clone().unwrap());
+        line.signal_used_queue().unwrap();
+        assert_eq!(line.status(), VIRTIO_MMIO_INT_VRING);
+        assert_eq!(irq.read().unwrap(), 1);
+        line.ack(VIRTIO_MMIO_INT_VRING);
+        line.signal_needs_reset().unwrap();
+        assert_eq!(line.status(), VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(irq.read().unwrap(), 1);
+        line.signal_used_queue().unwrap();
+        assert_eq!(line.status(), VIRTIO_MMIO_INT_CONFIG, "no vring bit");
+        assert!(irq.read().is_err(), "no interrupt raised");
+        line.reset();
+        line.signal_used_queue().unwrap();
+        assert_eq!(line.status(), VIRTIO_MMIO_INT_VRING);
     }
 }
