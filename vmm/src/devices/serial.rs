@@ -1,13 +1,17 @@
 //! The 8250 UART at 0x3f8 (COM1), IRQ 4: the guest console.
 //!
 //! vm-superio models the registers; its interrupt is an irqfd, and what the
-//! guest transmits goes to the console log, a line at a time. The console
+//! guest transmits goes to the console log, a line at a time, written by a
+//! thread of the log's own. The console
 //! is also watched for a kernel panic line, so that the reset `panic=-1`
 //! triggers right after is reported as a crash.
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::{NoEvents, SerialState};
@@ -43,28 +47,43 @@ impl Trigger for IrqTrigger {
     }
 }
 
-/// Where console bytes go: the log file, whole lines at a time.
+/// Lines waiting for the log's writer thread. A guest that prints faster
+/// than the file takes it loses the lines past this (counted, and noted
+/// in the log) instead of stalling its vCPU.
+const QUEUE_LINES: usize = 1024;
+
+/// Where console bytes go: the log file, whole lines at a time, written by
+/// a thread of the log's own so that a slow disk never holds the vCPU that
+/// prints. The panic line is looked for here, on the vCPU, in order.
 pub struct ConsoleLog {
-    file: Option<File>,
     line: Vec<u8>,
     exit: Arc<ExitState>,
-    /// Bytes in the file now, and the most it may hold.
-    written: u64,
+    /// The file and its size, until the first line starts the writer.
+    file: Option<(File, u64)>,
+    writer: Option<Writer>,
     limit: u64,
+}
+
+/// The writer thread and its queue.
+struct Writer {
+    tx: Option<SyncSender<Vec<u8>>>,
+    thread: Option<JoinHandle<()>>,
+    /// Bytes dropped because the queue was full, not yet noted in the log.
+    dropped: Arc<AtomicU64>,
 }
 
 impl ConsoleLog {
     /// `file` is opened for appending (a restored VM's log goes on).
     pub fn new(file: Option<File>, exit: Arc<ExitState>) -> Self {
-        let written = file
-            .as_ref()
-            .and_then(|f| f.metadata().ok())
-            .map_or(0, |m| m.len());
+        let file = file.map(|f| {
+            let len = f.metadata().map_or(0, |m| m.len());
+            (f, len)
+        });
         ConsoleLog {
-            file,
             line: Vec::with_capacity(256),
             exit,
-            written,
+            file,
+            writer: None,
             limit: CONSOLE_LOG_MAX,
         }
     }
@@ -75,19 +94,41 @@ impl ConsoleLog {
         self
     }
 
-    /// Empties an append-mode file that reached its limit, noting why.
-    fn start_over(&mut self, f: &mut File) -> io::Result<()> {
-        f.set_len(0)?;
-        let note = format!(
-            "[smol: the console log reached {} bytes and started over]\n",
-            self.limit
-        );
-        f.write_all(note.as_bytes())?;
-        self.written = note.len() as u64;
-        Ok(())
+    /// The writer, started on the first line.
+    fn writer(&mut self) -> Option<&mut Writer> {
+        if self.writer.is_none() {
+            let (file, written) = self.file.take()?;
+            let (tx, rx) = sync_channel(QUEUE_LINES);
+            let dropped = Arc::new(AtomicU64::new(0));
+            let file = LogFile {
+                file,
+                written,
+                limit: self.limit,
+                dropped: dropped.clone(),
+            };
+            match std::thread::Builder::new()
+                .name("smol-console".into())
+                .spawn(move || file.serve(rx))
+            {
+                Ok(thread) => {
+                    self.writer = Some(Writer {
+                        tx: Some(tx),
+                        thread: Some(thread),
+                        dropped,
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot start the console log writer; the console is not logged: {e}"
+                    );
+                    return None;
+                }
+            }
+        }
+        self.writer.as_mut()
     }
 
-    fn emit_line(&mut self) -> io::Result<()> {
+    fn emit_line(&mut self) {
         if self.line.ends_with(b"\n")
             && self
                 .line
@@ -97,21 +138,73 @@ impl ConsoleLog {
             let text = String::from_utf8_lossy(&self.line);
             self.exit.note_panic(text.trim().to_string());
         }
-        let res = match self.file.take() {
-            Some(mut f) => {
-                let mut r = Ok(());
-                if self.written + self.line.len() as u64 > self.limit {
-                    r = self.start_over(&mut f);
-                }
-                let r = r.and_then(|()| f.write_all(&self.line));
-                self.written += self.line.len() as u64;
-                self.file = Some(f);
-                r
+        let line = std::mem::replace(&mut self.line, Vec::with_capacity(256));
+        let Some(w) = self.writer() else { return };
+        let Some(tx) = &w.tx else { return };
+        if let Err(TrySendError::Full(line) | TrySendError::Disconnected(line)) = tx.try_send(line)
+        {
+            w.dropped.fetch_add(line.len() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Every queued line is written before the log is gone.
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The file side, on the writer thread.
+struct LogFile {
+    file: File,
+    /// Bytes in the file now, and the most it may hold.
+    written: u64,
+    limit: u64,
+    dropped: Arc<AtomicU64>,
+}
+
+impl LogFile {
+    fn serve(mut self, rx: Receiver<Vec<u8>>) {
+        for line in rx {
+            let lost = self.dropped.swap(0, Ordering::Relaxed);
+            let r = if lost > 0 {
+                let note = format!(
+                    "[smol: {lost} bytes of console output dropped: the log could not keep up]\n"
+                );
+                self.write(note.as_bytes()).and_then(|()| self.write(&line))
+            } else {
+                self.write(&line)
+            };
+            if let Err(e) = r {
+                tracing::warn!("cannot write the console log; the console is not logged: {e}");
+                return;
             }
-            None => Ok(()),
-        };
-        self.line.clear();
-        res
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.written + bytes.len() as u64 > self.limit {
+            self.start_over()?;
+        }
+        self.file.write_all(bytes)?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Empties an append-mode file that reached its limit, noting why.
+    fn start_over(&mut self) -> io::Result<()> {
+        self.file.set_len(0)?;
+        let note = format!(
+            "[smol: the console log reached {} bytes and started over]\n",
+            self.limit
+        );
+        self.file.write_all(note.as_bytes())?;
+        self.written = note.len() as u64;
+        Ok(())
     }
 }
 
@@ -120,7 +213,7 @@ impl Write for ConsoleLog {
         for &b in buf {
             self.line.push(b);
             if b == b'\n' || self.line.len() >= LINE_MAX {
-                self.emit_line()?;
+                self.emit_line();
             }
         }
         Ok(buf.len())
@@ -135,8 +228,9 @@ impl Write for ConsoleLog {
 impl Drop for ConsoleLog {
     fn drop(&mut self) {
         if !self.line.is_empty() {
-            let _ = self.emit_line();
+            self.emit_line();
         }
+        // Then the writer (a field) drops: it writes what is queued.
     }
 }
 
@@ -237,8 +331,13 @@ mod tests {
         for b in b"Linux version 6.1\npartial" {
             dev.write(0, &[*b]);
         }
+        // The writer thread gets the whole line soon; the partial one waits.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut s = String::new();
-        tmp.reopen().unwrap().read_to_string(&mut s).unwrap();
+        while s.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            tmp.reopen().unwrap().read_to_string(&mut s).unwrap();
+        }
         assert_eq!(s, "Linux version 6.1\n");
         drop(dev);
         let mut s = String::new();
@@ -259,6 +358,7 @@ mod tests {
         for i in 0..500 {
             log.write_all(format!("line {i:04}\n").as_bytes()).unwrap();
         }
+        drop(log);
         let text = std::fs::read_to_string(tmp.path()).unwrap();
         assert!(text.len() <= 1000, "{} bytes", text.len());
         assert!(
@@ -266,6 +366,53 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("line 0499\n"), "{text}");
+    }
+
+    /// Issue 15: a log that cannot keep up never holds the vCPU: lines
+    /// past the queue are dropped, and the log says how many bytes.
+    #[test]
+    fn a_stalled_log_drops_lines_instead_of_blocking() {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe() writes.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both descriptors are fresh and owned by nothing else.
+        let (mut reader, writer) = unsafe {
+            use std::os::fd::FromRawFd;
+            (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1]))
+        };
+        let exit = Arc::new(ExitState::new());
+        let mut log = ConsoleLog::new(Some(writer), exit);
+        // Nobody reads the pipe: the writer blocks once it is full (64 KiB).
+        let t = std::time::Instant::now();
+        let line = [b'x'; 99];
+        for _ in 0..20_000 {
+            log.write_all(&line).unwrap();
+            log.write_all(b"\n").unwrap();
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "the printer was held: {:?}",
+            t.elapsed()
+        );
+        let drain = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            reader.read_to_end(&mut all).unwrap();
+            all
+        });
+        // The lines still queued were queued before the loss: the first of
+        // them out after it carries the note.
+        drop(log);
+        let all = String::from_utf8(drain.join().unwrap()).unwrap();
+        assert!(
+            all.len() < 2_000_000,
+            "{} bytes: nothing dropped",
+            all.len()
+        );
+        assert!(
+            all.contains("bytes of console output dropped"),
+            "no note of the loss"
+        );
+        assert!(all.ends_with(&format!("{}\n", "x".repeat(99))));
     }
 
     #[test]
