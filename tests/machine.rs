@@ -872,46 +872,59 @@ async fn end_to_end(home: &std::path::Path) {
     })
     .await;
 
-    c.run("8 concurrent execs: a sleeper does not delay the others", async {
-        // Size the sleeper from one measured exec, so that it dominates even
-        // where every fork+exec costs half a second (kvm_pvm).
-        let t = Instant::now();
-        a.exec(["true"]).await.ctx("exec true")?;
-        let one = t.elapsed();
-        let sleep_s = (one.as_secs_f64() * 10.0).ceil().max(3.0) as u64;
-        report!("[e2e]   one exec of `true`: {one:.2?}; the sleeper sleeps {sleep_s} s");
-        let start = Instant::now();
-        let sleeper = {
-            let a = a.clone();
-            tokio::spawn(async move {
-                let r = a.exec(["sleep", &sleep_s.to_string()]).await;
-                (r, start.elapsed())
-            })
-        };
-        let mut fast = Vec::new();
-        for i in 0..7 {
-            let a = a.clone();
-            fast.push(tokio::spawn(async move {
-                let r = a.exec(["echo", &i.to_string()]).await;
-                (i, r, start.elapsed())
-            }));
-        }
-        let mut slowest = Duration::ZERO;
-        for f in fast {
-            let (i, r, took) = f.await.ctx("join")?;
-            let r = r.ctx("fast exec")?;
-            ensure!(r.stdout_lossy() == format!("{i}\n"), "exec {i} printed {:?}", r.stdout_lossy());
-            slowest = slowest.max(took);
-        }
-        let (r, sleeper_took) = sleeper.await.ctx("join")?;
-        r.ctx("sleeper")?;
-        report!("[e2e]   7 fast execs done after {slowest:.2?}; the sleeper after {sleeper_took:.2?}");
-        ensure!(
-            slowest + Duration::from_millis(500) < sleeper_took,
-            "the fast execs ({slowest:?}) did not finish well before the sleeper ({sleeper_took:?})"
-        );
-        Ok(())
-    })
+    c.run(
+        "64 concurrent execs: all right, a sleeper delays none",
+        async {
+            // The sleeper sleeps far longer than the others can take; they
+            // must all be done while it still sleeps. Then it is dropped (the
+            // agent kills a command whose connection closes).
+            let start = Instant::now();
+            let sleeper = {
+                let a = a.clone();
+                tokio::spawn(async move { a.exec(["sleep", "3600"]).await })
+            };
+            let mut fast = Vec::new();
+            for i in 0..63 {
+                let a = a.clone();
+                fast.push(tokio::spawn(async move {
+                    let r = a.exec(["echo", &i.to_string()]).await;
+                    (i, r, start.elapsed())
+                }));
+            }
+            let mut slowest = Duration::ZERO;
+            for f in fast {
+                let (i, r, took) = f.await.ctx("join")?;
+                let r = r.ctx("fast exec")?;
+                ensure!(
+                    r.stdout_lossy() == format!("{i}\n"),
+                    "exec {i} printed {:?}",
+                    r.stdout_lossy()
+                );
+                slowest = slowest.max(took);
+            }
+            report!("[e2e]   63 execs done after {slowest:.2?} beside a sleeping one");
+            ensure!(
+                !sleeper.is_finished(),
+                "the sleeper ended: {:?}",
+                sleeper.await
+            );
+            sleeper.abort();
+            let _ = sleeper.await;
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let r = common::sh(&a, "pgrep -x sleep || true").await?;
+                if r.is_empty() {
+                    break;
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "the dropped sleeper still runs: {r}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Ok(())
+        },
+    )
     .await;
 
     c.run("exec_stream: large output arrives complete", async {
