@@ -512,8 +512,10 @@ mod tests {
     }
 
     /// With the real virtiofsd (`SMOL_VIRTIOFSD`, as `cargo xtask test`
-    /// sets it): it listens, a bad source is named, and the drop leaves
-    /// no process and no file.
+    /// sets it): it listens, and the drop leaves no process and no file.
+    /// (A missing source is the SDK's own check, `check_sources`, before
+    /// any virtiofsd: whether virtiofsd itself refuses one before or after
+    /// it listens is a race.)
     #[tokio::test]
     async fn a_real_virtiofsd_starts_and_ends() {
         let Ok(program) = virtiofsd_program() else {
@@ -535,13 +537,5 @@ mod tests {
         drop(d);
         assert!(!Path::new(&format!("/proc/{pid}")).exists(), "reaped");
         assert!(!socket.exists() && !pid_file(&socket).exists());
-
-        // A source that vanished: virtiofsd refuses it, and says why.
-        let e = Virtiofsd::spawn(&program, &t.path().join("gone"), &socket, false, &log)
-            .await
-            .err()
-            .expect("no such directory");
-        assert!(matches!(e, Error::Virtiofsd { .. }), "{e}");
-        assert!(e.to_string().contains("gone"), "{e}");
     }
 }
