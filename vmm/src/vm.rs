@@ -1155,6 +1155,15 @@ mod tests {
         ));
     }
 
+    /// The plan of [`bare_snapshot`]'s machine.
+    fn bare_plan() -> Plan {
+        Plan {
+            vcpus: 1,
+            kvm_pvm: false,
+            memory_bytes: 128 << 20,
+        }
+    }
+
     /// The smallest snapshot `check_restore_shape` can look at: one vCPU,
     /// no devices.
     fn bare_snapshot() -> crate::snapshot::VmSnapshot {
@@ -1234,11 +1243,7 @@ mod tests {
     #[test]
     fn restore_names_an_fs_tag_mismatch() {
         use crate::snapshot::Error as S;
-        let plan = Plan {
-            vcpus: 1,
-            kvm_pvm: false,
-            memory_bytes: 128 << 20,
-        };
+        let plan = bare_plan();
         let mut c = config("/k".into());
         let mut snap = bare_snapshot();
         snap.fs_tags = vec!["smol0".into()];
@@ -1267,11 +1272,7 @@ mod tests {
     #[test]
     fn restore_names_a_net_device_mismatch() {
         use crate::snapshot::Error as S;
-        let plan = Plan {
-            vcpus: 1,
-            kvm_pvm: false,
-            memory_bytes: 128 << 20,
-        };
+        let plan = bare_plan();
         let mut c = config("/k".into());
         let mut snap = bare_snapshot();
         check_restore_shape(&c, &plan, &snap).unwrap();
