@@ -143,17 +143,18 @@ impl Vsock {
             }
             return;
         }
-        if self.paused {
-            if self.muxer_registered {
-                match ops.remove(Events::empty(&self.muxer)) {
-                    Ok(()) => self.muxer_registered = false,
-                    Err(e) => tracing::warn!("vsock: cannot unwatch the muxer: {e:?}"),
-                }
-            }
-        } else if !self.muxer_registered && !self.reset_unacked {
+        // Host streams wait while a snapshot is taken and until the driver
+        // has handled a transport reset.
+        let watch = !self.paused && !self.reset_unacked;
+        if watch && !self.muxer_registered {
             match ops.add(Events::with_data(&self.muxer, EVT_MUXER, EventSet::IN)) {
                 Ok(()) => self.muxer_registered = true,
                 Err(e) => tracing::error!("vsock: cannot register the muxer: {e:?}"),
+            }
+        } else if !watch && self.muxer_registered {
+            match ops.remove(Events::empty(&self.muxer)) {
+                Ok(()) => self.muxer_registered = false,
+                Err(e) => tracing::warn!("vsock: cannot unwatch the muxer: {e:?}"),
             }
         }
         if !self.registered.is_empty() {
@@ -218,6 +219,10 @@ impl Vsock {
                     self.reset_unacked = false;
                 }
             }
+            // Until the driver has handled a transport reset, host streams
+            // stay in the muxer's backlog (see `reset_unacked`), also when
+            // activation asks for a look.
+            EVT_MUXER if self.reset_unacked => {}
             EVT_MUXER => {
                 self.muxer.process_host_events();
                 used |= q.process_rx(&mut self.muxer);
@@ -352,9 +357,8 @@ impl MutEventSubscriber for Vsock {
             }
             token => {
                 self.handle(token);
-                if self.paused {
-                    self.sync_registration(ops);
-                }
+                // A pause or a restore may have come in meanwhile.
+                self.sync_registration(ops);
             }
         }
     }

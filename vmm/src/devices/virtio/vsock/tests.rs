@@ -94,6 +94,7 @@ struct Harness {
     dev: Arc<Mutex<Vsock>>,
     rx: DriverQueue,
     tx: DriverQueue,
+    ev: DriverQueue,
     rx_slots: HashMap<u16, u64>,
     tx_next: u64,
     irq: EventFd,
@@ -109,7 +110,7 @@ impl Harness {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let (rx, rxq) = DriverQueue::new(&mem, 0, 256);
         let (tx, txq) = DriverQueue::new(&mem, 0x4000, 256);
-        let (_ev, evq) = DriverQueue::new(&mem, 0x8000, 256);
+        let (ev, evq) = DriverQueue::new(&mem, 0x8000, 256);
         let irq_evt = EventFd::new(EFD_NONBLOCK).unwrap();
         let irq = irq_evt.try_clone().unwrap();
         dev.lock()
@@ -124,6 +125,7 @@ impl Harness {
             dev,
             rx,
             tx,
+            ev,
             rx_slots: HashMap::new(),
             tx_next: 0,
             irq,
@@ -368,6 +370,48 @@ fn a_snapshot_holds_host_data_until_it_resumes() {
     h.dev.lock().unwrap().resume();
     let pkts = h.recv();
     assert_eq!(rw_data(&pkts, local), b"during the snapshot");
+}
+
+/// A restored device tells the guest of a transport reset; a host stream
+/// that arrives before the driver has handled it must wait: the guest
+/// resets every connected socket when it does, without telling the host,
+/// so a stream accepted before would hang (a warm create's second
+/// request did, once in many). It goes ahead on the driver's kick.
+#[test]
+fn after_a_restore_host_streams_wait_for_the_reset_to_be_handled() {
+    const EVENT_SLOT: u64 = 0x3_0000;
+    let mut h = Harness::new();
+    let head = h.ev.add(&h.mem, &[(EVENT_SLOT, 4, true)]);
+    h.dev.lock().unwrap().restored(&DeviceState::Vsock {
+        next_local_port: 1 << 30,
+    });
+    let posted = h.ev.take_used(&h.mem);
+    assert_eq!(posted, vec![(head, 4)], "the reset event is posted");
+    let event: u32 = h.mem.read_obj(GuestAddress(EVENT_SLOT)).unwrap();
+    assert_eq!(event, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+
+    // As on a restore: the event loop sees the activation, and a host
+    // process connects at once.
+    h.dev.lock().unwrap().activate_evt.write(1).unwrap();
+    let _s = h.host_connect(1024);
+    for _ in 0..5 {
+        h.em.run_with_timeout(5).unwrap();
+    }
+    let early = h.recv();
+    assert!(
+        early.iter().all(|p| p.hdr.op != OP_REQUEST),
+        "a connection request reached the guest before it handled the reset: {early:?}"
+    );
+
+    // The driver handles the event, refills and kicks.
+    h.ev.add(&h.mem, &[(EVENT_SLOT, 4, true)]);
+    h.ev.kick();
+    let pkts = h.recv();
+    assert!(
+        pkts.iter()
+            .any(|p| p.hdr.op == OP_REQUEST && p.hdr.dst_port == 1024),
+        "the waiting stream goes ahead after the kick: {pkts:?}"
+    );
 }
 
 #[test]
