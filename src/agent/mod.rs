@@ -332,6 +332,37 @@ fn refused_or(e: io::Error, port: u32) -> HandshakeError {
     }
 }
 
+/// A link to the agent behind one monitor socket, with no machine handle
+/// around it: for the machine actor while it brings a guest up, and for
+/// the unit tests' loopback agent.
+pub(crate) struct SocketLink {
+    pub uds: PathBuf,
+    /// Machine name, for messages.
+    pub machine: String,
+    /// The blob cache image requests go through.
+    pub images: PathBuf,
+}
+
+impl AgentLink for SocketLink {
+    async fn request(&self, first: &Request) -> Result<AgentConnection> {
+        AgentConnection::open_with(&self.uds, &self.machine, first)
+            .await
+            .map_err(|e| Error::Protocol(e.to_string()))
+    }
+
+    async fn explain(&self, e: Error) -> Error {
+        e
+    }
+
+    fn label(&self) -> &str {
+        &self.machine
+    }
+
+    fn images_root(&self) -> PathBuf {
+        self.images.clone()
+    }
+}
+
 /// A monitor socket served by the real agent request handlers running on
 /// the host (no guest): the SDK's client side against the agent's code.
 #[cfg(test)]
@@ -340,45 +371,16 @@ pub(crate) mod loopback {
     use std::os::unix::net::UnixListener;
     use std::path::{Path, PathBuf};
 
-    use smol_protocol::Request;
-
-    use super::{AgentConnection, AgentLink};
-    use crate::error::{Error, Result};
-
-    /// A link to the agent's handlers behind [`agent_socket`], its images
-    /// cached under `root`.
-    pub struct Link {
-        pub uds: PathBuf,
-        pub root: PathBuf,
-    }
+    pub(crate) use super::SocketLink as Link;
 
     impl Link {
         /// Serves `<dir>/vsock.sock`; the blob cache is `<dir>/images`.
         pub fn new(dir: &Path) -> Link {
             Link {
                 uds: agent_socket(dir),
-                root: dir.join("images"),
+                machine: "loopback".into(),
+                images: dir.join("images"),
             }
-        }
-    }
-
-    impl AgentLink for Link {
-        async fn request(&self, first: &Request) -> Result<AgentConnection> {
-            AgentConnection::open_with(&self.uds, "loopback", first)
-                .await
-                .map_err(|e| Error::Protocol(e.to_string()))
-        }
-
-        async fn explain(&self, e: Error) -> Error {
-            e
-        }
-
-        fn label(&self) -> &str {
-            "loopback"
-        }
-
-        fn images_root(&self) -> PathBuf {
-            self.root.clone()
         }
     }
 
@@ -490,7 +492,8 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let link = loopback::Link {
             uds: silent_guest(t.path()),
-            root: t.path().join("images"),
+            machine: "loopback".into(),
+            images: t.path().join("images"),
         };
         TEST_ANSWER_TIMEOUT.with(|c| c.set(Some(std::time::Duration::from_millis(300))));
         let timed_out = |e: Error, step: &str| match e {

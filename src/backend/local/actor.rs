@@ -10,12 +10,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use smol_protocol::{MachineFacts, Request, Response, PROTOCOL_VERSION, READY_LINE};
+use smol_protocol::{ExecRequest, MachineFacts, Request, Response, PROTOCOL_VERSION, READY_LINE};
 use smol_vmm::{DiskConfig, ExitReason, Vm, VmConfig, VsockConfig};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::agent::{unexpected, AgentConnection};
+use crate::agent::{unexpected, AgentConnection, SocketLink};
 use crate::backend::local::assets::GuestAssets;
 use crate::backend::local::disk::{DISK_CMDLINE, DISK_ID};
 use crate::backend::local::fs::{share_mounts, Shares};
@@ -40,6 +40,18 @@ const POWEROFF_TIMEOUT: Duration = Duration::from_secs(30);
 const SLOW_ATTEMPT_EVERY: Duration = Duration::from_secs(1);
 /// Lines of console log quoted in a boot error.
 const CONSOLE_TAIL_LINES: usize = 30;
+/// A guest report's limits (see `MachineActor::guest_report`).
+const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+const REPORT_MAX_OUTPUT: u64 = 16 * 1024;
+/// The guest's side of a network configuration that did not answer: its
+/// clock, the DHCP client's log, and the state of the step's processes
+/// (nothing that sleeps: a guest whose timers stopped must still answer).
+const NET_REPORT: &str = r#"echo "uptime: $(cat /proc/uptime)"
+echo "udhcpc log:"; tail -n 20 /run/smol/udhcpc.log 2>&1
+for p in /proc/[0-9]*; do
+  read -r c < "$p/comm" 2>/dev/null || continue
+  case "$c" in udhcpc|ip|ifconfig|mv) echo "$c (pid ${p#/proc/}): state $(cut -d' ' -f3 "$p/stat")";; esac
+done"#;
 
 /// A request to the actor.
 pub(crate) enum Command {
@@ -394,10 +406,45 @@ impl MachineActor {
                 Ok(())
             }
             Ok(other) => Err(unexpected("configure network", &other)),
-            Err(e) => Err(self.boot_error(format!(
-                "the guest could not configure its network: {e} (passt's log: {})",
-                self.paths.passt_log.display()
-            ))),
+            Err(e) => {
+                let report = match e {
+                    Error::Timeout { .. } => format!("; {}", self.guest_report(NET_REPORT).await),
+                    _ => String::new(),
+                };
+                Err(self.boot_error(format!(
+                    "the guest could not configure its network: {e} (passt's log: {}){report}",
+                    self.paths.passt_log.display()
+                )))
+            }
+        }
+    }
+
+    /// What the guest says about a step that did not answer: `script`'s
+    /// output from an exec of its own (bounded in time and size), or why
+    /// there is none.
+    async fn guest_report(&self, script: &str) -> String {
+        let link = SocketLink {
+            uds: self.paths.vsock.clone(),
+            machine: self.name.clone(),
+            images: PathBuf::new(),
+        };
+        let req = ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            env: Vec::new(),
+            workdir: None,
+            timeout_ms: Some(REPORT_TIMEOUT.as_millis() as u64),
+            stdin: false,
+            container: None,
+        };
+        let run = crate::agent::exec::exec(&link, req, REPORT_MAX_OUTPUT);
+        match tokio::time::timeout(REPORT_TIMEOUT * 2, run).await {
+            Ok(Ok(r)) => format!(
+                "the guest reports:\n{}{}",
+                r.stdout_lossy(),
+                r.stderr_lossy()
+            ),
+            Ok(Err(e)) => format!("no report from the guest: {e}"),
+            Err(_) => format!("no report from the guest within {:?}", REPORT_TIMEOUT * 2),
         }
     }
 
