@@ -552,6 +552,44 @@ impl Connection {
     }
 }
 
+#[cfg(any(test, fuzzing))]
+impl Connection {
+    /// Checks what bounds the connection's memory: guest bytes held within
+    /// the credit we advertise (plus our own `OK` line), the read-ahead
+    /// within [`READ_AHEAD`] (and its buffer within twice that). For the
+    /// fuzz targets and the unit tests.
+    pub fn check_bounds(&self) -> Result<(), String> {
+        const OK_LINE_MAX: usize = "OK 4294967295\n".len();
+        if self.uncounted > OK_LINE_MAX || self.uncounted > self.to_host.len() {
+            return Err(format!(
+                "{} uncounted bytes of {} held",
+                self.uncounted,
+                self.to_host.len()
+            ));
+        }
+        if self.buffered_to_host() > CONN_BUF_ALLOC as usize {
+            return Err(format!(
+                "{} guest bytes held, the credit is {CONN_BUF_ALLOC}",
+                self.buffered_to_host()
+            ));
+        }
+        // Growing to at most READ_AHEAD bytes doubles a capacity below it
+        // at most to twice that.
+        if self.stash.len() > READ_AHEAD
+            || self.stash.capacity() >= 2 * READ_AHEAD
+            || self.stash_pos > self.stash.len()
+        {
+            return Err(format!(
+                "read-ahead of {} (capacity {}) at {}",
+                self.stash.len(),
+                self.stash.capacity(),
+                self.stash_pos
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Retries an I/O call interrupted by a signal.
 fn retry(mut f: impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
     loop {

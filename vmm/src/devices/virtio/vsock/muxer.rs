@@ -447,12 +447,60 @@ impl VsockMuxer {
     /// Forgets a connection and closes its Unix stream.
     fn remove(&mut self, key: ConnKey) {
         if let Some(conn) = self.conns.remove(&key) {
+            // Its place in the queue for the guest goes with it: a stream
+            // reset before the guest read its packet would stay there
+            // otherwise, and a guest that never posts RX buffers could add
+            // one entry per stream for ever.
+            if conn.queued {
+                self.to_guest.retain(|k| *k != key);
+            }
             self.deregister(conn.stream());
             self.fd_keys.remove(&conn.stream().as_raw_fd());
             if conn.state() == ConnState::Connecting {
                 tracing::debug!("vsock: guest port {} refused or reset", key.1);
             }
         }
+    }
+}
+
+#[cfg(any(test, fuzzing))]
+impl VsockMuxer {
+    /// Checks the bounds that keep a guest from growing the muxer: the
+    /// streams, the owed RSTs, the queue for the guest (each connection
+    /// in it at most once, and only while it exists) and every
+    /// connection's buffers. For the fuzz targets and the unit tests.
+    pub fn check_bounds(&self) -> Result<(), String> {
+        let streams = self.conns.len() + self.handshakes.len();
+        if streams > MAX_CONNECTIONS {
+            return Err(format!("{streams} streams, at most {MAX_CONNECTIONS}"));
+        }
+        if self.rst_queue.len() > MAX_PENDING_RST {
+            return Err(format!(
+                "{} RSTs owed, at most {MAX_PENDING_RST}",
+                self.rst_queue.len()
+            ));
+        }
+        if self.fd_keys.len() != self.conns.len() {
+            return Err(format!(
+                "{} stream fds for {} connections",
+                self.fd_keys.len(),
+                self.conns.len()
+            ));
+        }
+        let queued = self.conns.values().filter(|c| c.queued).count();
+        if self.to_guest.len() != queued {
+            return Err(format!(
+                "{} entries in the queue for the guest, {queued} connections queued \
+                 ({} open)",
+                self.to_guest.len(),
+                self.conns.len()
+            ));
+        }
+        for (key, conn) in &self.conns {
+            conn.check_bounds()
+                .map_err(|e| format!("connection {}:{}: {e}", key.0, key.1))?;
+        }
+        Ok(())
     }
 }
 

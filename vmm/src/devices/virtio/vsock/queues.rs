@@ -77,13 +77,26 @@ impl VsockQueues {
         true
     }
 
-    /// Fills RX buffers while the muxer has packets for the guest. Returns
-    /// whether the used ring changed.
+    /// Fills RX buffers while the muxer has packets for the guest, at most
+    /// a queue's worth per call (for the reason `process_tx` has its
+    /// budget: a chain that takes no packet goes back at once, and may be
+    /// made available again as fast). Returns whether the used ring changed.
     pub fn process_rx(&mut self, muxer: &mut VsockMuxer) -> bool {
         let mem = &self.mem;
         let queue = &mut self.rx.queue;
+        let budget = queue.size();
+        let mut served = 0;
         let mut used = false;
         while muxer.has_pending_to_guest() {
+            if served == budget {
+                // Packets are still owed and chains may be left: kick
+                // ourselves, as `process_tx` does.
+                if let Err(e) = self.rx.notify.write(1) {
+                    tracing::warn!("vsock: cannot re-arm the rx queue: {e}");
+                }
+                break;
+            }
+            served += 1;
             let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
                 break;
             };

@@ -1003,3 +1003,88 @@ fn tx_from_a_guest_that_never_stops_returns_after_a_queue_worth() {
     assert_eq!(used_idx, 1 + QSIZE, "one queue's worth of chains");
     assert_eq!(tx.kick.read().unwrap(), 1, "the tx queue is re-armed");
 }
+
+/// A guest that opens streams and resets them before it reads their
+/// answer, with no RX buffer posted, leaves nothing behind: a stream gone
+/// leaves the queue for the guest with it. (Each one used to stay there
+/// for ever, one entry per stream: memory a guest could grow at will.)
+#[test]
+fn streams_reset_before_the_guest_reads_leave_nothing_queued() {
+    const QSIZE: u16 = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let mut muxer = VsockMuxer::new(GUEST_CID, &uds).unwrap();
+    let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let (_rx, rxq) = DriverQueue::new(&mem, 0, QSIZE);
+    let (mut tx, txq) = DriverQueue::new(&mem, 0x4000, QSIZE);
+    let (_event, eventq) = DriverQueue::new(&mem, 0x8000, QSIZE);
+    let interrupt = Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    let mut queues = VsockQueues::new(mem.clone(), interrupt, vec![rxq, txq, eventq]).unwrap();
+    for round in 0..100 {
+        for op in [OP_REQUEST, OP_RST] {
+            let slot = 0x1_0000;
+            mem.write_slice(&encode(&gpkt(op, 1234, 5000).hdr), GuestAddress(slot))
+                .unwrap();
+            tx.add(&mem, &[(slot, 44, false)]);
+            queues.process_tx(&mut muxer);
+            tx.take_used(&mem);
+        }
+        while listener.accept().is_ok() {}
+        assert_eq!(muxer.connection_count(), 0, "round {round}");
+        assert!(
+            !muxer.has_pending_to_guest(),
+            "round {round}: a packet owed for a stream that is gone"
+        );
+        muxer.check_bounds().unwrap();
+    }
+}
+
+/// The RX side of the above: a guest that makes an RX chain the device
+/// cannot use (device-readable) available again as soon as it comes back,
+/// for ever, while the muxer owes it a packet, gets a queue's worth served
+/// per `process_rx` call, and the RX queue re-armed for the rest.
+#[test]
+fn rx_from_a_guest_that_never_stops_returns_after_a_queue_worth() {
+    const QSIZE: u16 = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let mut muxer = VsockMuxer::new(GUEST_CID, &dir.path().join("v.sock")).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let (mut rx, mut rxq) = DriverQueue::new(&mem, 0, QSIZE);
+    let (mut tx, txq) = DriverQueue::new(&mem, 0x4000, QSIZE);
+    let (_event, eventq) = DriverQueue::new(&mem, 0x8000, QSIZE);
+    // A packet for no stream: the muxer owes the guest an RST for it.
+    let slot = 0x1_0000;
+    mem.write_slice(&encode(&gpkt(OP_RW, 1, 2).hdr), GuestAddress(slot))
+        .unwrap();
+    tx.add(&mem, &[(slot, 44, false)]);
+    // The RX chain is device-readable: no packet fits, it goes back empty.
+    assert_eq!(rx.add(&mem, &[(0x2_0000, 4096, false)]), 0);
+    // As in the TX test: each used element reads as the chain made
+    // available once more.
+    rxq.queue
+        .set_used_ring_address(Some(rx.avail as u32), Some((rx.avail >> 32) as u32));
+    rxq.queue.set_next_used(1);
+    let interrupt = Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    let mut queues = VsockQueues::new(mem.clone(), interrupt, vec![rxq, txq, eventq]).unwrap();
+    queues.process_tx(&mut muxer);
+    assert!(muxer.has_pending_to_guest());
+
+    let (done, returned) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let used = queues.process_rx(&mut muxer);
+        let _ = done.send((used, queues));
+    });
+    let (used, queues) = returned
+        .recv_timeout(Duration::from_secs(10))
+        .expect("process_rx never returned");
+    assert!(used);
+    let used_idx: u16 = mem.read_obj(GuestAddress(rx.avail + 2)).unwrap();
+    assert_eq!(used_idx, 1 + QSIZE, "one queue's worth of chains");
+    assert_eq!(
+        queues.rx.notify.read().unwrap(),
+        1,
+        "the rx queue is re-armed"
+    );
+}
