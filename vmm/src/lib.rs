@@ -11,6 +11,9 @@ pub mod cpu;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod memory;
 pub mod snapshot;
 mod sparse;

@@ -1,7 +1,8 @@
-//! `cargo xtask <task>`: build the guest assets, run the tests, the demo and
-//! the benchmarks.
+//! `cargo xtask <task>`: build the guest assets, run the tests, the fuzz
+//! targets, the demo and the benchmarks.
 
 mod cache;
+mod fuzz;
 mod kernel;
 mod python;
 mod rootfs;
@@ -28,11 +29,21 @@ enum Task {
     /// Both guest assets.
     Assets,
     /// Assets, then format and lint checks, then every test of the workspace
-    /// (all features, so the `smol` CLI too).
+    /// (all features, so the `smol` CLI too), then every fuzz target for a
+    /// bounded time ($SMOL_FUZZ_SECONDS each, 30 by default; 0 skips).
     Test {
         /// Extra arguments passed to `cargo test` (after `--workspace --all-features`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Builds the fuzz targets (stable Rust, libFuzzer) and runs one, or
+    /// each in turn, for a bounded time.
+    Fuzz {
+        /// One target of fuzz/Cargo.toml; all of them when absent.
+        target: Option<String>,
+        /// Seconds per target ($SMOL_FUZZ_SECONDS, else 30; 0 skips).
+        #[arg(long)]
+        seconds: Option<u64>,
     },
     /// Assets, then boot a machine, exec in it and show the timings.
     Demo,
@@ -50,6 +61,10 @@ fn main() -> ExitCode {
         Task::Rootfs => rootfs::build().map(|p| println!("initramfs: {}", p.display())),
         Task::Assets => assets().map(|_| ()),
         Task::Test { args } => test(&args),
+        Task::Fuzz { target, seconds } => match seconds.map_or_else(fuzz::seconds_from_env, Ok) {
+            Ok(s) => fuzz::run(target.as_deref(), s),
+            Err(e) => Err(e),
+        },
         Task::Demo => demo(),
         Task::Bench { args } => bench(&args),
     };
@@ -152,6 +167,8 @@ const TEST_PACKAGES: &[&str] = &[
 ];
 
 fn test(extra: &[String]) -> Result<(), String> {
+    // Read first: a bad value fails now, not after the tests.
+    let fuzz_seconds = fuzz::seconds_from_env()?;
     kernel::ensure_debian_packages(TEST_PACKAGES, |m| println!("xtask: {m}"))?;
     let a = assets()?;
     run("cargo fmt --check", cargo(&["fmt", "--all", "--check"], &a))?;
@@ -198,7 +215,10 @@ fn test(extra: &[String]) -> Result<(), String> {
         cold.len(),
         cold.join(", ")
     );
-    result
+    result?;
+    // Bounded: a regression in the parsers of guest and registry bytes
+    // shows here; longer runs are `cargo xtask fuzz`'s.
+    fuzz::run(None, fuzz_seconds)
 }
 
 fn demo() -> Result<(), String> {

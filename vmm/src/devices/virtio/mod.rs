@@ -20,7 +20,8 @@ pub mod mmio;
 pub mod net;
 pub mod vsock;
 
-#[cfg(test)]
+// The device tests' driver, also for the fuzz targets (`crate::fuzzing`).
+#[cfg(any(test, fuzzing))]
 pub(crate) mod test_queue;
 
 use std::io;

@@ -1,6 +1,6 @@
-//! The driver's side of a split virtqueue, for the device tests: rings
-//! laid out in a test guest memory, chains added and used entries taken
-//! back as a guest driver would.
+//! The driver's side of a split virtqueue, for the device tests and the
+//! fuzz targets: rings laid out in a test guest memory, chains added and
+//! used entries taken back as a guest driver would.
 
 use std::collections::HashMap;
 
@@ -11,25 +11,25 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{ActivatedQueue, GuestMemory};
 
 /// Descriptor flags.
-pub(crate) const F_NEXT: u16 = 1;
-pub(crate) const F_WRITE: u16 = 2;
+pub const F_NEXT: u16 = 1;
+pub const F_WRITE: u16 = 2;
 
-pub(crate) struct DriverQueue {
-    pub(crate) desc: u64,
-    pub(crate) avail: u64,
-    pub(crate) used: u64,
-    pub(crate) size: u16,
-    pub(crate) avail_idx: u16,
-    pub(crate) used_idx: u16,
-    pub(crate) free: Vec<u16>,
-    pub(crate) chains: HashMap<u16, Vec<u16>>,
-    pub(crate) kick: EventFd,
+pub struct DriverQueue {
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub size: u16,
+    pub avail_idx: u16,
+    pub used_idx: u16,
+    pub free: Vec<u16>,
+    pub chains: HashMap<u16, Vec<u16>>,
+    pub kick: EventFd,
 }
 
 impl DriverQueue {
     /// Lays the rings out from `base` (virtio-queue's MockSplitQueue puts
     /// the used ring inside the avail ring for queues over 64 entries).
-    pub(crate) fn new(mem: &GuestMemory, base: u64, size: u16) -> (Self, ActivatedQueue) {
+    pub fn new(mem: &GuestMemory, base: u64, size: u16) -> (Self, ActivatedQueue) {
         let desc = base;
         let avail = desc + 16 * u64::from(size);
         let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
@@ -59,12 +59,7 @@ impl DriverQueue {
     }
 
     /// Writes raw descriptors (flags and next as given) and makes `head` available.
-    pub(crate) fn add_raw(
-        &mut self,
-        mem: &GuestMemory,
-        descs: &[(u16, u64, u32, u16, u16)],
-        head: u16,
-    ) {
+    pub fn add_raw(&mut self, mem: &GuestMemory, descs: &[(u16, u64, u32, u16, u16)], head: u16) {
         for &(idx, addr, len, flags, next) in descs {
             let at = self.desc + 16 * u64::from(idx);
             mem.write_obj(addr, GuestAddress(at)).unwrap();
@@ -76,7 +71,7 @@ impl DriverQueue {
     }
 
     /// Makes `head` available in the next avail slot.
-    pub(crate) fn publish(&mut self, mem: &GuestMemory, head: u16) {
+    pub fn publish(&mut self, mem: &GuestMemory, head: u16) {
         let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
         mem.write_obj(head, GuestAddress(slot)).unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
@@ -85,7 +80,7 @@ impl DriverQueue {
     }
 
     /// Adds a well-formed chain of (addr, len, device-writable) buffers.
-    pub(crate) fn add(&mut self, mem: &GuestMemory, bufs: &[(u64, u32, bool)]) -> u16 {
+    pub fn add(&mut self, mem: &GuestMemory, bufs: &[(u64, u32, bool)]) -> u16 {
         let idxs: Vec<u16> = bufs.iter().map(|_| self.free.pop().unwrap()).collect();
         let descs: Vec<_> = bufs
             .iter()
@@ -102,17 +97,17 @@ impl DriverQueue {
         idxs[0]
     }
 
-    pub(crate) fn kick(&self) {
+    pub fn kick(&self) {
         self.kick.write(1).unwrap();
     }
 
     /// Chains made available and not used yet.
-    pub(crate) fn in_flight(&self) -> usize {
+    pub fn in_flight(&self) -> usize {
         self.chains.len()
     }
 
     /// Used entries since the last call, as (head, len); frees their descriptors.
-    pub(crate) fn take_used(&mut self, mem: &GuestMemory) -> Vec<(u16, u32)> {
+    pub fn take_used(&mut self, mem: &GuestMemory) -> Vec<(u16, u32)> {
         let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
         let mut out = Vec::new();
         while self.used_idx != idx {

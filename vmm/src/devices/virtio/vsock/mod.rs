@@ -22,6 +22,12 @@ mod unix;
 #[cfg(test)]
 mod tests;
 
+/// The queue glue, for `crate::fuzzing`.
+#[cfg(fuzzing)]
+pub(crate) mod fuzzing {
+    pub use super::queues::VsockQueues;
+}
+
 use std::io;
 use std::path::{Path, PathBuf};
 
