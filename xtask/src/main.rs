@@ -45,6 +45,12 @@ enum Task {
         #[arg(long)]
         seconds: Option<u64>,
     },
+    /// Assets, then tests/soak.rs at length: create/exec/file/delete
+    /// cycles (200 by default) that must leave no fd, thread, child or file.
+    Soak {
+        #[arg(long, default_value_t = 200)]
+        cycles: usize,
+    },
     /// Assets, then boot a machine, exec in it and show the timings.
     Demo,
     /// Assets, then `cargo bench` (extra arguments are passed through).
@@ -65,6 +71,7 @@ fn main() -> ExitCode {
             Ok(s) => fuzz::run(target.as_deref(), s),
             Err(e) => Err(e),
         },
+        Task::Soak { cycles } => soak(cycles),
         Task::Demo => demo(),
         Task::Bench { args } => bench(&args),
     };
@@ -219,6 +226,13 @@ fn test(extra: &[String]) -> Result<(), String> {
     // Bounded: a regression in the parsers of guest and registry bytes
     // shows here; longer runs are `cargo xtask fuzz`'s.
     fuzz::run(None, fuzz_seconds)
+}
+
+fn soak(cycles: usize) -> Result<(), String> {
+    let a = assets()?;
+    let mut cmd = cargo(&["test", "--test", "soak", "--", "--nocapture"], &a);
+    cmd.env("SMOL_SOAK_CYCLES", cycles.to_string());
+    run(&format!("soak: {cycles} cycles"), cmd)
 }
 
 fn demo() -> Result<(), String> {
