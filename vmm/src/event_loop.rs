@@ -10,6 +10,8 @@ use std::thread::JoinHandle;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::seccomp::{Profile, Spawner};
+
 /// How devices join the loop (the same `Arc` the transport holds).
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -73,16 +75,15 @@ impl EventLoop {
         self.manager.add_subscriber(subscriber);
     }
 
-    /// Starts the loop thread.
-    pub fn spawn(self) -> Result<EventLoopHandle, Error> {
+    /// Starts the loop thread, under its seccomp filter, from `spawner`.
+    pub fn spawn(self, spawner: &Spawner) -> Result<EventLoopHandle, Error> {
         let EventLoop {
             mut manager,
             stop,
             stopped,
         } = self;
-        let thread = std::thread::Builder::new()
-            .name("smol-events".into())
-            .spawn(move || {
+        let thread = spawner
+            .spawn("smol-events", Profile::EventLoop, move || {
                 while !stopped.load(Ordering::SeqCst) {
                     if let Err(e) = manager.run() {
                         tracing::error!(error = ?e, "event loop failed");
@@ -154,7 +155,8 @@ mod tests {
             evt: evt.try_clone().unwrap(),
             seen: seen.clone(),
         })));
-        let mut handle = el.spawn().unwrap();
+        let spawner = Spawner::new().unwrap();
+        let mut handle = el.spawn(&spawner).unwrap();
         evt.write(1).unwrap();
         for _ in 0..1000 {
             if seen.load(Ordering::SeqCst) {

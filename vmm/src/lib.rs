@@ -15,6 +15,7 @@ pub mod exit;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod memory;
+pub mod seccomp;
 pub mod snapshot;
 mod sparse;
 pub mod vcpu;

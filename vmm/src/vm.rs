@@ -26,6 +26,7 @@ use crate::devices::virtio::{blk, fs, net, vsock, VirtioDevice};
 use crate::event_loop::{EventLoop, EventLoopHandle, Subscriber};
 use crate::exit::ExitState;
 use crate::memory::{GuestRam, KVM_TSS_ADDR, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::seccomp::{Profile, Spawner};
 use crate::vcpu::{self, Buses, PauseControl, Vcpu};
 use crate::{
     cpu, BootTimings, Error, ExitReason, VmConfig, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB,
@@ -175,6 +176,9 @@ pub struct Running {
     /// Turns PIT reinjection off beside the guest (see
     /// [`disable_pit_reinjection`]); joined before the VM fd closes.
     pit_tuning: Option<JoinHandle<()>>,
+    /// Starts the threads the filtered ones ask for (a disk's I/O thread
+    /// when the guest activates it); joined once those have stopped.
+    spawner: Spawner,
     pause: Arc<PauseControl>,
     /// The virtio-mmio transports in slot order (also on the MMIO bus).
     transports: Vec<Arc<Mutex<MmioTransport>>>,
@@ -865,9 +869,14 @@ fn assemble(
     timings.vcpus = t.elapsed();
     t = Instant::now();
 
-    // Threads. From here on, a failure must stop what already runs.
+    // Threads, each under its seccomp filter. From here on, a failure must
+    // stop what already runs.
+    let spawner = Spawner::new().map_err(|source| Error::Io {
+        what: "cannot start the thread spawner".into(),
+        source,
+    })?;
     let event_loop = event_loop
-        .spawn()
+        .spawn(&spawner)
         .map_err(|e| device_err("event loop", e))?;
     let vm_fd = Arc::new(vm_fd);
     // Not on a restore: the guest (which has no LAPIC timer on kvm_pvm,
@@ -878,9 +887,9 @@ fn assemble(
     // there is no backlog of ticks to replay, so reinjection is harmless.
     let pit_tuning = if plan.kvm_pvm && restoring.is_none() {
         let fd = vm_fd.clone();
-        let spawned = std::thread::Builder::new()
-            .name("smol-pit".into())
-            .spawn(move || disable_pit_reinjection(&fd));
+        let spawned = spawner.spawn("smol-pit", Profile::PitTuning, move || {
+            disable_pit_reinjection(&fd)
+        });
         match spawned {
             Ok(handle) => Some(handle),
             // Only the catch-up of lost ticks stays on: slower, not wrong.
@@ -898,6 +907,7 @@ fn assemble(
         vcpu_threads: Vec::new(),
         event_loop: Some(event_loop),
         pit_tuning,
+        spawner,
         pause: pause.clone(),
         transports: shared_transports,
         serial,
@@ -916,9 +926,9 @@ fn assemble(
             pause: pause.clone(),
             first_run: (id == 0).then(|| first_tx.clone()),
         };
-        let spawned = std::thread::Builder::new()
-            .name(format!("smol-vcpu{id}"))
-            .spawn(move || vcpu.run());
+        let spawned = running
+            .spawner
+            .spawn(&format!("smol-vcpu{id}"), Profile::Vcpu, move || vcpu.run());
         match spawned {
             Ok(handle) => {
                 use std::os::unix::thread::JoinHandleExt;

@@ -139,6 +139,7 @@ fn tiny_guests() {
 
     prints_and_shuts_down();
     host_stop_pulls_a_halted_vcpu_out();
+    threads_run_under_their_own_filters();
     mmio_reaches_the_virtio_window();
     triple_fault_is_a_crash();
     bad_configs_are_named_errors();
@@ -212,6 +213,78 @@ fn host_stop_pulls_a_halted_vcpu_out() {
     drop(running);
     assert_eq!(thread_count(), threads, "dropping joined every thread");
     assert!(t0.elapsed() < Duration::from_secs(2));
+}
+
+/// `Seccomp` and `Seccomp_filters` of every thread named `smol-*`.
+fn thread_filters() -> Vec<(String, String)> {
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task").unwrap() {
+        let task = entry.unwrap().path();
+        let Ok(comm) = std::fs::read_to_string(task.join("comm")) else {
+            continue; // ended meanwhile
+        };
+        let comm = comm.trim().to_string();
+        if !comm.starts_with("smol-") {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(task.join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        seen.push((
+            comm,
+            format!("{}/{}", field("Seccomp:"), field("Seccomp_filters:")),
+        ));
+    }
+    seen.sort();
+    seen
+}
+
+fn threads_run_under_their_own_filters() {
+    if std::env::var("SMOL_SECCOMP").is_ok_and(|v| v == "off" || v == "0") {
+        println!("SKIPPED threads_run_under_their_own_filters: SMOL_SECCOMP=off");
+        return;
+    }
+    // The console writer starts on the guest's first line, asked for by
+    // the vCPU: it must carry its own filter only, not the vCPU's too.
+    let mut code = print(b"filtered\n");
+    code.extend_from_slice(&[0xfa, 0xf4, 0xeb, 0xfd]);
+    let g = Guest::new(&code);
+    let mut config = g.config();
+    config.vsock = Some(smol_vmm::VsockConfig {
+        guest_cid: 3,
+        uds_path: g.dir.path().join("v.sock"),
+    });
+    let mut vm = Vm::start(config).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !g.console_text().contains("filtered") {
+        assert!(Instant::now() < deadline, "guest never printed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let filters = thread_filters();
+    for want in ["smol-vcpu0", "smol-events", "smol-console"] {
+        let got: Vec<_> = filters.iter().filter(|(n, _)| n == want).collect();
+        assert_eq!(got.len(), 1, "{want} in {filters:?}");
+        assert_eq!(got[0].1, "2/1", "{want}: mode 2, one filter: {filters:?}");
+    }
+    // The spawner itself runs no guest-driven code, and must stay
+    // unfiltered for what it starts to carry only their own filter.
+    assert!(
+        filters.contains(&("smol-spawner".into(), "0/0".into())),
+        "{filters:?}"
+    );
+    assert_eq!(vm.stop(), ExitReason::HostStop);
+    assert!(
+        thread_filters().is_empty(),
+        "threads outlived the VM: {:?}",
+        thread_filters()
+    );
 }
 
 fn mmio_reaches_the_virtio_window() {

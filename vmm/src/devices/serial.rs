@@ -106,10 +106,11 @@ impl ConsoleLog {
                 limit: self.limit,
                 dropped: dropped.clone(),
             };
-            match std::thread::Builder::new()
-                .name("smol-console".into())
-                .spawn(move || file.serve(rx))
-            {
+            match crate::seccomp::spawn(
+                "smol-console",
+                crate::seccomp::Profile::Console,
+                move || file.serve(rx),
+            ) {
                 Ok(thread) => {
                     self.writer = Some(Writer {
                         tx: Some(tx),

@@ -22,7 +22,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -277,9 +277,9 @@ impl IoWorker {
             let disk = disk.clone();
             let queue = queue.clone();
             let stopping = stopping.clone();
-            thread::Builder::new()
-                .name("smol-blk-io".into())
-                .spawn(move || run(&disk, &queue, rx, &stopping))?
+            crate::seccomp::spawn("smol-blk-io", crate::seccomp::Profile::BlockIo, move || {
+                run(&disk, &queue, rx, &stopping)
+            })?
         };
         Ok(IoWorker {
             jobs: Some(tx),
@@ -428,7 +428,7 @@ mod tests {
             status_at(&mem, status(0)) == VIRTIO_BLK_S_OK as u8
         });
         let stopping = worker.stopping.clone();
-        let dropper = thread::spawn(move || drop(worker));
+        let dropper = std::thread::spawn(move || drop(worker));
         wait_until("the drop has begun", || stopping.load(Ordering::Relaxed));
         drop(ring);
         dropper.join().unwrap();

@@ -90,31 +90,30 @@ impl Watchdog {
     fn new(sock: UnixStream) -> io::Result<Watchdog> {
         let shared = Arc::new((Mutex::new(WatchState::default()), Condvar::new()));
         let theirs = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("smol-vhost-watch".into())
-            .spawn(move || {
-                let (lock, cvar) = &*theirs;
-                let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
-                while !st.quit {
-                    st = match st.armed {
-                        Some(at) if Instant::now() >= at => {
-                            // The crate's read fails at once on a socket
-                            // shut down for reading.
-                            let _ = sock.shutdown(Shutdown::Both);
-                            st.fired = true;
-                            st.armed = None;
-                            st
-                        }
-                        Some(at) => {
-                            let wait = at.saturating_duration_since(Instant::now());
-                            cvar.wait_timeout(st, wait)
-                                .unwrap_or_else(|e| e.into_inner())
-                                .0
-                        }
-                        None => cvar.wait(st).unwrap_or_else(|e| e.into_inner()),
-                    };
-                }
-            })?;
+        let watch = crate::seccomp::Profile::VhostWatch;
+        let thread = crate::seccomp::spawn("smol-vhost-watch", watch, move || {
+            let (lock, cvar) = &*theirs;
+            let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+            while !st.quit {
+                st = match st.armed {
+                    Some(at) if Instant::now() >= at => {
+                        // The crate's read fails at once on a socket
+                        // shut down for reading.
+                        let _ = sock.shutdown(Shutdown::Both);
+                        st.fired = true;
+                        st.armed = None;
+                        st
+                    }
+                    Some(at) => {
+                        let wait = at.saturating_duration_since(Instant::now());
+                        cvar.wait_timeout(st, wait)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0
+                    }
+                    None => cvar.wait(st).unwrap_or_else(|e| e.into_inner()),
+                };
+            }
+        })?;
         Ok(Watchdog {
             shared,
             thread: Some(thread),
