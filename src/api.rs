@@ -53,9 +53,19 @@ pub struct MachineBody {
     pub config: MachineConfig,
 }
 
-/// An exec: argv (no shell), environment, working directory, timeout, and
-/// the most output a collected exec keeps (the server's default bound,
-/// [`DEFAULT_MAX_OUTPUT`](crate::exec::DEFAULT_MAX_OUTPUT), when absent).
+/// The most stdin an exec takes through the remote engine: it travels in
+/// the request's JSON, base64-encoded.
+pub const MAX_REMOTE_STDIN: usize = 8 << 20;
+
+/// The largest exec or run request body the server reads: the stdin at
+/// its bound, base64-encoded, and room for the rest.
+pub const MAX_EXEC_BODY: usize = MAX_REMOTE_STDIN / 3 * 4 + (1 << 20);
+
+/// An exec: argv (no shell), environment, working directory, timeout, the
+/// most output a collected exec keeps (the server's default bound,
+/// [`DEFAULT_MAX_OUTPUT`](crate::exec::DEFAULT_MAX_OUTPUT), when absent), and
+/// its stdin in base64 (at most [`MAX_REMOTE_STDIN`] bytes; `/dev/null` when
+/// absent).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ExecBody {
@@ -65,11 +75,14 @@ pub struct ExecBody {
     pub timeout_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_output: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
 }
 
 impl ExecBody {
-    pub fn new(argv: Vec<String>, options: &ExecOptions) -> ExecBody {
-        ExecBody {
+    /// The body of an exec; stdin past [`MAX_REMOTE_STDIN`] is refused.
+    pub fn new(argv: Vec<String>, options: &ExecOptions) -> Result<ExecBody, Error> {
+        Ok(ExecBody {
             argv,
             env: options.env.clone(),
             workdir: options.workdir.clone(),
@@ -77,17 +90,57 @@ impl ExecBody {
                 .timeout
                 .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)),
             max_output: options.max_output,
-        }
+            stdin: encode_stdin(options.stdin.as_ref())?,
+        })
     }
 
-    pub fn options(&self) -> ExecOptions {
-        ExecOptions {
+    /// The options the body asks for; stdin that is not base64, or is
+    /// past [`MAX_REMOTE_STDIN`], is a named error.
+    pub fn options(&self) -> Result<ExecOptions, Error> {
+        let stdin = match &self.stdin {
+            None => None,
+            Some(s) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(s)
+                    .map_err(|e| Error::InvalidArgument {
+                        what: "stdin",
+                        reason: format!("not base64: {e}"),
+                    })?;
+                check_stdin(bytes.len())?;
+                Some(Bytes::from(bytes))
+            }
+        };
+        Ok(ExecOptions {
             timeout: self.timeout_ms.map(Duration::from_millis),
             env: self.env.clone(),
             workdir: self.workdir.clone(),
             max_output: self.max_output,
+            stdin,
+        })
+    }
+}
+
+/// Stdin as an [`ExecBody`] carries it.
+pub fn encode_stdin(stdin: Option<&Bytes>) -> Result<Option<String>, Error> {
+    match stdin {
+        None => Ok(None),
+        Some(b) => {
+            check_stdin(b.len())?;
+            Ok(Some(b64(b)))
         }
     }
+}
+
+fn check_stdin(len: usize) -> Result<(), Error> {
+    if len > MAX_REMOTE_STDIN {
+        return Err(Error::InvalidArgument {
+            what: "stdin",
+            reason: format!(
+                "{len} bytes; the remote engine takes at most {MAX_REMOTE_STDIN} per exec"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// A finished exec; output in base64.

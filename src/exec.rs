@@ -30,9 +30,9 @@ use crate::error::{Error, Result};
 /// unless [`ExecOptions::max_output`] says otherwise: 64 MiB.
 pub const DEFAULT_MAX_OUTPUT: u64 = 64 << 20;
 
-/// Options of one exec: timeout, environment, working directory, and the
-/// most output a collected exec keeps.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Options of one exec: timeout, environment, working directory, the most
+/// output a collected exec keeps, and what goes to its standard input.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct ExecOptions {
     pub timeout: Option<Duration>,
     /// Added to (overriding) the guest's default environment.
@@ -42,6 +42,26 @@ pub struct ExecOptions {
     /// Bytes of stdout and stderr together that `exec` and `run` collect
     /// before they kill the command; [`DEFAULT_MAX_OUTPUT`] when absent.
     pub max_output: Option<u64>,
+    /// Fed to the command's standard input, which then ends; stdin is
+    /// `/dev/null` when absent.
+    pub stdin: Option<Bytes>,
+}
+
+/// Shows how much input there is, not the input (it may be large, or a
+/// secret).
+impl std::fmt::Debug for ExecOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecOptions")
+            .field("timeout", &self.timeout)
+            .field("env", &self.env)
+            .field("workdir", &self.workdir)
+            .field("max_output", &self.max_output)
+            .field(
+                "stdin",
+                &self.stdin.as_ref().map(|b| format!("{} bytes", b.len())),
+            )
+            .finish()
+    }
 }
 
 impl ExecOptions {
@@ -75,6 +95,16 @@ impl ExecOptions {
     /// bounded).
     pub fn max_output(mut self, bytes: u64) -> Self {
         self.max_output = Some(bytes);
+        self
+    }
+
+    /// Feeds `input` to the command's standard input, then closes it, as
+    /// a shell's `<<<` or a pipe would: `wc -c` with `stdin("abc")` prints
+    /// 3. The bytes go in as the command reads them, while its output is
+    /// taken, so a command that reads and writes much does not stall; one
+    /// that never reads them just leaves them unread.
+    pub fn stdin(mut self, input: impl Into<Bytes>) -> Self {
+        self.stdin = Some(input.into());
         self
     }
 
@@ -122,7 +152,7 @@ impl ExecOptions {
             env: self.env.clone(),
             workdir: self.workdir.clone(),
             timeout_ms,
-            stdin: false,
+            stdin: self.stdin.is_some(),
             container: None,
         })
     }
@@ -225,6 +255,13 @@ mod tests {
         assert_eq!(r.timeout_ms, Some(1));
         assert_eq!(r.workdir.as_deref(), Some("/tmp"));
         assert!(!r.stdin);
+        let with_input = ExecOptions::default().stdin("secret");
+        assert!(with_input.request(["cat"]).unwrap().stdin);
+        let shown = format!("{with_input:?}");
+        assert!(
+            shown.contains("6 bytes") && !shown.contains("secret"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -234,7 +234,8 @@ impl Machine {
         S: AsRef<str>,
     {
         let req = options.request(argv)?;
-        self.backend.exec(req, options.output_limit()).await
+        let limit = options.output_limit();
+        self.backend.exec(req, limit, options.stdin).await
     }
 
     /// Runs `argv` and streams its output as it is produced.
@@ -252,7 +253,7 @@ impl Machine {
         S: AsRef<str>,
     {
         let req = options.request(argv)?;
-        self.backend.exec_stream(req).await
+        self.backend.exec_stream(req, options.stdin).await
     }
 
     /// Writes `data` to `path` in the guest, atomically, with `mode` (else

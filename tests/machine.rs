@@ -238,6 +238,38 @@ async fn smol_out(
     ))
 }
 
+/// [`smol_out`] with `input` on its stdin.
+async fn smol_with_input(
+    home: &std::path::Path,
+    args: &[&str],
+    input: &'static [u8],
+) -> Result<(Option<i32>, String), String> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_smol"))
+        .args(args)
+        .env("SMOL_HOME", home)
+        .env_remove("SMOL_CLOUD_TOKEN")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("starting smol {args:?}: {e}"))?;
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    stdin
+        .write_all(input)
+        .await
+        .map_err(|e| format!("feeding smol {args:?}: {e}"))?;
+    drop(stdin);
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("running smol {args:?}: {e}"))?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
 /// The smol binary run with `args` on the store `home`, once it printed a
 /// line starting with `ready` (within 300 s: a cold boot takes a minute or
 /// two on kvm_pvm hosts), that line and its pid. Killed when dropped.
@@ -767,6 +799,44 @@ async fn end_to_end(home: &std::path::Path) {
     })
     .await;
 
+    c.run("stdin reaches the command exactly (issue 19)", async {
+        let r = a
+            .exec_with(["wc", "-c"], ExecOptions::default().stdin("abc"))
+            .await
+            .ctx("wc -c")?;
+        ensure!(r.stdout_lossy().trim() == "3", "{r:?}");
+        // Small on kvm_pvm, where every guest read is emulated.
+        let size = if pvm() { 256 << 10 } else { 4 << 20 };
+        let data: Vec<u8> = (0..size as u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+            .collect();
+        let r = a
+            .exec_with(["sha256sum"], ExecOptions::default().stdin(data.clone()))
+            .await
+            .ctx("sha256sum")?;
+        ensure!(
+            r.stdout_lossy().starts_with(&common::sha256(&data)),
+            "the guest's sha256sum of {size} bytes says {:?}",
+            r.stdout_lossy()
+        );
+        // Through a stream, and read back while it is written.
+        let mut s = a
+            .exec_stream_with(["cat"], ExecOptions::default().stdin(data.clone()))
+            .await
+            .ctx("cat")?;
+        let mut back = Vec::new();
+        while let Some(ev) = s.next().await {
+            match ev.ctx("stream")? {
+                ExecEvent::Stdout(b) => back.extend_from_slice(&b),
+                ExecEvent::Exit(code) => ensure!(code == 0, "cat exited {code}"),
+                other => return Err(format!("unexpected {other:?}")),
+            }
+        }
+        ensure!(back == data, "cat gave back {} of {size} bytes", back.len());
+        Ok(())
+    })
+    .await;
+
     c.run("killed by a signal", async {
         let r = a.exec(["sh", "-c", "kill -9 $$"]).await.ctx("exec")?;
         ensure!(r.signal == Some(9) && r.exit_code == 137, "{r:?}");
@@ -1238,6 +1308,12 @@ async fn end_to_end(home: &std::path::Path) {
             );
             let back = a.read_file("/root/peer.txt").await.ctx("read peer.txt")?;
             ensure!(&back[..] == b"from-peer\n", "the owner reads {back:?}");
+            let args = ["exec", "-i", "e2e-a", "--", "wc", "-c"];
+            let (code, out) = smol_with_input(home, &args, b"hello\n").await?;
+            ensure!(
+                code == Some(0) && out.trim() == "6",
+                "smol exec -i e2e-a -- wc -c: {code:?} {out:?}"
+            );
             let (_, ls, _) = smol(&["ls"]).await?;
             ensure!(
                 ls.lines().any(|l| l.starts_with("e2e-a\trunning\ttrue\t")

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use common::{Checks, Ctx};
 use futures::StreamExt;
-use smol::{ConnectOptions, Error, ExecEvent, Machine, MachineConfig};
+use smol::{ConnectOptions, Error, ExecEvent, ExecOptions, Machine, MachineConfig};
 use support::serve::{key, serve, Server};
 
 #[test]
@@ -209,6 +209,24 @@ async fn run(home: &Path, url: &str, alice: &str, bob: &str, image: &str) {
         ensure!(
             r.stdout_lossy() == "out\n" && r.stderr_lossy() == "err\n",
             "{r:?}"
+        );
+        Ok(())
+    })
+    .await;
+
+    c.run("stdin goes through the remote engine (issue 19)", async {
+        let r = m
+            .exec_with(["wc", "-c"], ExecOptions::default().stdin("abcd"))
+            .await
+            .ctx("wc -c")?;
+        ensure!(r.stdout_lossy().trim() == "4", "{r:?}");
+        let big = vec![b'x'; smol::api::MAX_REMOTE_STDIN + 1];
+        let e = m
+            .exec_with(["true"], ExecOptions::default().stdin(big))
+            .await;
+        ensure!(
+            matches!(&e, Err(Error::InvalidArgument { what: "stdin", .. })),
+            "{e:?}"
         );
         Ok(())
     })

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use smol_protocol::{AgentError, ExecRequest, ExitStatus, FrameKind, Request, Response};
+use smol_protocol::{asyncio, AgentError, ExecRequest, ExitStatus, FrameKind, Request, Response};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{parse, unexpected, AgentConnection, AgentLink};
@@ -23,6 +24,9 @@ enum Raw {
     Failed(AgentError),
 }
 
+/// Bytes of stdin per frame.
+const STDIN_CHUNK: usize = 64 << 10;
+
 /// An exec in flight on its own connection.
 pub(crate) struct RunningExec {
     conn: AgentConnection,
@@ -30,17 +34,30 @@ pub(crate) struct RunningExec {
     deadline: Option<Instant>,
     program: String,
     timeout: Option<Duration>,
+    /// Sends the command's stdin beside the reads of its output; stopped
+    /// with the exec.
+    _feeder: Option<Feeder>,
 }
 
-/// Runs `req` and collects up to `max_output` bytes of its output; a
-/// broken connection is explained.
+/// The task writing an exec's stdin; aborted when dropped.
+struct Feeder(JoinHandle<()>);
+
+impl Drop for Feeder {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs `req` and collects up to `max_output` bytes of its output, feeding
+/// it `stdin`; a broken connection is explained.
 pub(crate) async fn exec<L: AgentLink>(
     link: &L,
     req: ExecRequest,
     max_output: u64,
+    stdin: Option<Bytes>,
 ) -> Result<ExecResult> {
     let run = async {
-        RunningExec::start(link, req)
+        RunningExec::start(link, req, stdin)
             .await?
             .collect(max_output)
             .await
@@ -53,11 +70,15 @@ pub(crate) async fn exec<L: AgentLink>(
 
 /// Runs `req` and streams its output; the stream holds `link` (a machine
 /// handle), so the machine outlives it.
-pub(crate) async fn exec_stream<L>(link: &L, req: ExecRequest) -> Result<ExecStream>
+pub(crate) async fn exec_stream<L>(
+    link: &L,
+    req: ExecRequest,
+    stdin: Option<Bytes>,
+) -> Result<ExecStream>
 where
     L: AgentLink + Clone + Send + 'static,
 {
-    match RunningExec::start(link, req).await {
+    match RunningExec::start(link, req, stdin).await {
         Ok(running) => Ok(running.into_stream(link.clone())),
         Err(e) => Err(link.explain(e).await),
     }
@@ -65,8 +86,19 @@ where
 
 impl RunningExec {
     /// Opens a connection with the request and waits for `Started` (a
-    /// missing program or a bad workdir fails here).
-    pub async fn start<L: AgentLink>(link: &L, req: ExecRequest) -> Result<Self> {
+    /// missing program or a bad workdir fails here); then starts feeding
+    /// `stdin`, which `req.stdin` must announce.
+    pub async fn start<L: AgentLink>(
+        link: &L,
+        req: ExecRequest,
+        stdin: Option<Bytes>,
+    ) -> Result<Self> {
+        if req.stdin != stdin.is_some() {
+            return Err(Error::Internal(format!(
+                "exec of {:?}: the request's stdin flag ({}) does not match the input given",
+                req.argv[0], req.stdin
+            )));
+        }
         let timeout = req.timeout_ms.map(Duration::from_millis);
         let deadline = timeout.map(|t| Instant::now() + t + HOST_GRACE);
         let program = req.argv[0].clone();
@@ -76,12 +108,17 @@ impl RunningExec {
             Response::Started { pid } => pid,
             other => return Err(unexpected("exec", &other)),
         };
+        let feeder = match stdin {
+            Some(input) => Some(Feeder::start(&mut conn, input)?),
+            None => None,
+        };
         Ok(RunningExec {
             conn,
             pid,
             deadline,
             program,
             timeout,
+            _feeder: feeder,
         })
     }
 
@@ -188,6 +225,40 @@ impl RunningExec {
     }
 }
 
+impl Feeder {
+    /// Writes `input` as Stdin frames and an Eof on a second fd of the
+    /// exec's connection, so that the command's output is read meanwhile
+    /// (a command that writes while it reads would otherwise stall both
+    /// sides). It has no deadline of its own: it ends with the exec, whose
+    /// own deadline holds. A write the agent no longer takes (the command
+    /// ended) just ends it; the exit is reported by the reads.
+    fn start(conn: &mut AgentConnection, input: Bytes) -> Result<Feeder> {
+        use std::os::fd::AsFd;
+        let machine = conn.machine().to_string();
+        let io = |source| Error::Io {
+            context: format!(
+                "cannot open a second handle on the exec connection to machine {machine:?}"
+            ),
+            source,
+        };
+        let fd = conn.stream().as_fd().try_clone_to_owned().map_err(io)?;
+        let std = std::os::unix::net::UnixStream::from(fd);
+        std.set_nonblocking(true).map_err(io)?;
+        let mut w = tokio::net::UnixStream::from_std(std).map_err(io)?;
+        Ok(Feeder(tokio::spawn(async move {
+            for chunk in input.chunks(STDIN_CHUNK) {
+                if asyncio::write_frame(&mut w, FrameKind::Stdin, chunk)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let _ = asyncio::write_frame(&mut w, FrameKind::Eof, &[]).await;
+        })))
+    }
+}
+
 /// The shell convention: the code, or 128 + the signal.
 fn exit_code(st: &ExitStatus) -> Result<i32> {
     match (st.code, st.signal) {
@@ -228,7 +299,7 @@ mod tests {
         let link = loopback::Link::new(t.path());
         let opts = crate::ExecOptions::default();
         let argv = ["cat", "/dev/zero"];
-        let e = exec(&link, opts.request(argv).unwrap(), 1 << 20)
+        let e = exec(&link, opts.request(argv).unwrap(), 1 << 20, None)
             .await
             .unwrap_err();
         assert!(
@@ -251,16 +322,83 @@ mod tests {
             "-c",
             "head -c 600 /dev/zero; head -c 400 /dev/zero >&2",
         ];
-        let r = exec(&link, opts.request(script).unwrap(), 1000)
+        let r = exec(&link, opts.request(script).unwrap(), 1000, None)
             .await
             .unwrap();
         assert_eq!((r.stdout.len(), r.stderr.len()), (600, 400));
-        let e = exec(&link, opts.request(script).unwrap(), 999)
+        let e = exec(&link, opts.request(script).unwrap(), 999, None)
             .await
             .unwrap_err();
         assert!(matches!(e, Error::OutputTooLarge { .. }), "{e}");
         assert_eq!(opts.output_limit(), crate::exec::DEFAULT_MAX_OUTPUT);
         assert_eq!(opts.max_output(5).output_limit(), 5);
+    }
+
+    /// Issue 19: what `ExecOptions::stdin` gives reaches the command byte
+    /// for byte, while its output is read (a command that writes as it
+    /// reads would stall a host that wrote everything first: pipes hold
+    /// 64 KiB), and whatever the command does with it, the exec ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stdin_reaches_the_command_exactly() {
+        use crate::agent::loopback;
+        use sha2::Digest;
+        let t = tempfile::tempdir().unwrap();
+        let link = loopback::Link::new(t.path());
+        let run = |argv: &'static [&'static str], input: Bytes| {
+            let opts = crate::ExecOptions::default().stdin(input);
+            let req = opts.request(argv).unwrap();
+            let link = &link;
+            async move { exec(link, req, 64 << 20, opts.stdin).await.unwrap() }
+        };
+        let r = run(&["wc", "-c"], Bytes::from_static(b"abc")).await;
+        assert_eq!(r.stdout_lossy().trim(), "3");
+
+        let noise: Bytes = (0..4u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect::<Vec<u8>>()
+            .into();
+        let r = run(&["cat"], noise.clone()).await;
+        assert_eq!(r.exit_code, 0);
+        assert!(r.stdout == noise, "cat gave back {} bytes", r.stdout.len());
+
+        let r = run(&["sha256sum"], noise.slice(..1 << 20)).await;
+        let want = hex::encode(sha2::Sha256::digest(&noise[..1 << 20]));
+        assert_eq!(r.stdout_lossy().split_whitespace().next(), Some(&*want));
+
+        // Empty input is an immediate end of file.
+        let r = run(&["cat"], Bytes::new()).await;
+        assert_eq!((r.exit_code, r.stdout.len()), (0, 0));
+        // A command that reads none of it, or stops early, still ends.
+        let r = run(&["true"], noise.clone()).await;
+        assert_eq!(r.exit_code, 0);
+        let r = run(&["head", "-c", "10"], noise.clone()).await;
+        assert_eq!(r.stdout, noise.slice(..10));
+
+        // A stream feeds its input the same way.
+        let opts = crate::ExecOptions::default().stdin(noise.slice(..300_000));
+        let mut stream = exec_stream(&link, opts.request(["cat"]).unwrap(), opts.stdin)
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while let Some(ev) = futures::StreamExt::next(&mut stream).await {
+            match ev.unwrap() {
+                ExecEvent::Stdout(b) => got.extend_from_slice(&b),
+                ExecEvent::Exit(code) => assert_eq!(code, 0),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(
+            got == noise[..300_000],
+            "the stream gave {} bytes",
+            got.len()
+        );
+
+        // The flag and the input go together.
+        let req = crate::ExecOptions::default().request(["cat"]).unwrap();
+        let e = exec(&link, req, 1 << 20, Some(Bytes::from_static(b"x")))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Internal(_)), "{e}");
     }
 
     #[test]

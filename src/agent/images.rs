@@ -71,8 +71,9 @@ pub(crate) async fn run_collect<L: AgentLink>(
     options: ExecOptions,
 ) -> Result<ExecResult> {
     let limit = options.output_limit();
+    let stdin = options.stdin.clone();
     let req = container_request(link, image, argv, options).await?;
-    super::exec::exec(link, req, limit).await
+    super::exec::exec(link, req, limit, stdin).await
 }
 
 /// The exec request of a `run`: the image's config applied, the container
@@ -151,8 +152,9 @@ pub(crate) async fn run_stream<L>(
 where
     L: AgentLink + Clone + Send + 'static,
 {
+    let stdin = options.stdin.clone();
     let req = container_request(link, image, argv, options).await?;
-    super::exec::exec_stream(link, req).await
+    super::exec::exec_stream(link, req, stdin).await
 }
 
 pub(crate) async fn image_records<L: AgentLink>(link: &L) -> Result<Vec<ImageRecord>> {

@@ -335,6 +335,7 @@ fn refused_or(e: io::Error, port: u32) -> HandshakeError {
 /// A link to the agent behind one monitor socket, with no machine handle
 /// around it: for the machine actor while it brings a guest up, and for
 /// the unit tests' loopback agent.
+#[derive(Clone)]
 pub(crate) struct SocketLink {
     pub uds: PathBuf,
     /// Machine name, for messages.
@@ -502,7 +503,7 @@ mod tests {
         };
         let req = crate::ExecOptions::default().request(["true"]).unwrap();
         timed_out(
-            exec::exec(&link, req, 1 << 20).await.unwrap_err(),
+            exec::exec(&link, req, 1 << 20, None).await.unwrap_err(),
             "the start of \"true\"",
         );
         timed_out(

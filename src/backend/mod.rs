@@ -54,9 +54,11 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// and that port on the remote one.
     fn url(&self) -> Call<'_, Option<String>>;
 
-    /// Runs `req`, collecting at most `max_output` bytes of output.
-    fn exec(&self, req: ExecRequest, max_output: u64) -> Call<'_, ExecResult>;
-    fn exec_stream(&self, req: ExecRequest) -> Call<'_, ExecStream>;
+    /// Runs `req`, collecting at most `max_output` bytes of output, with
+    /// `stdin` as its input (present exactly when `req.stdin` is set).
+    fn exec(&self, req: ExecRequest, max_output: u64, stdin: Option<Bytes>)
+        -> Call<'_, ExecResult>;
+    fn exec_stream(&self, req: ExecRequest, stdin: Option<Bytes>) -> Call<'_, ExecStream>;
 
     fn write_file<'a>(&'a self, path: &'a str, mode: Option<u32>, src: Source<'a>)
         -> Call<'a, u64>;

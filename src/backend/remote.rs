@@ -23,8 +23,8 @@ use tokio::io::AsyncReadExt;
 
 use super::{Backend, Call, Source};
 use crate::api::{
-    CreateMachine, ErrorBody, ExecBody, ExecResultBody, ForkBody, MachineBody, PullBody, PullLine,
-    RunBody, StreamEvent, WrittenBody, MODE_HEADER, SIZE_HEADER,
+    encode_stdin, CreateMachine, ErrorBody, ExecBody, ExecResultBody, ForkBody, MachineBody,
+    PullBody, PullLine, RunBody, StreamEvent, WrittenBody, MODE_HEADER, SIZE_HEADER,
 };
 use crate::config::MachineConfig;
 use crate::error::{Error, Result};
@@ -305,21 +305,27 @@ impl RemoteMachine {
         Ok(())
     }
 
-    fn exec_body(req: &ExecRequest) -> ExecBody {
-        ExecBody {
+    fn exec_body(req: &ExecRequest, stdin: Option<&Bytes>) -> Result<ExecBody> {
+        Ok(ExecBody {
             argv: req.argv.clone(),
             env: req.env.clone(),
             workdir: req.workdir.clone(),
             timeout_ms: req.timeout_ms,
             max_output: None,
-        }
+            stdin: encode_stdin(stdin)?,
+        })
     }
 
-    async fn exec(&self, req: ExecRequest, max_output: u64) -> Result<ExecResult> {
+    async fn exec(
+        &self,
+        req: ExecRequest,
+        max_output: u64,
+        stdin: Option<Bytes>,
+    ) -> Result<ExecResult> {
         let timeout = req.timeout_ms;
         let body = ExecBody {
             max_output: Some(max_output),
-            ..RemoteMachine::exec_body(&req)
+            ..RemoteMachine::exec_body(&req, stdin.as_ref())?
         };
         self.exec_at("/exec", &body, timeout, max_output).await
     }
@@ -355,9 +361,9 @@ impl RemoteMachine {
         }
     }
 
-    async fn exec_stream(&self, req: ExecRequest) -> Result<ExecStream> {
-        self.stream_at("/exec/stream", &RemoteMachine::exec_body(&req))
-            .await
+    async fn exec_stream(&self, req: ExecRequest, stdin: Option<Bytes>) -> Result<ExecStream> {
+        let body = RemoteMachine::exec_body(&req, stdin.as_ref())?;
+        self.stream_at("/exec/stream", &body).await
     }
 
     /// A streamed exec at `rest` (`/exec/stream`, `/run/stream`).
@@ -450,11 +456,11 @@ impl RemoteMachine {
         self.get("/images").await
     }
 
-    fn run_body(image: &str, argv: Vec<String>, options: &ExecOptions) -> RunBody {
-        RunBody {
+    fn run_body(image: &str, argv: Vec<String>, options: &ExecOptions) -> Result<RunBody> {
+        Ok(RunBody {
             image: image.into(),
-            exec: ExecBody::new(argv, options),
-        }
+            exec: ExecBody::new(argv, options)?,
+        })
     }
 
     async fn write_file(&self, path: &str, mode: Option<u32>, mut src: Source<'_>) -> Result<u64> {
@@ -654,12 +660,17 @@ impl Backend for RemoteMachine {
         .boxed()
     }
 
-    fn exec(&self, req: ExecRequest, max_output: u64) -> Call<'_, ExecResult> {
-        RemoteMachine::exec(self, req, max_output).boxed()
+    fn exec(
+        &self,
+        req: ExecRequest,
+        max_output: u64,
+        stdin: Option<Bytes>,
+    ) -> Call<'_, ExecResult> {
+        RemoteMachine::exec(self, req, max_output, stdin).boxed()
     }
 
-    fn exec_stream(&self, req: ExecRequest) -> Call<'_, ExecStream> {
-        RemoteMachine::exec_stream(self, req).boxed()
+    fn exec_stream(&self, req: ExecRequest, stdin: Option<Bytes>) -> Call<'_, ExecStream> {
+        RemoteMachine::exec_stream(self, req, stdin).boxed()
     }
 
     fn write_file<'a>(
@@ -701,7 +712,7 @@ impl Backend for RemoteMachine {
             let timeout = options
                 .timeout
                 .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
-            let body = RemoteMachine::run_body(image, argv, &options);
+            let body = RemoteMachine::run_body(image, argv, &options)?;
             self.exec_at("/run", &body, timeout, options.output_limit())
                 .await
         }
@@ -715,7 +726,7 @@ impl Backend for RemoteMachine {
         options: ExecOptions,
     ) -> Call<'a, ExecStream> {
         async move {
-            let body = RemoteMachine::run_body(image, argv, &options);
+            let body = RemoteMachine::run_body(image, argv, &options)?;
             self.stream_at("/run/stream", &body).await
         }
         .boxed()

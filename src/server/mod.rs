@@ -215,21 +215,32 @@ async fn sweep(state: AppState) {
     }
 }
 
+fn exec_limit() -> axum::extract::DefaultBodyLimit {
+    axum::extract::DefaultBodyLimit::max(crate::api::MAX_EXEC_BODY)
+}
+
 fn router(state: AppState) -> Router {
     let machines = Router::new()
         .route("/machines", post(create).get(list))
         .route("/machines/{id}", get(info).delete(delete))
         .route("/machines/{id}/start", post(start))
         .route("/machines/{id}/stop", post(stop))
-        .route("/machines/{id}/exec", post(exec))
-        .route("/machines/{id}/exec/stream", post(exec_stream))
+        // Exec and run bodies carry stdin, past axum's default 2 MiB.
+        .route("/machines/{id}/exec", post(exec).layer(exec_limit()))
+        .route(
+            "/machines/{id}/exec/stream",
+            post(exec_stream).layer(exec_limit()),
+        )
         .route("/machines/{id}/files", get(read_file).put(write_file))
         .route("/machines/{id}/fork", post(fork))
         .route("/machines/{id}/ports", get(ports))
         .route("/machines/{id}/images", get(list_images))
         .route("/machines/{id}/images/pull", post(pull_image))
-        .route("/machines/{id}/run", post(run))
-        .route("/machines/{id}/run/stream", post(run_stream))
+        .route("/machines/{id}/run", post(run).layer(exec_limit()))
+        .route(
+            "/machines/{id}/run/stream",
+            post(run_stream).layer(exec_limit()),
+        )
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         // Added after the key check: the document needs no key.
         .route("/openapi.json", get(|| async { Json(openapi::document()) }))
@@ -377,7 +388,7 @@ async fn stop(Target(m): Target) -> Result<Json<MachineBody>, ApiError> {
 
 async fn exec(Target(m): Target, body: Bytes) -> Result<Json<ExecResultBody>, ApiError> {
     let req: ExecBody = parse(&body)?;
-    let r = m.exec_with(&req.argv, req.options()).await?;
+    let r = m.exec_with(&req.argv, req.options()?).await?;
     Ok(Json(ExecResultBody::from(&r)))
 }
 
@@ -390,7 +401,7 @@ fn ndjson(ev: &impl serde::Serialize) -> Bytes {
 async fn exec_stream(Target(m): Target, body: Bytes) -> Result<Response, ApiError> {
     let req: ExecBody = parse(&body)?;
     // A program that cannot start is an error answer, not a stream.
-    let stream = m.exec_stream_with(&req.argv, req.options()).await?;
+    let stream = m.exec_stream_with(&req.argv, req.options()?).await?;
     Ok(stream_response(stream))
 }
 
@@ -556,7 +567,7 @@ async fn run(Target(m): Target, body: Bytes) -> Result<Json<ExecResultBody>, Api
     let req: RunBody = parse(&body)?;
     check_remote_image(&req.image)?;
     let r = m
-        .run_with(&req.image, &req.exec.argv, req.exec.options())
+        .run_with(&req.image, &req.exec.argv, req.exec.options()?)
         .await?;
     Ok(Json(ExecResultBody::from(&r)))
 }
@@ -565,7 +576,7 @@ async fn run_stream(Target(m): Target, body: Bytes) -> Result<Response, ApiError
     let req: RunBody = parse(&body)?;
     check_remote_image(&req.image)?;
     let stream = m
-        .run_stream_with(&req.image, &req.exec.argv, req.exec.options())
+        .run_stream_with(&req.image, &req.exec.argv, req.exec.options()?)
         .await?;
     Ok(stream_response(stream))
 }

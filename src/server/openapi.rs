@@ -259,7 +259,8 @@ pub fn document() -> Value {
                         "env": {"type": "array", "items": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2}},
                         "workdir": {"type": "string", "nullable": true},
                         "timeout_ms": {"type": "integer", "minimum": 0, "nullable": true},
-                        "max_output": {"type": "integer", "minimum": 0, "nullable": true}
+                        "max_output": {"type": "integer", "minimum": 0, "nullable": true},
+                        "stdin": {"type": "string", "format": "byte", "nullable": true, "description": "the command's standard input, base64 (at most 8 MiB decoded); /dev/null when absent"}
                     }
                 },
                 "Run": {

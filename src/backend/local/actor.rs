@@ -436,7 +436,7 @@ impl MachineActor {
             stdin: false,
             container: None,
         };
-        let run = crate::agent::exec::exec(&link, req, REPORT_MAX_OUTPUT);
+        let run = crate::agent::exec::exec(&link, req, REPORT_MAX_OUTPUT, None);
         match tokio::time::timeout(REPORT_TIMEOUT * 2, run).await {
             Ok(Ok(r)) => format!(
                 "the guest reports:\n{}{}",

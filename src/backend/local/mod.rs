@@ -686,12 +686,17 @@ impl Backend for LocalMachine {
         async { Ok(None) }.boxed()
     }
 
-    fn exec(&self, req: ExecRequest, max_output: u64) -> Call<'_, ExecResult> {
-        agent::exec::exec(self, req, max_output).boxed()
+    fn exec(
+        &self,
+        req: ExecRequest,
+        max_output: u64,
+        stdin: Option<Bytes>,
+    ) -> Call<'_, ExecResult> {
+        agent::exec::exec(self, req, max_output, stdin).boxed()
     }
 
-    fn exec_stream(&self, req: ExecRequest) -> Call<'_, ExecStream> {
-        agent::exec::exec_stream(self, req).boxed()
+    fn exec_stream(&self, req: ExecRequest, stdin: Option<Bytes>) -> Call<'_, ExecStream> {
+        agent::exec::exec_stream(self, req, stdin).boxed()
     }
 
     fn write_file<'a>(

@@ -220,6 +220,10 @@ struct RunOptions {
     /// Kill the command after this many seconds.
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     timeout: Option<u64>,
+    /// Pass this program's standard input to the command (read to its end
+    /// before the command starts; without -i the command's is /dev/null).
+    #[arg(short, long)]
+    interactive: bool,
     #[command(flatten)]
     resources: Resources,
 }
@@ -324,6 +328,20 @@ impl RunOptions {
         }
         o
     }
+
+    /// [`exec_options`](Self::exec_options), with this program's stdin
+    /// under `-i`.
+    async fn exec_options_with_input(&self) -> Result<ExecOptions, CliError> {
+        let o = self.exec_options();
+        if !self.interactive {
+            return Ok(o);
+        }
+        let mut input = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut input)
+            .await
+            .map_err(CliError::Input)?;
+        Ok(o.stdin(input))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -336,6 +354,8 @@ enum CliError {
     Interrupted,
     #[error("writing the command's output")]
     Output(#[source] std::io::Error),
+    #[error("reading standard input")]
+    Input(#[source] std::io::Error),
     #[error("the command ended without an exit status")]
     NoExit,
     #[error("listening on {0}")]
@@ -459,7 +479,7 @@ async fn run(command: Command) -> Result<u8, CliError> {
             image,
             argv,
         } => {
-            let exec = options.exec_options();
+            let exec = options.exec_options_with_input().await?;
             in_machine(&options, |m| async move {
                 let bar = PullBar::new(&image);
                 let pulled = m.pull_image_with_progress(&image, bar.callback()).await;
@@ -481,7 +501,7 @@ async fn run(command: Command) -> Result<u8, CliError> {
             name: Some(name),
             argv,
         } => {
-            let exec = options.exec_options();
+            let exec = options.exec_options_with_input().await?;
             in_named_machine(&name, |m| async move {
                 forward(m.exec_stream_with(argv, exec).await?).await
             })
@@ -492,7 +512,7 @@ async fn run(command: Command) -> Result<u8, CliError> {
             name: None,
             argv,
         } => {
-            let exec = options.exec_options();
+            let exec = options.exec_options_with_input().await?;
             in_machine(&options, |m| async move {
                 forward(m.exec_stream_with(argv, exec).await?).await
             })
@@ -522,7 +542,7 @@ async fn run(command: Command) -> Result<u8, CliError> {
             argv,
         } => {
             let dir = std::path::PathBuf::from(&targets[0]);
-            let exec = options.exec_options();
+            let exec = options.exec_options_with_input().await?;
             in_machine(&options, |m| async move {
                 if !argv.is_empty() {
                     let code = forward(m.exec_stream_with(argv, exec).await?).await?;
@@ -832,6 +852,14 @@ mod tests {
         assert_eq!(argv, ["uname", "-a"]);
         assert_eq!(options.resources.machine_config().resources.cpus, 2);
         assert_eq!(name, None);
+        assert!(!options.interactive, "stdin is /dev/null without -i");
+        let Command::Exec { options, name, .. } =
+            parse(&["smol", "exec", "-i", "dev", "--", "wc", "-c"]).unwrap()
+        else {
+            panic!()
+        };
+        assert!(options.interactive);
+        assert_eq!(name.as_deref(), Some("dev"));
         let Command::Exec { argv, name, .. } =
             parse(&["smol", "exec", "dev", "--", "ls", "-la"]).unwrap()
         else {
