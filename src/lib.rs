@@ -49,6 +49,7 @@ pub mod exec;
 mod files;
 pub mod image;
 mod machine;
+mod process;
 #[cfg(feature = "server")]
 pub mod server;
 mod state;
@@ -62,6 +63,7 @@ pub use exec::{ExecEvent, ExecOptions, ExecResult, ExecStream};
 pub use files::{FileReader, FileStream};
 pub use image::{ImageInfo, PullEvent};
 pub use machine::Machine;
+pub use process::Process;
 pub use smol_vmm::snapshot::Error as SnapshotError;
 pub use smol_vmm::{is_kvm_pvm_host, SnapshotTimings};
 pub use state::{BootTimings, MachineInfo, MachineState, PortMapping, VmSetupTimings};

@@ -256,6 +256,31 @@ impl Machine {
         self.backend.exec_stream(req, options.stdin).await
     }
 
+    /// Starts `argv` as a [`Process`](crate::Process): its output as a
+    /// stream of events, its stdin open for
+    /// [`write_stdin`](crate::Process::write_stdin) until closed (unless
+    /// `options.stdin` gives all of it, which is then fed and closed).
+    /// Dropping the process kills the command. Local engine only for now:
+    /// the remote one answers [`Error::Unsupported`](crate::Error).
+    ///
+    /// ```no_run
+    /// # async fn f(m: smol::Machine) -> smol::Result<()> {
+    /// use futures::StreamExt;
+    /// let mut p = m.spawn(["cat"], smol::ExecOptions::default()).await?;
+    /// p.write_stdin(b"hello\n").await?;
+    /// let echoed = p.next().await;            // Some(Ok(Stdout("hello\n")))
+    /// let code = p.wait().await?;             // closes stdin: cat exits 0
+    /// # Ok(()) }
+    /// ```
+    pub async fn spawn<I, S>(&self, argv: I, options: ExecOptions) -> Result<crate::Process>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let req = options.request(argv)?;
+        self.backend.spawn(req, options.stdin).await
+    }
+
     /// Writes `data` to `path` in the guest, atomically, with `mode` (else
     /// 0644, the agent's default).
     pub async fn write_file(

@@ -837,6 +837,50 @@ async fn end_to_end(home: &std::path::Path) {
     })
     .await;
 
+    c.run(
+        "a spawned process takes input as it runs; dropped, it is killed (issue 19)",
+        async {
+            let mut p = a
+                .spawn(["cat"], ExecOptions::default())
+                .await
+                .ctx("spawn cat")?;
+            for line in ["first\n", "second\n"] {
+                p.write_stdin(line).await.ctx("write_stdin")?;
+                let mut got = Vec::new();
+                while got != line.as_bytes() {
+                    match tokio::time::timeout(Duration::from_secs(60), p.next()).await {
+                        Ok(Some(Ok(ExecEvent::Stdout(b)))) => got.extend_from_slice(&b),
+                        other => {
+                            return Err(format!("waiting for the echo of {line:?}: {other:?}"))
+                        }
+                    }
+                }
+            }
+            let code = p.wait().await.ctx("wait")?;
+            ensure!(code == 0, "cat exited {code}");
+
+            let p = a
+                .spawn(["sleep", "1000"], ExecOptions::default())
+                .await
+                .ctx("spawn sleep")?;
+            let pid = p.pid().to_string();
+            drop(p);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let r = a.exec(["kill", "-0", &pid]).await.ctx("kill -0")?;
+                if r.exit_code != 0 {
+                    break;
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "sleep (pid {pid}) outlived its Process"
+                );
+            }
+            Ok(())
+        },
+    )
+    .await;
+
     c.run("killed by a signal", async {
         let r = a.exec(["sh", "-c", "kill -9 $$"]).await.ctx("exec")?;
         ensure!(r.signal == Some(9) && r.exit_code == 137, "{r:?}");

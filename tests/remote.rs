@@ -214,22 +214,27 @@ async fn run(home: &Path, url: &str, alice: &str, bob: &str, image: &str) {
     })
     .await;
 
-    c.run("stdin goes through the remote engine (issue 19)", async {
-        let r = m
-            .exec_with(["wc", "-c"], ExecOptions::default().stdin("abcd"))
-            .await
-            .ctx("wc -c")?;
-        ensure!(r.stdout_lossy().trim() == "4", "{r:?}");
-        let big = vec![b'x'; smol::api::MAX_REMOTE_STDIN + 1];
-        let e = m
-            .exec_with(["true"], ExecOptions::default().stdin(big))
-            .await;
-        ensure!(
-            matches!(&e, Err(Error::InvalidArgument { what: "stdin", .. })),
-            "{e:?}"
-        );
-        Ok(())
-    })
+    c.run(
+        "stdin goes through the remote engine; spawn there is Unsupported (issue 19)",
+        async {
+            let r = m
+                .exec_with(["wc", "-c"], ExecOptions::default().stdin("abcd"))
+                .await
+                .ctx("wc -c")?;
+            ensure!(r.stdout_lossy().trim() == "4", "{r:?}");
+            let e = m.spawn(["cat"], ExecOptions::default()).await;
+            ensure!(matches!(&e, Err(Error::Unsupported(_))), "{e:?}");
+            let big = vec![b'x'; smol::api::MAX_REMOTE_STDIN + 1];
+            let e = m
+                .exec_with(["true"], ExecOptions::default().stdin(big))
+                .await;
+            ensure!(
+                matches!(&e, Err(Error::InvalidArgument { what: "stdin", .. })),
+                "{e:?}"
+            );
+            Ok(())
+        },
+    )
     .await;
 
     c.run(

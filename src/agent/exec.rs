@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use super::{parse, unexpected, AgentConnection, AgentLink};
 use crate::error::{Error, Result};
 use crate::exec::{ExecEvent, ExecResult, ExecStream};
+use crate::process::Process;
 
 /// How long past its timeout the host waits for the agent's report before
 /// deciding the guest is not answering.
@@ -84,6 +85,36 @@ where
     }
 }
 
+/// Starts `req` as a [`Process`] whose stdin stays open for
+/// [`Process::write_stdin`], unless `stdin` gives all of it up front.
+pub(crate) async fn spawn<L>(
+    link: &L,
+    mut req: ExecRequest,
+    stdin: Option<Bytes>,
+) -> Result<Process>
+where
+    L: AgentLink + Clone + Send + 'static,
+{
+    let open = stdin.is_none();
+    req.stdin = true;
+    let started = async {
+        let mut running = match stdin {
+            Some(input) => RunningExec::start(link, req, Some(input)).await?,
+            None => RunningExec::open(link, req).await?,
+        };
+        let writer = if open {
+            Some(StdinWriter::new(&mut running)?)
+        } else {
+            None
+        };
+        Ok::<_, Error>((running, writer))
+    };
+    match started.await {
+        Ok((running, writer)) => Ok(Process::new(running.into_stream(link.clone()), writer)),
+        Err(e) => Err(link.explain(e).await),
+    }
+}
+
 impl RunningExec {
     /// Opens a connection with the request and waits for `Started` (a
     /// missing program or a bad workdir fails here); then starts feeding
@@ -99,6 +130,15 @@ impl RunningExec {
                 req.argv[0], req.stdin
             )));
         }
+        let mut running = Self::open(link, req).await?;
+        if let Some(input) = stdin {
+            running._feeder = Some(Feeder::start(StdinWriter::new(&mut running)?, input));
+        }
+        Ok(running)
+    }
+
+    /// Opens a connection with the request and waits for `Started`.
+    async fn open<L: AgentLink>(link: &L, req: ExecRequest) -> Result<Self> {
         let timeout = req.timeout_ms.map(Duration::from_millis);
         let deadline = timeout.map(|t| Instant::now() + t + HOST_GRACE);
         let program = req.argv[0].clone();
@@ -108,17 +148,13 @@ impl RunningExec {
             Response::Started { pid } => pid,
             other => return Err(unexpected("exec", &other)),
         };
-        let feeder = match stdin {
-            Some(input) => Some(Feeder::start(&mut conn, input)?),
-            None => None,
-        };
         Ok(RunningExec {
             conn,
             pid,
             deadline,
             program,
             timeout,
-            _feeder: feeder,
+            _feeder: None,
         })
     }
 
@@ -226,36 +262,82 @@ impl RunningExec {
 }
 
 impl Feeder {
-    /// Writes `input` as Stdin frames and an Eof on a second fd of the
-    /// exec's connection, so that the command's output is read meanwhile
-    /// (a command that writes while it reads would otherwise stall both
-    /// sides). It has no deadline of its own: it ends with the exec, whose
-    /// own deadline holds. A write the agent no longer takes (the command
-    /// ended) just ends it; the exit is reported by the reads.
-    fn start(conn: &mut AgentConnection, input: Bytes) -> Result<Feeder> {
+    /// Writes `input` and the end of stdin with `writer`, beside the reads
+    /// of the command's output (a command that writes as it reads would
+    /// otherwise stall both sides once a pipe fills). It ends with the
+    /// exec, whose own deadline holds; a write the agent no longer takes
+    /// (the command ended) just ends it, and the reads report the exit.
+    fn start(mut writer: StdinWriter, input: Bytes) -> Feeder {
+        Feeder(tokio::spawn(async move {
+            if writer.write(&input).await.is_ok() {
+                let _ = writer.close().await;
+            }
+        }))
+    }
+}
+
+/// Writes an exec's stdin as Stdin frames on a second fd of its
+/// connection, so that the connection's reads go on meanwhile.
+pub(crate) struct StdinWriter {
+    stream: tokio::net::UnixStream,
+    machine: String,
+    program: String,
+}
+
+impl StdinWriter {
+    fn new(running: &mut RunningExec) -> Result<StdinWriter> {
         use std::os::fd::AsFd;
-        let machine = conn.machine().to_string();
+        let machine = running.conn.machine().to_string();
         let io = |source| Error::Io {
             context: format!(
                 "cannot open a second handle on the exec connection to machine {machine:?}"
             ),
             source,
         };
-        let fd = conn.stream().as_fd().try_clone_to_owned().map_err(io)?;
+        let fd = running
+            .conn
+            .stream()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(io)?;
         let std = std::os::unix::net::UnixStream::from(fd);
         std.set_nonblocking(true).map_err(io)?;
-        let mut w = tokio::net::UnixStream::from_std(std).map_err(io)?;
-        Ok(Feeder(tokio::spawn(async move {
-            for chunk in input.chunks(STDIN_CHUNK) {
-                if asyncio::write_frame(&mut w, FrameKind::Stdin, chunk)
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            let _ = asyncio::write_frame(&mut w, FrameKind::Eof, &[]).await;
-        })))
+        let stream = tokio::net::UnixStream::from_std(std).map_err(io)?;
+        Ok(StdinWriter {
+            stream,
+            machine: machine.clone(),
+            program: running.program.clone(),
+        })
+    }
+
+    /// Sends `data`; a command that takes none of a frame within
+    /// [`answer_timeout`](super::answer_timeout) (its pipe full, the guest
+    /// silent) is a timeout.
+    pub async fn write(&mut self, data: &[u8]) -> Result<()> {
+        for chunk in data.chunks(STDIN_CHUNK) {
+            self.frame(FrameKind::Stdin, chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the command's stdin.
+    pub async fn close(mut self) -> Result<()> {
+        self.frame(FrameKind::Eof, &[]).await
+    }
+
+    async fn frame(&mut self, kind: FrameKind, payload: &[u8]) -> Result<()> {
+        let (machine, program) = (&self.machine, &self.program);
+        let sent = async {
+            asyncio::write_frame(&mut self.stream, kind, payload)
+                .await
+                .map_err(|e| Error::from_protocol(e, machine))
+        };
+        super::within(
+            super::answer_timeout(),
+            || format!("the stdin of {program:?} on machine {machine:?} (it took nothing)"),
+            sent,
+        )
+        .await
     }
 }
 
@@ -399,6 +481,90 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, Error::Internal(_)), "{e}");
+    }
+
+    /// Issue 19: a spawned process takes input while it runs, line by
+    /// line; its stdin closes on request or on `wait`; writes after that
+    /// are a named error; dropping it kills the command.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spawned_process_takes_input_as_it_runs() {
+        use crate::agent::loopback;
+        use futures::StreamExt;
+        let t = tempfile::tempdir().unwrap();
+        let link = loopback::Link::new(t.path());
+        let opts = crate::ExecOptions::default();
+        let mut p = spawn(&link, opts.request(["cat"]).unwrap(), None)
+            .await
+            .unwrap();
+        assert!(p.pid() > 0);
+        for i in 0..5 {
+            let line = format!("line {i}\n");
+            p.write_stdin(&line).await.unwrap();
+            // The echo comes back before the next line is written.
+            let mut got = Vec::new();
+            while got != line.as_bytes() {
+                match tokio::time::timeout(Duration::from_secs(10), p.next()).await {
+                    Ok(Some(Ok(ExecEvent::Stdout(b)))) => got.extend_from_slice(&b),
+                    other => panic!("waiting for {line:?}: {other:?}"),
+                }
+            }
+        }
+        p.close_stdin().await.unwrap();
+        p.close_stdin().await.unwrap();
+        let e = p.write_stdin(b"late").await.unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidArgument { what: "stdin", .. }),
+            "{e}"
+        );
+        assert_eq!(p.wait().await.unwrap(), 0);
+
+        // wait closes stdin itself.
+        let mut p = spawn(
+            &link,
+            opts.request(["sh", "-c", "cat; exit 7"]).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+        p.write_stdin(b"x").await.unwrap();
+        assert_eq!(p.wait().await.unwrap(), 7);
+
+        // Input given whole in the options is fed, then closed.
+        let given = crate::ExecOptions::default().stdin("all of it");
+        let mut p = spawn(&link, given.request(["cat"]).unwrap(), given.stdin)
+            .await
+            .unwrap();
+        assert!(p.write_stdin(b"more").await.is_err());
+        let mut out = Vec::new();
+        while let Some(ev) = p.next().await {
+            if let ExecEvent::Stdout(b) = ev.unwrap() {
+                out.extend_from_slice(&b);
+            }
+        }
+        assert_eq!(out, b"all of it");
+
+        // Dropped: the command is killed.
+        let argv = ["sleep", "1000"];
+        let p = spawn(&link, opts.request(argv).unwrap(), None)
+            .await
+            .unwrap();
+        assert_eq!(children_running(&argv).len(), 1);
+        drop(p);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !children_running(&argv).is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            children_running(&argv),
+            Vec::<String>::new(),
+            "sleep still runs"
+        );
+
+        // A missing program fails at the spawn.
+        let e = spawn(&link, opts.request(["no-such-program"]).unwrap(), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Guest { .. }), "{e}");
     }
 
     #[test]

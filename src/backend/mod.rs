@@ -59,6 +59,8 @@ pub(crate) trait Backend: Send + Sync + 'static {
     fn exec(&self, req: ExecRequest, max_output: u64, stdin: Option<Bytes>)
         -> Call<'_, ExecResult>;
     fn exec_stream(&self, req: ExecRequest, stdin: Option<Bytes>) -> Call<'_, ExecStream>;
+    /// Starts `req` with its stdin open for writing (or fed `stdin`).
+    fn spawn(&self, req: ExecRequest, stdin: Option<Bytes>) -> Call<'_, crate::Process>;
 
     fn write_file<'a>(&'a self, path: &'a str, mode: Option<u32>, src: Source<'a>)
         -> Call<'a, u64>;

@@ -673,6 +673,17 @@ impl Backend for RemoteMachine {
         RemoteMachine::exec_stream(self, req, stdin).boxed()
     }
 
+    fn spawn(&self, _req: ExecRequest, _stdin: Option<Bytes>) -> Call<'_, crate::Process> {
+        async {
+            Err(Error::Unsupported(
+                "Machine::spawn on the remote engine (input while a command runs needs a \
+                 two-way stream; exec with ExecOptions::stdin works there)"
+                    .into(),
+            ))
+        }
+        .boxed()
+    }
+
     fn write_file<'a>(
         &'a self,
         path: &'a str,

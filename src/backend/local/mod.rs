@@ -699,6 +699,10 @@ impl Backend for LocalMachine {
         agent::exec::exec_stream(self, req, stdin).boxed()
     }
 
+    fn spawn(&self, req: ExecRequest, stdin: Option<Bytes>) -> Call<'_, crate::Process> {
+        agent::exec::spawn(self, req, stdin).boxed()
+    }
+
     fn write_file<'a>(
         &'a self,
         path: &'a str,

@@ -1,0 +1,101 @@
+//! A command that takes input while it runs: [`Machine::spawn`].
+//!
+//! [`Machine::spawn`]: crate::Machine::spawn
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::stream::{Stream, StreamExt};
+
+use crate::agent::exec::StdinWriter;
+use crate::error::{Error, Result};
+use crate::exec::{ExecEvent, ExecStream};
+
+/// A running command: a `Stream` of its [`ExecEvent`]s (as
+/// [`ExecStream`]), and its stdin, open until [`close_stdin`] (or given
+/// whole in [`ExecOptions::stdin`](crate::ExecOptions::stdin), then closed).
+///
+/// Dropping it kills the command and its process group in the guest.
+///
+/// [`close_stdin`]: Process::close_stdin
+pub struct Process {
+    events: ExecStream,
+    stdin: Option<StdinWriter>,
+}
+
+impl Process {
+    pub(crate) fn new(events: ExecStream, stdin: Option<StdinWriter>) -> Process {
+        Process { events, stdin }
+    }
+
+    /// The command's pid in the guest.
+    pub fn pid(&self) -> u32 {
+        self.events.pid()
+    }
+
+    /// Sends `data` to the command's stdin. It waits while the command's
+    /// pipe is full (backpressure), and fails with [`Error::Timeout`] if
+    /// the command takes none of it for the agent's answer timeout.
+    /// Read the events meanwhile if the command writes as it reads.
+    pub async fn write_stdin(&mut self, data: impl AsRef<[u8]>) -> Result<()> {
+        match self.stdin.as_mut() {
+            Some(w) => w.write(data.as_ref()).await,
+            None => Err(Error::InvalidArgument {
+                what: "stdin",
+                reason: format!(
+                    "process {} has its stdin closed (by close_stdin, or given whole in its options)",
+                    self.pid()
+                ),
+            }),
+        }
+    }
+
+    /// Ends the command's stdin (a `cat` then exits). Idempotent.
+    pub async fn close_stdin(&mut self) -> Result<()> {
+        match self.stdin.take() {
+            Some(w) => w.close().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Closes stdin, then waits for the exit and returns its code (128 +
+    /// the signal for a signal). Output not read yet is dropped: read the
+    /// events first to keep it.
+    pub async fn wait(mut self) -> Result<i32> {
+        self.close_stdin().await?;
+        // A timeout is reported, then the exit; a failure only reported.
+        let mut failure = None;
+        while let Some(ev) = self.events.next().await {
+            match ev? {
+                ExecEvent::Exit(code) => return Ok(code),
+                ExecEvent::Stdout(_) | ExecEvent::Stderr(_) => {}
+                ExecEvent::Error(message) => failure = Some(message),
+            }
+        }
+        Err(Error::Guest {
+            kind: crate::GuestErrorKind::Io,
+            message: format!(
+                "process {} ended without an exit status: {}",
+                self.pid(),
+                failure.as_deref().unwrap_or("the agent reported none")
+            ),
+        })
+    }
+}
+
+impl Stream for Process {
+    type Item = Result<ExecEvent>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.events).poll_next(cx)
+    }
+}
+
+impl std::fmt::Debug for Process {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Process")
+            .field("pid", &self.pid())
+            .field("stdin_open", &self.stdin.is_some())
+            .finish_non_exhaustive()
+    }
+}
