@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use futures::stream::{Stream, StreamExt};
 
-use crate::agent::exec::StdinWriter;
+use crate::agent::exec::{Signaller, StdinWriter};
 use crate::error::{Error, Result};
 use crate::exec::{ExecEvent, ExecStream};
 
@@ -21,11 +21,28 @@ use crate::exec::{ExecEvent, ExecStream};
 pub struct Process {
     events: ExecStream,
     stdin: Option<StdinWriter>,
+    signaller: Signaller,
 }
 
 impl Process {
-    pub(crate) fn new(events: ExecStream, stdin: Option<StdinWriter>) -> Process {
-        Process { events, stdin }
+    pub(crate) fn new(
+        events: ExecStream,
+        stdin: Option<StdinWriter>,
+        signaller: Signaller,
+    ) -> Process {
+        Process {
+            events,
+            stdin,
+            signaller,
+        }
+    }
+
+    /// Sends the command signal `sig` (`libc::SIGTERM`...; 1 to 31). The
+    /// events then end with its exit, 128 + `sig` if the signal ended it.
+    /// A number that is no signal is [`Error::InvalidArgument`]; a command
+    /// that has ended already is an error the agent names.
+    pub async fn signal(&self, sig: i32) -> Result<()> {
+        (self.signaller)(sig).await
     }
 
     /// The command's pid in the guest.
@@ -62,7 +79,9 @@ impl Process {
     /// the signal for a signal). Output not read yet is dropped: read the
     /// events first to keep it.
     pub async fn wait(mut self) -> Result<i32> {
-        self.close_stdin().await?;
+        // A command that has ended (a signal) no longer takes the close:
+        // its exit is what counts.
+        let _ = self.close_stdin().await;
         // A timeout is reported, then the exit; a failure only reported.
         let mut failure = None;
         while let Some(ev) = self.events.next().await {

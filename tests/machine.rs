@@ -838,7 +838,7 @@ async fn end_to_end(home: &std::path::Path) {
     .await;
 
     c.run(
-        "a spawned process takes input as it runs; dropped, it is killed (issue 19)",
+        "a spawned process takes input as it runs, gets signals; dropped, it is killed (issue 19)",
         async {
             let mut p = a
                 .spawn(["cat"], ExecOptions::default())
@@ -858,6 +858,14 @@ async fn end_to_end(home: &std::path::Path) {
             }
             let code = p.wait().await.ctx("wait")?;
             ensure!(code == 0, "cat exited {code}");
+
+            let p = a
+                .spawn(["sleep", "1000"], ExecOptions::default())
+                .await
+                .ctx("spawn sleep")?;
+            p.signal(15).await.ctx("SIGTERM")?;
+            let code = p.wait().await.ctx("wait")?;
+            ensure!(code == 128 + 15, "SIGTERM to sleep gave exit {code}");
 
             let p = a
                 .spawn(["sleep", "1000"], ExecOptions::default())

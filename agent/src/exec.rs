@@ -8,6 +8,7 @@
 //! A timeout, or the host closing the connection, kills the whole process
 //! group. Statuses come from the [`Reaper`], which owns all waiting.
 
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -454,6 +455,43 @@ impl Control {
     }
 }
 
+/// The commands running now, by pid: the ones a `Signal` may reach.
+static RUNNING: Mutex<BTreeMap<u32, Arc<Control>>> = Mutex::new(BTreeMap::new());
+
+/// A command's entry in [`RUNNING`], removed when dropped.
+struct Registered(u32);
+
+impl Registered {
+    fn new(pid: u32, ctl: &Arc<Control>) -> Registered {
+        running().insert(pid, ctl.clone());
+        Registered(pid)
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        running().remove(&self.0);
+    }
+}
+
+fn running() -> std::sync::MutexGuard<'static, BTreeMap<u32, Arc<Control>>> {
+    RUNNING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sends `signal` to the running command `pid` (a `Signal` request).
+pub fn signal(pid: u32, signal: i32) -> Result<(), AgentError> {
+    let sig = Signal::try_from(signal).map_err(|_| invalid(format!("{signal} is not a signal")))?;
+    let running = running();
+    match running.get(&pid) {
+        Some(ctl) if !ctl.reaped.load(Ordering::SeqCst) => nix::sys::signal::kill(ctl.pgid, sig)
+            .map_err(|e| AgentError::new(ErrorKind::Io, format!("signal {sig} to pid {pid}: {e}"))),
+        _ => Err(AgentError::new(
+            ErrorKind::NotFound,
+            format!("no command runs with pid {pid} (it ended, or the agent did not start it)"),
+        )),
+    }
+}
+
 /// Kills the process group when `timeout` passes before the program ends.
 fn watchdog(ctl: Arc<Control>, timeout: Duration) {
     let deadline = Instant::now() + timeout;
@@ -543,6 +581,7 @@ pub fn serve<S: Duplex>(conn: &mut S, req: ExecRequest) -> Result<(), ServeError
         timed_out: AtomicBool::new(false),
         reaped: AtomicBool::new(false),
     });
+    let registered = Registered::new(pid.as_raw() as u32, &ctl);
     if let Some(ms) = req.timeout_ms {
         let c = ctl.clone();
         if let Err(e) = std::thread::Builder::new()
@@ -583,6 +622,7 @@ pub fn serve<S: Duplex>(conn: &mut S, req: ExecRequest) -> Result<(), ServeError
         ctl.kill_group();
     }
     let exit = waiter.wait(None);
+    drop(registered);
     ctl.reaped.store(true, Ordering::SeqCst);
     ctl.finish();
     result?;

@@ -124,6 +124,10 @@ impl Agent {
             Request::ConfigureNetwork => crate::net::serve_configure(s)?,
             Request::Mount { mounts } => crate::mounts::serve_mount(s, &mounts)?,
             Request::Unmount { targets } => crate::mounts::serve_unmount(s, &targets)?,
+            Request::Signal { pid, signal } => match crate::exec::signal(pid, signal) {
+                Ok(()) => send_response(s, &Response::Ok)?,
+                Err(e) => send_error(s, &e)?,
+            },
         }
         Ok(())
     }

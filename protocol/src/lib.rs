@@ -52,6 +52,12 @@
 //!   guest process still uses one. The host unmounts every share before a
 //!   snapshot (FUSE state does not survive one) and mounts them again after.
 //!
+//! - `Signal`: the agent sends the signal to one of the commands it runs
+//!   (by the pid `Started` gave) and answers `Response::Ok`, or `Error` of
+//!   kind `NotFound` when none of them has that pid (it ended), or
+//!   `InvalidArgument` for a number that is no signal. It travels on a
+//!   connection of its own, so a command whose stdin is full still gets it.
+//!
 //! The crate is shared by the SDK and the guest agent (serde types and
 //! framing only), so the SDK never compiles the agent.
 //!
@@ -326,6 +332,11 @@ pub enum Request {
     /// Unmount the shares at these targets (before a snapshot).
     Unmount {
         targets: Vec<String>,
+    },
+    /// Send `signal` to the running command `pid` (an exec's `Started`).
+    Signal {
+        pid: u32,
+        signal: i32,
     },
 }
 

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
 use smol_protocol::{asyncio, AgentError, ExecRequest, ExitStatus, FrameKind, Request, Response};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -110,8 +111,39 @@ where
         Ok::<_, Error>((running, writer))
     };
     match started.await {
-        Ok((running, writer)) => Ok(Process::new(running.into_stream(link.clone()), writer)),
+        Ok((running, writer)) => {
+            let (pid, to) = (running.pid, link.clone());
+            let signaller: Signaller = Box::new(move |sig| signal(to.clone(), pid, sig).boxed());
+            Ok(Process::new(
+                running.into_stream(link.clone()),
+                writer,
+                signaller,
+            ))
+        }
         Err(e) => Err(link.explain(e).await),
+    }
+}
+
+/// How a [`Process`] sends its command a signal.
+pub(crate) type Signaller =
+    Box<dyn Fn(i32) -> futures::future::BoxFuture<'static, Result<()>> + Send + Sync>;
+
+/// Sends `sig` to the command `pid`, on a connection of its own (so that
+/// a command whose stdin is full still gets it).
+async fn signal<L: AgentLink>(link: L, pid: u32, sig: i32) -> Result<()> {
+    if !(1..=31).contains(&sig) {
+        return Err(Error::InvalidArgument {
+            what: "signal",
+            reason: format!("{sig} is not a signal (1 to 31)"),
+        });
+    }
+    let mut conn = link.request(&Request::Signal { pid, signal: sig }).await?;
+    match conn
+        .response_within(None, &format!("signal {sig} to pid {pid}"))
+        .await?
+    {
+        Response::Ok => Ok(()),
+        other => Err(unexpected("signal", &other)),
     }
 }
 
@@ -559,6 +591,28 @@ mod tests {
             Vec::<String>::new(),
             "sleep still runs"
         );
+
+        // A signal ends it and is reported; after that, there is nothing
+        // to signal.
+        let p = spawn(&link, opts.request(["sleep", "100"]).unwrap(), None)
+            .await
+            .unwrap();
+        let e = p.signal(99).await.unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidArgument { what: "signal", reason } if reason.contains("99")),
+            "{e}"
+        );
+        p.signal(libc::SIGTERM).await.unwrap();
+        assert_eq!(p.wait().await.unwrap(), 128 + libc::SIGTERM);
+        let gone = spawn(&link, opts.request(["true"]).unwrap(), None)
+            .await
+            .unwrap();
+        let gone_pid = gone.pid();
+        assert_eq!(gone.wait().await.unwrap(), 0);
+        let e = signal(link.clone(), gone_pid, libc::SIGTERM)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("no command runs"), "{e}");
 
         // A missing program fails at the spawn.
         let e = spawn(&link, opts.request(["no-such-program"]).unwrap(), None)

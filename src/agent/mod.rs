@@ -251,7 +251,11 @@ impl AgentConnection {
 /// real use, a loopback socket to the agent's own handlers in host tests.
 pub(crate) trait AgentLink: Sync {
     /// A new connection whose first request, `first`, is already sent.
-    async fn request(&self, first: &Request) -> Result<AgentConnection>;
+    /// (`Send`, so that generic callers can box it.)
+    fn request(
+        &self,
+        first: &Request,
+    ) -> impl std::future::Future<Output = Result<AgentConnection>> + Send;
     /// Turns a broken connection into what happened to the machine.
     async fn explain(&self, e: Error) -> Error;
     fn label(&self) -> &str;

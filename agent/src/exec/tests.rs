@@ -417,3 +417,45 @@ fn resolution_follows_the_request_path() {
     };
     assert_eq!(run(req).out(), "mine\n");
 }
+
+/// Issue 19: a `Signal` on a connection of its own reaches the running
+/// command, even one whose stdin is full; a pid the agent did not start,
+/// or a number that is no signal, is a named error.
+#[test]
+fn a_signal_reaches_the_running_command() {
+    let mut c = connect();
+    let mut req = exec_req(&["sleep", "100"]);
+    // Stdin open and never read: the signal must not wait behind it.
+    req.stdin = true;
+    c.send(&Request::Exec(req));
+    let pid = match c.response().unwrap() {
+        Response::Started { pid } => pid,
+        other => panic!("{other:?}"),
+    };
+    // More than the pipe holds, less than the socket does.
+    write_frame(&mut c.conn, FrameKind::Stdin, &[b'x'; 100_000]).unwrap();
+    let mut s = connect();
+    s.send(&Request::Signal {
+        pid,
+        signal: libc::SIGTERM,
+    });
+    assert_eq!(s.response().unwrap(), Response::Ok);
+    let o = c.collect();
+    assert_eq!(o.exit.unwrap().signal, Some(libc::SIGTERM));
+
+    // It ended: its pid is no longer the agent's to signal.
+    let mut s = connect();
+    s.send(&Request::Signal { pid, signal: 15 });
+    assert_eq!(s.response().unwrap_err().kind, ErrorKind::NotFound);
+    let mut s = connect();
+    s.send(&Request::Signal {
+        pid: std::process::id(),
+        signal: 15,
+    });
+    assert_eq!(s.response().unwrap_err().kind, ErrorKind::NotFound);
+    let mut s = connect();
+    s.send(&Request::Signal { pid, signal: 999 });
+    let e = s.response().unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument, "{e:?}");
+    assert!(e.message.contains("999"), "{e:?}");
+}
