@@ -77,6 +77,9 @@ pub struct ExecBody {
     pub max_output: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stdin: Option<String>,
+    /// Run on a terminal of this size ([`ExecOptions::tty`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tty: Option<crate::exec::TtySize>,
 }
 
 impl ExecBody {
@@ -91,6 +94,7 @@ impl ExecBody {
                 .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)),
             max_output: options.max_output,
             stdin: encode_stdin(options.stdin.as_ref())?,
+            tty: options.tty,
         })
     }
 
@@ -116,6 +120,7 @@ impl ExecBody {
             workdir: self.workdir.clone(),
             max_output: self.max_output,
             stdin,
+            tty: self.tty,
         })
     }
 }

@@ -23,6 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::stream::{BoxStream, Stream};
 use smol_protocol::ExecRequest;
+pub use smol_protocol::TtySize;
 
 use crate::error::{Error, Result};
 
@@ -45,6 +46,8 @@ pub struct ExecOptions {
     /// Fed to the command's standard input, which then ends; stdin is
     /// `/dev/null` when absent.
     pub stdin: Option<Bytes>,
+    /// Run on a pseudo-terminal of this size (see [`ExecOptions::tty`]).
+    pub tty: Option<TtySize>,
 }
 
 /// Shows how much input there is, not the input (it may be large, or a
@@ -60,6 +63,7 @@ impl std::fmt::Debug for ExecOptions {
                 "stdin",
                 &self.stdin.as_ref().map(|b| format!("{} bytes", b.len())),
             )
+            .field("tty", &self.tty)
             .finish()
     }
 }
@@ -108,6 +112,17 @@ impl ExecOptions {
         self
     }
 
+    /// Runs the command on a pseudo-terminal of `cols` by `rows` cells, as
+    /// `docker exec -t` does: the program sees a tty (`isatty`, `stty
+    /// size`, `TERM=xterm-256color` unless `env` sets it), its stderr comes
+    /// merged into stdout the way a terminal shows both, with `\r\n` line
+    /// ends, and the end of its input is the terminal's ^D. Resize it with
+    /// [`Process::resize`](crate::Process::resize).
+    pub fn tty(mut self, cols: u16, rows: u16) -> Self {
+        self.tty = Some(TtySize { cols, rows });
+        self
+    }
+
     /// The bound on collected output.
     pub(crate) fn output_limit(&self) -> u64 {
         self.max_output.unwrap_or(DEFAULT_MAX_OUTPUT)
@@ -142,6 +157,14 @@ impl ExecOptions {
                 return Err(bad("workdir", format!("{w:?}")));
             }
         }
+        if let Some(t) = self.tty {
+            if t.cols == 0 || t.rows == 0 {
+                return Err(bad(
+                    "tty",
+                    format!("{}x{} cells: both must be positive", t.cols, t.rows),
+                ));
+            }
+        }
         let timeout_ms = match self.timeout {
             Some(d) if d.is_zero() => return Err(bad("timeout", "it is zero".into())),
             Some(d) => Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)),
@@ -154,6 +177,7 @@ impl ExecOptions {
             timeout_ms,
             stdin: self.stdin.is_some(),
             container: None,
+            tty: self.tty,
         })
     }
 }

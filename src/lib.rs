@@ -59,7 +59,7 @@ pub use config::{
     DEFAULT_ENDPOINT, MAX_DISK_MB, MAX_MOUNTS, MAX_NAME_LEN, MIN_DISK_MB,
 };
 pub use error::{Error, GuestErrorKind, Result};
-pub use exec::{ExecEvent, ExecOptions, ExecResult, ExecStream};
+pub use exec::{ExecEvent, ExecOptions, ExecResult, ExecStream, TtySize};
 pub use files::{FileReader, FileStream};
 pub use image::{ImageInfo, PullEvent};
 pub use machine::Machine;

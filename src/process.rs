@@ -7,7 +7,9 @@ use std::task::{Context, Poll};
 
 use futures::stream::{Stream, StreamExt};
 
-use crate::agent::exec::{Signaller, StdinWriter};
+use smol_protocol::{Request, TtySize};
+
+use crate::agent::exec::{Ask, StdinWriter};
 use crate::error::{Error, Result};
 use crate::exec::{ExecEvent, ExecStream};
 
@@ -21,20 +23,52 @@ use crate::exec::{ExecEvent, ExecStream};
 pub struct Process {
     events: ExecStream,
     stdin: Option<StdinWriter>,
-    signaller: Signaller,
+    /// It runs on a terminal.
+    tty: bool,
+    ask: Ask,
 }
 
 impl Process {
     pub(crate) fn new(
         events: ExecStream,
         stdin: Option<StdinWriter>,
-        signaller: Signaller,
+        tty: bool,
+        ask: Ask,
     ) -> Process {
         Process {
             events,
             stdin,
-            signaller,
+            tty,
+            ask,
         }
+    }
+
+    /// Resizes the terminal of a command spawned with
+    /// [`ExecOptions::tty`](crate::ExecOptions::tty) (the program gets
+    /// SIGWINCH); one without a terminal, or a size of zero, is
+    /// [`Error::InvalidArgument`].
+    pub async fn resize(&self, cols: u16, rows: u16) -> Result<()> {
+        if !self.tty {
+            return Err(Error::InvalidArgument {
+                what: "tty",
+                reason: format!(
+                    "process {} has no terminal (spawn it with ExecOptions::tty)",
+                    self.pid()
+                ),
+            });
+        }
+        if cols == 0 || rows == 0 {
+            return Err(Error::InvalidArgument {
+                what: "tty",
+                reason: format!("{cols}x{rows} cells: both must be positive"),
+            });
+        }
+        let size = TtySize { cols, rows };
+        (self.ask)(Request::Resize {
+            pid: self.pid(),
+            size,
+        })
+        .await
     }
 
     /// Sends the command signal `sig` (`libc::SIGTERM`...; 1 to 31). The
@@ -42,7 +76,17 @@ impl Process {
     /// A number that is no signal is [`Error::InvalidArgument`]; a command
     /// that has ended already is an error the agent names.
     pub async fn signal(&self, sig: i32) -> Result<()> {
-        (self.signaller)(sig).await
+        if !(1..=31).contains(&sig) {
+            return Err(Error::InvalidArgument {
+                what: "signal",
+                reason: format!("{sig} is not a signal (1 to 31)"),
+            });
+        }
+        (self.ask)(Request::Signal {
+            pid: self.pid(),
+            signal: sig,
+        })
+        .await
     }
 
     /// The command's pid in the guest.
@@ -115,6 +159,7 @@ impl std::fmt::Debug for Process {
         f.debug_struct("Process")
             .field("pid", &self.pid())
             .field("stdin_open", &self.stdin.is_some())
+            .field("tty", &self.tty)
             .finish_non_exhaustive()
     }
 }

@@ -838,7 +838,7 @@ async fn end_to_end(home: &std::path::Path) {
     .await;
 
     c.run(
-        "a spawned process takes input as it runs, gets signals; dropped, it is killed (issue 19)",
+        "a spawned process takes input as it runs, gets signals and a resizable tty; dropped, it is killed (issue 19)",
         async {
             let mut p = a
                 .spawn(["cat"], ExecOptions::default())
@@ -866,6 +866,30 @@ async fn end_to_end(home: &std::path::Path) {
             p.signal(15).await.ctx("SIGTERM")?;
             let code = p.wait().await.ctx("wait")?;
             ensure!(code == 128 + 15, "SIGTERM to sleep gave exit {code}");
+
+            // On a terminal: a tty of the asked size, then of the new one.
+            let script = ["sh", "-c", "tty; stty size; read x; stty size"];
+            let mut p = a
+                .spawn(script, ExecOptions::default().tty(80, 24))
+                .await
+                .ctx("spawn on a tty")?;
+            let mut out = String::new();
+            for want in ["24 80", "30 100"] {
+                while !out.contains(want) {
+                    match tokio::time::timeout(Duration::from_secs(60), p.next()).await {
+                        Ok(Some(Ok(ExecEvent::Stdout(b)))) => {
+                            out.push_str(&String::from_utf8_lossy(&b))
+                        }
+                        other => return Err(format!("waiting for {want:?} in {out:?}: {other:?}")),
+                    }
+                }
+                if want == "24 80" {
+                    p.resize(100, 30).await.ctx("resize")?;
+                    p.write_stdin("go\n").await.ctx("write_stdin")?;
+                }
+            }
+            ensure!(out.starts_with("/dev/pts/"), "not a terminal: {out:?}");
+            ensure!(p.wait().await.ctx("wait")? == 0, "the tty script failed");
 
             let p = a
                 .spawn(["sleep", "1000"], ExecOptions::default())

@@ -13,7 +13,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -27,7 +27,7 @@ use nix::unistd::{pipe2, ForkResult, Pid};
 use crate::image::container::{Container, CONTAINER_STAGE};
 use crate::protocol::{
     read_frame, write_frame, AgentError, ErrorKind, ExecRequest, ExitStatus, Frame, FrameKind,
-    Response, DATA_CHUNK,
+    Response, TtySize, DATA_CHUNK,
 };
 use crate::reaper::{ChildExit, Reaper, Waiter};
 use crate::server::{send_error, send_response, Duplex, ServeError};
@@ -63,6 +63,53 @@ struct Prepared {
     workdir_text: String,
 }
 
+fn check_tty_size(size: TtySize) -> Result<(), AgentError> {
+    if size.cols == 0 || size.rows == 0 {
+        return Err(invalid(format!(
+            "a terminal of {}x{} cells (columns and rows must be positive)",
+            size.cols, size.rows
+        )));
+    }
+    Ok(())
+}
+
+/// Sets the window size of the terminal whose master is `master`.
+fn set_tty_size(master: &impl AsFd, size: TtySize) -> Result<(), AgentError> {
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `winsize` that lives across the call,
+    // on a pty master fd we own.
+    let r = unsafe { libc::ioctl(master.as_fd().as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    if r < 0 {
+        return Err(errno_error(Errno::last(), "cannot set the terminal size"));
+    }
+    Ok(())
+}
+
+/// A new pseudo-terminal of `size`: its master and its slave, both
+/// close-on-exec from the start (other execs fork meanwhile).
+fn open_pty(size: TtySize) -> Result<(OwnedFd, OwnedFd), AgentError> {
+    use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
+    let sys = |e: Errno| errno_error(e, "cannot open a terminal");
+    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC).map_err(sys)?;
+    grantpt(&master).map_err(sys)?;
+    unlockpt(&master).map_err(sys)?;
+    let name = ptsname_r(&master).map_err(sys)?;
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(&name)
+        .map_err(|e| io_error(&e, &name))?;
+    let master = OwnedFd::from(master);
+    set_tty_size(&master, size)?;
+    Ok((master, slave.into()))
+}
+
 /// Checks the request and resolves the program (inside the container's
 /// root when there is one). Errors name the bad value.
 fn prepare(req: &ExecRequest, container: Option<&Container>) -> Result<Prepared, AgentError> {
@@ -81,6 +128,12 @@ fn prepare(req: &ExecRequest, container: Option<&Container>) -> Result<Prepared,
     }
 
     let mut env = container.map_or_else(default_env, Container::default_env);
+    if let Some(size) = req.tty {
+        check_tty_size(size)?;
+        if !env.iter().any(|(k, _)| k == "TERM") {
+            env.push(("TERM".into(), "xterm-256color".into()));
+        }
+    }
     for (k, v) in &req.env {
         if k.is_empty() {
             return Err(invalid("empty environment variable name".into()));
@@ -286,6 +339,7 @@ fn child_exec(
     envp: &[*const libc::c_char],
     fds: [i32; 3],
     err_fd: i32,
+    ctty: bool,
 ) -> ! {
     let fail = |stage: ChildStage| -> ! {
         let errno = Errno::last_raw();
@@ -322,6 +376,11 @@ fn child_exec(
                 fail(ChildStage::Setup);
             }
         }
+        // On a terminal: it becomes this new session's controlling one,
+        // so that ^C and the window size reach the program's group.
+        if ctty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+            fail(ChildStage::Setup);
+        }
         if libc::chdir(p.workdir.as_ptr()) < 0 {
             fail(ChildStage::Chdir);
         }
@@ -345,6 +404,8 @@ struct Running {
     stderr: File,
     /// Write end of the program's stdin when the host feeds it.
     stdin: Option<File>,
+    /// The terminal's master, when it runs on one.
+    tty: Option<OwnedFd>,
 }
 
 /// Forks (or clones into a container's namespaces) and execs; returns once
@@ -353,17 +414,41 @@ fn start(
     p: &Prepared,
     want_stdin: bool,
     container: Option<&Container>,
+    tty: Option<TtySize>,
 ) -> Result<Running, AgentError> {
     let sys = |e: Errno| errno_error(e, "cannot start the program");
-    let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys)?;
-    let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys)?;
-    let (in_r, in_w): (OwnedFd, Option<OwnedFd>) = if want_stdin {
-        let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(sys)?;
-        (r, Some(w))
+    let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| io_error(&e, "a terminal fd"));
+    // On a terminal, its slave is stdin, stdout and stderr, and its master
+    // is what the host reads (as stdout) and writes; stderr is a pipe that
+    // nobody writes.
+    let (out_r, out_w, err_r, err_w, in_r, in_w, master);
+    if let Some(size) = tty {
+        let (m, slave) = open_pty(size)?;
+        if !want_stdin {
+            // No input: the program's first read on the terminal ends.
+            let _ = File::from(dup(&m)?).write_all(&[VEOF_CHAR]);
+        }
+        let (never_written, w) = pipe2(OFlag::O_CLOEXEC).map_err(sys)?;
+        drop(w);
+        err_r = never_written;
+        out_r = dup(&m)?;
+        in_w = if want_stdin { Some(dup(&m)?) } else { None };
+        out_w = dup(&slave)?;
+        err_w = dup(&slave)?;
+        in_r = slave;
+        master = Some(m);
     } else {
-        let null = File::open("/dev/null").map_err(|e| io_error(&e, "/dev/null"))?;
-        (null.into(), None)
-    };
+        (out_r, out_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys)?;
+        (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys)?;
+        (in_r, in_w) = if want_stdin {
+            let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(sys)?;
+            (r, Some(w))
+        } else {
+            let null = File::open("/dev/null").map_err(|e| io_error(&e, "/dev/null"))?;
+            (null.into(), None)
+        };
+        master = None;
+    }
     let (status_r, status_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys)?;
     let argv = null_terminated(&p.argv);
     let envp = null_terminated(&p.envp);
@@ -375,7 +460,7 @@ fn start(
             // SAFETY: the child runs only Container::enter and child_exec,
             // which are async-signal-safe; child_exec never returns.
             let Some(c) = container else {
-                let mut child = || child_exec(p, &argv, &envp, fds, status_fd);
+                let mut child = || child_exec(p, &argv, &envp, fds, status_fd, tty.is_some());
                 // SAFETY: the child runs only child_exec (async-signal-safe,
                 // no allocation, never returns) on its own stack.
                 return unsafe { spawn_vfork(&mut child) };
@@ -386,7 +471,7 @@ fn start(
                     if let Some(Err((stage, errno))) = container.map(Container::enter) {
                         crate::image::container::child_failed(status_fd, stage, errno)
                     }
-                    child_exec(p, &argv, &envp, fds, status_fd)
+                    child_exec(p, &argv, &envp, fds, status_fd, tty.is_some())
                 }
                 ForkResult::Parent { child } => Ok::<Pid, Errno>(child),
             }
@@ -413,6 +498,7 @@ fn start(
             stdout: File::from(out_r),
             stderr: File::from(err_r),
             stdin: in_w.map(File::from),
+            tty: master,
         });
     }
     // The child reported a failure and exits with 127; the reaper collects it.
@@ -434,6 +520,8 @@ fn start(
 /// the host's frames.
 struct Control {
     pgid: Pid,
+    /// The terminal's master, for `Resize`, when the program runs on one.
+    tty: Option<OwnedFd>,
     finished: Mutex<bool>,
     cv: Condvar,
     timed_out: AtomicBool,
@@ -478,6 +566,27 @@ fn running() -> std::sync::MutexGuard<'static, BTreeMap<u32, Arc<Control>>> {
     RUNNING.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// ^D, the default end-of-file character of a terminal.
+const VEOF_CHAR: u8 = 4;
+
+/// Resizes the terminal of the running command `pid` (a `Resize` request).
+pub fn resize(pid: u32, size: TtySize) -> Result<(), AgentError> {
+    check_tty_size(size)?;
+    let running = running();
+    match running.get(&pid) {
+        Some(ctl) if !ctl.reaped.load(Ordering::SeqCst) => match &ctl.tty {
+            Some(master) => set_tty_size(master, size),
+            None => Err(invalid(format!(
+                "the command with pid {pid} has no terminal"
+            ))),
+        },
+        _ => Err(AgentError::new(
+            ErrorKind::NotFound,
+            format!("no command runs with pid {pid} (it ended, or the agent did not start it)"),
+        )),
+    }
+}
+
 /// Sends `signal` to the running command `pid` (a `Signal` request).
 pub fn signal(pid: u32, signal: i32) -> Result<(), AgentError> {
     let sig = Signal::try_from(signal).map_err(|_| invalid(format!("{signal} is not a signal")))?;
@@ -513,7 +622,7 @@ fn watchdog(ctl: Arc<Control>, timeout: Duration) {
 
 /// Reads the host's frames during an exec: Stdin data to the program, Eof
 /// closes its stdin; the host closing the connection cancels the exec.
-fn host_reader<S: Duplex>(mut conn: S, mut stdin: Option<File>, ctl: Arc<Control>) {
+fn host_reader<S: Duplex>(mut conn: S, mut stdin: Option<File>, ctl: Arc<Control>, tty: bool) {
     loop {
         match read_frame(&mut conn) {
             Ok(Some(Frame {
@@ -530,7 +639,14 @@ fn host_reader<S: Duplex>(mut conn: S, mut stdin: Option<File>, ctl: Arc<Control
             Ok(Some(Frame {
                 kind: FrameKind::Eof,
                 ..
-            })) => stdin = None,
+            })) => {
+                // A terminal stays open: its end-of-file is the EOF
+                // character, which a reading program sees as the end.
+                if let (true, Some(w)) = (tty, stdin.as_mut()) {
+                    let _ = w.write_all(&[VEOF_CHAR]);
+                }
+                stdin = None;
+            }
             Ok(Some(_)) => {} // nothing else is meaningful mid-exec
             Ok(None) | Err(_) => {
                 if !*ctl.finished.lock().unwrap_or_else(|e| e.into_inner()) {
@@ -560,7 +676,7 @@ pub fn serve<S: Duplex>(conn: &mut S, req: ExecRequest) -> Result<(), ServeError
             return Ok(());
         }
     };
-    let running = match start(&prepared, req.stdin, container.as_ref()) {
+    let running = match start(&prepared, req.stdin, container.as_ref(), req.tty) {
         Ok(r) => r,
         Err(e) => {
             send_error(conn, &e)?;
@@ -573,9 +689,11 @@ pub fn serve<S: Duplex>(conn: &mut S, req: ExecRequest) -> Result<(), ServeError
         stdout,
         stderr,
         stdin,
+        tty,
     } = running;
     let ctl = Arc::new(Control {
         pgid: pid,
+        tty,
         finished: Mutex::new(false),
         cv: Condvar::new(),
         timed_out: AtomicBool::new(false),
@@ -596,12 +714,13 @@ pub fn serve<S: Duplex>(conn: &mut S, req: ExecRequest) -> Result<(), ServeError
     // output loop itself watches the connection for the host going away
     // (a thread less per exec: costly where the guest kernel is emulated).
     let watch_host = stdin.is_none();
+    let on_tty = req.tty.is_some();
     if !watch_host {
         let reader = conn.try_clone().and_then(|r| {
             let c = ctl.clone();
             std::thread::Builder::new()
                 .name("exec-input".into())
-                .spawn(move || host_reader(r, stdin, c))
+                .spawn(move || host_reader(r, stdin, c, on_tty))
         });
         if let Err(e) = reader {
             ctl.kill_group();

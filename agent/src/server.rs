@@ -128,6 +128,10 @@ impl Agent {
                 Ok(()) => send_response(s, &Response::Ok)?,
                 Err(e) => send_error(s, &e)?,
             },
+            Request::Resize { pid, size } => match crate::exec::resize(pid, size) {
+                Ok(()) => send_response(s, &Response::Ok)?,
+                Err(e) => send_error(s, &e)?,
+            },
         }
         Ok(())
     }

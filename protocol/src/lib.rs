@@ -57,6 +57,8 @@
 //!   kind `NotFound` when none of them has that pid (it ended), or
 //!   `InvalidArgument` for a number that is no signal. It travels on a
 //!   connection of its own, so a command whose stdin is full still gets it.
+//! - `Resize`: the same for the terminal size of a command run with `tty`
+//!   (`InvalidArgument` for one without, or a size of zero).
 //!
 //! The crate is shared by the SDK and the guest agent (serde types and
 //! framing only), so the SDK never compiles the agent.
@@ -338,6 +340,11 @@ pub enum Request {
         pid: u32,
         signal: i32,
     },
+    /// Resize the terminal of the running command `pid` (run with `tty`).
+    Resize {
+        pid: u32,
+        size: TtySize,
+    },
 }
 
 /// A virtio-fs share as the guest mounts it.
@@ -462,6 +469,19 @@ pub struct ExecRequest {
     /// Run in a container of this image instead of on the machine's root.
     #[serde(default)]
     pub container: Option<crate::image::ContainerSpec>,
+    /// Run on a pseudo-terminal of this size: stdin, stdout and stderr are
+    /// its slave (output comes as Stdout frames only, as a terminal shows
+    /// it), `TERM` is set unless `env` sets it, and an `Eof` from the host
+    /// is the terminal's end-of-file character.
+    #[serde(default)]
+    pub tty: Option<TtySize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    pub cols: u16,
+    pub rows: u16,
 }
 
 /// Answers carried in `Response` frames.

@@ -97,6 +97,7 @@ where
     L: AgentLink + Clone + Send + 'static,
 {
     let open = stdin.is_none();
+    let tty = req.tty.is_some();
     req.stdin = true;
     let started = async {
         let mut running = match stdin {
@@ -112,38 +113,41 @@ where
     };
     match started.await {
         Ok((running, writer)) => {
-            let (pid, to) = (running.pid, link.clone());
-            let signaller: Signaller = Box::new(move |sig| signal(to.clone(), pid, sig).boxed());
+            let to = link.clone();
+            let ask: Ask = Box::new(move |req| ask(to.clone(), req).boxed());
             Ok(Process::new(
                 running.into_stream(link.clone()),
                 writer,
-                signaller,
+                tty,
+                ask,
             ))
         }
         Err(e) => Err(link.explain(e).await),
     }
 }
 
-/// How a [`Process`] sends its command a signal.
-pub(crate) type Signaller =
-    Box<dyn Fn(i32) -> futures::future::BoxFuture<'static, Result<()>> + Send + Sync>;
+/// How a [`Process`] asks the agent about its command (a signal, a
+/// resize), on a connection of its own: the exec's own may be held up
+/// behind stdin that the command does not read.
+pub(crate) type Ask =
+    Box<dyn Fn(Request) -> futures::future::BoxFuture<'static, Result<()>> + Send + Sync>;
 
-/// Sends `sig` to the command `pid`, on a connection of its own (so that
-/// a command whose stdin is full still gets it).
-async fn signal<L: AgentLink>(link: L, pid: u32, sig: i32) -> Result<()> {
-    if !(1..=31).contains(&sig) {
-        return Err(Error::InvalidArgument {
-            what: "signal",
-            reason: format!("{sig} is not a signal (1 to 31)"),
-        });
-    }
-    let mut conn = link.request(&Request::Signal { pid, signal: sig }).await?;
-    match conn
-        .response_within(None, &format!("signal {sig} to pid {pid}"))
-        .await?
-    {
+/// Sends `req`, answered by `Ok`.
+async fn ask<L: AgentLink>(link: L, req: Request) -> Result<()> {
+    let step = match &req {
+        Request::Signal { pid, signal } => format!("signal {signal} to pid {pid}"),
+        Request::Resize { pid, size } => {
+            format!(
+                "resizing the terminal of pid {pid} to {}x{}",
+                size.cols, size.rows
+            )
+        }
+        _ => "a request about a process".to_string(),
+    };
+    let mut conn = link.request(&req).await?;
+    match conn.response_within(None, &step).await? {
         Response::Ok => Ok(()),
-        other => Err(unexpected("signal", &other)),
+        other => Err(unexpected("process request", &other)),
     }
 }
 
@@ -609,9 +613,15 @@ mod tests {
             .unwrap();
         let gone_pid = gone.pid();
         assert_eq!(gone.wait().await.unwrap(), 0);
-        let e = signal(link.clone(), gone_pid, libc::SIGTERM)
-            .await
-            .unwrap_err();
+        let e = ask(
+            link.clone(),
+            Request::Signal {
+                pid: gone_pid,
+                signal: libc::SIGTERM,
+            },
+        )
+        .await
+        .unwrap_err();
         assert!(e.to_string().contains("no command runs"), "{e}");
 
         // A missing program fails at the spawn.
@@ -619,6 +629,60 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, Error::Guest { .. }), "{e}");
+    }
+
+    /// Issue 19: a command on a terminal sees one of the asked size, and
+    /// of the new size after `resize`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_process_on_a_terminal_follows_resize() {
+        use crate::agent::loopback;
+        use futures::StreamExt;
+        let t = tempfile::tempdir().unwrap();
+        let link = loopback::Link::new(t.path());
+        let on_tty = crate::ExecOptions::default().tty(80, 24);
+        let r = exec(&link, on_tty.request(["tty"]).unwrap(), 1 << 20, None)
+            .await
+            .unwrap();
+        assert!(r.stdout_lossy().starts_with("/dev/pts/"), "{r:?}");
+
+        let script = ["sh", "-c", "stty size; read x; stty size"];
+        let mut p = spawn(&link, on_tty.request(script).unwrap(), None)
+            .await
+            .unwrap();
+        let mut out = String::new();
+        let until = async |p: &mut crate::Process, want: &str, out: &mut String| {
+            while !out.contains(want) {
+                match tokio::time::timeout(Duration::from_secs(10), p.next()).await {
+                    Ok(Some(Ok(ExecEvent::Stdout(b)))) => {
+                        out.push_str(&String::from_utf8_lossy(&b))
+                    }
+                    other => panic!("waiting for {want:?} in {out:?}: {other:?}"),
+                }
+            }
+        };
+        until(&mut p, "24 80", &mut out).await;
+        p.resize(100, 30).await.unwrap();
+        p.write_stdin(b"go\n").await.unwrap();
+        until(&mut p, "30 100", &mut out).await;
+        assert_eq!(p.wait().await.unwrap(), 0);
+
+        let e = crate::ExecOptions::default()
+            .tty(0, 5)
+            .request(["true"])
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument { what: "tty", .. }),
+            "{e}"
+        );
+        let plain = crate::ExecOptions::default();
+        let p = spawn(&link, plain.request(["sleep", "100"]).unwrap(), None)
+            .await
+            .unwrap();
+        let e = p.resize(100, 30).await.unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument { what: "tty", .. }),
+            "{e}"
+        );
     }
 
     #[test]

@@ -313,6 +313,7 @@ impl RemoteMachine {
             timeout_ms: req.timeout_ms,
             max_output: None,
             stdin: encode_stdin(stdin)?,
+            tty: req.tty,
         })
     }
 

@@ -260,7 +260,17 @@ pub fn document() -> Value {
                         "workdir": {"type": "string", "nullable": true},
                         "timeout_ms": {"type": "integer", "minimum": 0, "nullable": true},
                         "max_output": {"type": "integer", "minimum": 0, "nullable": true},
-                        "stdin": {"type": "string", "format": "byte", "nullable": true, "description": "the command's standard input, base64 (at most 8 MiB decoded); /dev/null when absent"}
+                        "stdin": {"type": "string", "format": "byte", "nullable": true, "description": "the command's standard input, base64 (at most 8 MiB decoded); /dev/null when absent"},
+                        "tty": {
+                            "type": "object",
+                            "nullable": true,
+                            "description": "run on a pseudo-terminal of this size",
+                            "required": ["cols", "rows"],
+                            "properties": {
+                                "cols": {"type": "integer", "minimum": 1, "maximum": 65535},
+                                "rows": {"type": "integer", "minimum": 1, "maximum": 65535}
+                            }
+                        }
                     }
                 },
                 "Run": {

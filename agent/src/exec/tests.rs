@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::protocol::Request;
+use crate::protocol::{Request, TtySize};
 use crate::server::testing::{connect, exec_req, run};
 
 fn alive(pid: i32) -> bool {
@@ -458,4 +458,85 @@ fn a_signal_reaches_the_running_command() {
     let e = s.response().unwrap_err();
     assert_eq!(e.kind, ErrorKind::InvalidArgument, "{e:?}");
     assert!(e.message.contains("999"), "{e:?}");
+}
+
+fn tty_req(argv: &[&str], cols: u16, rows: u16) -> ExecRequest {
+    ExecRequest {
+        tty: Some(TtySize { cols, rows }),
+        ..exec_req(argv)
+    }
+}
+
+/// Issue 19: on a terminal, the program sees a tty of the asked size and
+/// TERM, its stderr comes merged into stdout, and input ends with ^D.
+#[test]
+fn a_program_on_a_terminal_sees_one() {
+    let o = run(tty_req(
+        &["sh", "-c", "tty; stty size; echo $TERM; echo to-stderr >&2"],
+        80,
+        24,
+    ));
+    let out = o.out().replace('\r', "");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("/dev/pts/"), "{out:?}");
+    assert_eq!(
+        &lines[1..],
+        ["24 80", "xterm-256color", "to-stderr"],
+        "{out:?}"
+    );
+    assert_eq!(o.err(), "", "stderr is the terminal");
+    assert_eq!(o.exit.unwrap().code, Some(0));
+
+    // No input: reading the terminal ends at once.
+    let o = run(tty_req(&["sh", "-c", "cat; echo after"], 80, 24));
+    assert!(o.out().contains("after"), "{:?}", o.out());
+
+    // Input, then its end.
+    let mut c = connect();
+    let mut req = tty_req(&["sh", "-c", "read x; stty size; echo got $x; cat"], 80, 24);
+    req.stdin = true;
+    c.send(&Request::Exec(req));
+    let pid = match c.response().unwrap() {
+        Response::Started { pid } => pid,
+        other => panic!("{other:?}"),
+    };
+    let mut r = connect();
+    r.send(&Request::Resize {
+        pid,
+        size: TtySize {
+            cols: 100,
+            rows: 30,
+        },
+    });
+    assert_eq!(r.response().unwrap(), Response::Ok);
+    write_frame(&mut c.conn, FrameKind::Stdin, b"hello\n").unwrap();
+    write_frame(&mut c.conn, FrameKind::Eof, &[]).unwrap();
+    let o = c.collect();
+    let out = o.out().replace('\r', "");
+    assert!(out.contains("30 100\ngot hello\n"), "{out:?}");
+    assert_eq!(o.exit.unwrap().code, Some(0), "cat ended at ^D");
+
+    // A size of zero, and a resize of a command with no terminal.
+    let e = run(tty_req(&["true"], 0, 24)).error.unwrap();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument, "{e:?}");
+    let mut c = connect();
+    let mut req = exec_req(&["sleep", "100"]);
+    req.stdin = true;
+    c.send(&Request::Exec(req));
+    let pid = match c.response().unwrap() {
+        Response::Started { pid } => pid,
+        other => panic!("{other:?}"),
+    };
+    let mut r = connect();
+    r.send(&Request::Resize {
+        pid,
+        size: TtySize { cols: 1, rows: 1 },
+    });
+    let e = r.response().unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument, "{e:?}");
+    assert!(e.message.contains("no terminal"), "{e:?}");
+    let mut s = connect();
+    s.send(&Request::Signal { pid, signal: 9 });
+    assert_eq!(s.response().unwrap(), Response::Ok);
+    assert_eq!(c.collect().exit.unwrap().signal, Some(9));
 }

@@ -435,6 +435,7 @@ impl MachineActor {
             timeout_ms: Some(REPORT_TIMEOUT.as_millis() as u64),
             stdin: false,
             container: None,
+            tty: None,
         };
         let run = crate::agent::exec::exec(&link, req, REPORT_MAX_OUTPUT, None);
         match tokio::time::timeout(REPORT_TIMEOUT * 2, run).await {
