@@ -306,6 +306,121 @@ async fn listed(o: &ConnectOptions, name: &str) -> Result<smol::MachineInfo, Str
         .ok_or(format!("{name} is not listed"))
 }
 
+/// `tmux -L socket args`: its stdout, or what it said on failure.
+fn tmux(socket: &str, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new("tmux")
+        .args(["-L", socket, "-f", "/dev/null"])
+        .args(args)
+        .output()
+        .map_err(|e| format!("tmux {args:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Waits until the screen of tmux session `smol` on `socket` satisfies
+/// `pred`.
+async fn screen_shows(socket: &str, what: &str, pred: impl Fn(&str) -> bool) -> CheckResult {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = tmux(socket, &["capture-pane", "-p", "-t", "smol"])?;
+        if pred(&s) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("waiting for {what}; the screen shows:\n{s}"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A screen line that is `want`, spaces aside.
+fn line_is(want: &'static str) -> impl Fn(&str) -> bool {
+    move |s: &str| s.lines().any(|l| l.trim() == want)
+}
+
+/// `smol shell e2e-a` run as a person would, in a tmux pane: keys typed
+/// with `send-keys`, the screen read with `capture-pane`.
+async fn shell_under_tmux(home: &std::path::Path) -> CheckResult {
+    if std::process::Command::new("tmux")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        report!("[e2e] SKIPPED smol shell under tmux: tmux is not installed (cargo xtask test installs it)");
+        return Ok(());
+    }
+    let socket = format!("smol-test-{}", std::process::id());
+    struct KillServer<'a>(&'a str);
+    impl Drop for KillServer<'_> {
+        fn drop(&mut self) {
+            let _ = tmux(self.0, &["kill-server"]);
+        }
+    }
+    let _server = KillServer(&socket);
+    let status_file = home.join("shell-status");
+    let command = format!(
+        "env SMOL_HOME={} {} shell e2e-a; echo $? > {f}.tmp; mv {f}.tmp {f}; sleep 600",
+        home.display(),
+        env!("CARGO_BIN_EXE_smol"),
+        f = status_file.display()
+    );
+    let new = [
+        "new-session",
+        "-d",
+        "-s",
+        "smol",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        &command,
+    ];
+    tmux(&socket, &new)?;
+    let keys = |k: &[&str]| {
+        let mut args = vec!["send-keys", "-t", "smol"];
+        args.extend_from_slice(k);
+        tmux(&socket, &args).map(|_| ())
+    };
+    let prompt = |s: &str| s.lines().any(|l| l.trim_end().ends_with('#'));
+    screen_shows(&socket, "a prompt", prompt).await?;
+    keys(&["echo $((6*7))", "Enter"])?;
+    screen_shows(&socket, "42", line_is("42")).await?;
+    keys(&["stty size", "Enter"])?;
+    screen_shows(&socket, "30 100", line_is("30 100")).await?;
+    tmux(
+        &socket,
+        &["resize-window", "-t", "smol", "-x", "120", "-y", "40"],
+    )?;
+    keys(&["clear; stty size", "Enter"])?;
+    screen_shows(&socket, "40 120 after the resize", line_is("40 120")).await?;
+    keys(&["sleep 100", "Enter"])?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    keys(&["C-c"])?;
+    keys(&["echo after-$((1+1))", "Enter"])?;
+    screen_shows(&socket, "Ctrl-C to interrupt sleep", line_is("after-2")).await?;
+    keys(&["exit 3", "Enter"])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Ok(s) = std::fs::read_to_string(&status_file) {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let s = tmux(&socket, &["capture-pane", "-p", "-t", "smol"])?;
+            return Err(format!(
+                "smol shell did not end after exit 3; the screen shows:\n{s}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    ensure!(status.trim() == "3", "smol shell exited {status:?}, not 3");
+    Ok(())
+}
+
 /// Whether `pid` is a `smol __own` process (a background owner) that has
 /// not ended.
 fn background_owner(pid: u32) -> bool {
@@ -1362,6 +1477,12 @@ async fn end_to_end(home: &std::path::Path) {
         );
         Ok(())
     })
+    .await;
+
+    c.run(
+        "smol shell under tmux: a prompt, arithmetic, resize, Ctrl-C, the exit code (issue 19)",
+        async { shell_under_tmux(home).await },
+    )
     .await;
 
     c.run(

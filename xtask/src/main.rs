@@ -171,6 +171,8 @@ const TEST_PACKAGES: &[&str] = &[
     "python3-venv",
     // the network of machines with resources.network (tests/network.rs)
     "passt",
+    // `smol shell` driven as a person would (tests/machine.rs)
+    "tmux",
 ];
 
 fn test(extra: &[String]) -> Result<(), String> {

@@ -22,6 +22,7 @@
 
 mod owner;
 mod progress;
+mod shell;
 
 use std::future::Future;
 use std::io::Write;
@@ -84,6 +85,15 @@ enum Command {
         name: Option<String>,
         /// The command and its arguments (after `--`).
         #[arg(required = true, last = true)]
+        argv: Vec<String>,
+    },
+    /// An interactive shell in machine NAME, as `docker exec -it` gives:
+    /// on a terminal of this one's size, every key to the guest (Ctrl-C
+    /// interrupts the program there), the shell's exit code as smol's.
+    Shell {
+        name: String,
+        /// The program instead of `sh` (after `--`).
+        #[arg(last = true)]
         argv: Vec<String>,
     },
     /// Create a machine that runs in the background until `smol stop`: a
@@ -495,6 +505,14 @@ async fn run(command: Command) -> Result<u8, CliError> {
                 forward(stream).await
             })
             .await
+        }
+        Command::Shell { name, argv } => {
+            let argv = if argv.is_empty() {
+                vec!["sh".to_string()]
+            } else {
+                argv
+            };
+            in_named_machine(&name, |m| shell::shell(m, argv)).await
         }
         Command::Exec {
             options,
