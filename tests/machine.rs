@@ -1505,6 +1505,11 @@ async fn end_to_end(home: &std::path::Path) {
             );
             let back = a.read_file("/root/peer.txt").await.ctx("read peer.txt")?;
             ensure!(&back[..] == b"from-peer\n", "the owner reads {back:?}");
+            let (code, out, err) = smol(&["exec", "-t", "e2e-a", "--", "tty"]).await?;
+            ensure!(
+                code == Some(0) && out.starts_with("/dev/pts/"),
+                "smol exec -t e2e-a -- tty: {code:?} {out:?} {err:?}"
+            );
             let args = ["exec", "-i", "e2e-a", "--", "wc", "-c"];
             let (code, out) = smol_with_input(home, &args, b"hello\n").await?;
             ensure!(

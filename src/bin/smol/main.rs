@@ -234,6 +234,10 @@ struct RunOptions {
     /// before the command starts; without -i the command's is /dev/null).
     #[arg(short, long)]
     interactive: bool,
+    /// Run the command on a terminal of this one's size (80x24 when this
+    /// is none); with -i, keys go to it as they are typed, as `smol shell`.
+    #[arg(short, long)]
+    tty: bool,
     #[command(flatten)]
     resources: Resources,
 }
@@ -512,7 +516,28 @@ async fn run(command: Command) -> Result<u8, CliError> {
             } else {
                 argv
             };
-            in_named_machine(&name, |m| shell::shell(m, argv)).await
+            let options = ExecOptions::default();
+            in_named_machine(&name, |m| shell::on_tty(m, argv, options, true)).await
+        }
+        Command::Exec {
+            options,
+            name: Some(name),
+            argv,
+        } if options.tty => {
+            let keys = options.interactive;
+            in_named_machine(&name, |m| {
+                shell::on_tty(m, argv, options.exec_options(), keys)
+            })
+            .await
+        }
+        Command::Exec {
+            options,
+            name: None,
+            argv,
+        } if options.tty => {
+            let keys = options.interactive;
+            let exec = options.exec_options();
+            in_machine(&options, |m| shell::on_tty(m, argv, exec, keys)).await
         }
         Command::Exec {
             options,
@@ -878,6 +903,16 @@ mod tests {
         };
         assert!(options.interactive);
         assert_eq!(name.as_deref(), Some("dev"));
+        let Command::Exec { options, .. } =
+            parse(&["smol", "exec", "-it", "dev", "--", "sh"]).unwrap()
+        else {
+            panic!()
+        };
+        assert!(options.interactive && options.tty);
+        let Command::Shell { name, argv } = parse(&["smol", "shell", "dev"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!((name.as_str(), argv.len()), ("dev", 0), "sh by default");
         let Command::Exec { argv, name, .. } =
             parse(&["smol", "exec", "dev", "--", "ls", "-la"]).unwrap()
         else {

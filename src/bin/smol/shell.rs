@@ -1,5 +1,5 @@
-//! `smol shell NAME`: an interactive shell in a machine, as
-//! `docker exec -it` gives one. The command runs on a terminal in the
+//! `smol shell NAME` and `smol exec -t`: a command on a terminal in a
+//! machine, as `docker exec -it` gives one. The command runs on a terminal in the
 //! guest; this terminal is put in raw mode, so that every key (Ctrl-C
 //! among them) reaches the guest's terminal, which turns it into a signal
 //! for the program there. Window size changes follow (SIGWINCH).
@@ -18,18 +18,32 @@ use crate::CliError;
 /// The size used when this process has no terminal (under a pipe).
 const DEFAULT_SIZE: (u16, u16) = (80, 24);
 
-/// Runs `argv` on a terminal in `m` with this terminal's keys and size;
-/// returns its exit code.
-pub async fn shell(m: Machine, argv: Vec<String>) -> Result<u8, CliError> {
+/// Runs `argv` on a terminal in `m` of this terminal's size, with
+/// `options` (env, workdir, timeout); with `keys`, this terminal's keys
+/// go to it as they are typed, else its input is empty. Returns its exit
+/// code.
+pub async fn on_tty(
+    m: Machine,
+    argv: Vec<String>,
+    options: ExecOptions,
+    keys: bool,
+) -> Result<u8, CliError> {
     let (cols, rows) = terminal_size().unwrap_or(DEFAULT_SIZE);
-    let mut p = m
-        .spawn(argv, ExecOptions::default().tty(cols, rows))
-        .await?;
+    let mut p = m.spawn(argv, options.tty(cols, rows)).await?;
     // Restored when dropped, on every way out of here.
-    let _raw = RawMode::enter().map_err(CliError::Input)?;
+    let _raw = if keys {
+        Some(RawMode::enter().map_err(CliError::Input)?)
+    } else {
+        p.close_stdin().await?;
+        None
+    };
     let mut winch = signal(SignalKind::window_change()).map_err(CliError::Input)?;
-    let mut keys = stdin_chunks();
-    let mut keys_open = true;
+    let mut keys_open = keys;
+    let mut keys = if keys {
+        stdin_chunks()
+    } else {
+        mpsc::channel(1).1
+    };
     loop {
         tokio::select! {
             ev = p.next() => match ev {
