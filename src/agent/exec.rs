@@ -408,6 +408,19 @@ mod tests {
             .collect()
     }
 
+    /// Waits up to 10 s for no child running `argv` to be left.
+    async fn assert_gone(argv: &[&str]) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !children_running(argv).is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            children_running(argv),
+            Vec::<String>::new(),
+            "{argv:?} still runs"
+        );
+    }
+
     /// Issue 15: a guest that writes without end cannot grow the host
     /// without bound; the command is killed at the bound.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,15 +437,7 @@ mod tests {
             matches!(&e, Error::OutputTooLarge { program, limit } if program == "cat" && *limit == 1 << 20),
             "{e}"
         );
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !children_running(&argv).is_empty() && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(
-            children_running(&argv),
-            Vec::<String>::new(),
-            "cat still runs"
-        );
+        assert_gone(&argv).await;
 
         // Right at the bound is fine; stdout and stderr count together.
         let script = [
@@ -586,15 +591,7 @@ mod tests {
             .unwrap();
         assert_eq!(children_running(&argv).len(), 1);
         drop(p);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !children_running(&argv).is_empty() && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(
-            children_running(&argv),
-            Vec::<String>::new(),
-            "sleep still runs"
-        );
+        assert_gone(&argv).await;
 
         // A signal ends it and is reported; after that, there is nothing
         // to signal.

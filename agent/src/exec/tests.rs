@@ -256,11 +256,7 @@ fn sixty_four_concurrent_execs_get_their_own_output() {
 #[test]
 fn host_disconnect_kills_the_program() {
     let mut c = connect();
-    c.send(&Request::Exec(exec_req(&["sleep", "600"])));
-    let pid = match c.response().unwrap() {
-        Response::Started { pid } => pid as i32,
-        r => panic!("{r:?}"),
-    };
+    let pid = started(&mut c, exec_req(&["sleep", "600"])) as i32;
     assert!(alive(pid));
     drop(c);
     assert!(wait_dead(pid), "sleep {pid} survived the host going away");
@@ -269,11 +265,7 @@ fn host_disconnect_kills_the_program() {
 #[test]
 fn backpressure_blocks_the_program() {
     let mut c = connect();
-    c.send(&Request::Exec(exec_req(&["yes"])));
-    let pid = match c.response().unwrap() {
-        Response::Started { pid } => pid as i32,
-        r => panic!("{r:?}"),
-    };
+    let pid = started(&mut c, exec_req(&["yes"])) as i32;
     // Not reading: socket buffer and pipe fill up, then `yes` sleeps in write.
     std::thread::sleep(Duration::from_millis(500));
     let state = |pid: i32| {
@@ -427,11 +419,7 @@ fn a_signal_reaches_the_running_command() {
     let mut req = exec_req(&["sleep", "100"]);
     // Stdin open and never read: the signal must not wait behind it.
     req.stdin = true;
-    c.send(&Request::Exec(req));
-    let pid = match c.response().unwrap() {
-        Response::Started { pid } => pid,
-        other => panic!("{other:?}"),
-    };
+    let pid = started(&mut c, req);
     // More than the pipe holds, less than the socket does.
     write_frame(&mut c.conn, FrameKind::Stdin, &[b'x'; 100_000]).unwrap();
     let mut s = connect();
@@ -458,6 +446,15 @@ fn a_signal_reaches_the_running_command() {
     let e = s.response().unwrap_err();
     assert_eq!(e.kind, ErrorKind::InvalidArgument, "{e:?}");
     assert!(e.message.contains("999"), "{e:?}");
+}
+
+/// Sends `req` on `c` and returns the pid of its `Started`.
+fn started(c: &mut crate::server::testing::Client, req: ExecRequest) -> u32 {
+    c.send(&Request::Exec(req));
+    match c.response().unwrap() {
+        Response::Started { pid } => pid,
+        other => panic!("{other:?}"),
+    }
 }
 
 fn tty_req(argv: &[&str], cols: u16, rows: u16) -> ExecRequest {
@@ -495,11 +492,7 @@ fn a_program_on_a_terminal_sees_one() {
     let mut c = connect();
     let mut req = tty_req(&["sh", "-c", "read x; stty size; echo got $x; cat"], 80, 24);
     req.stdin = true;
-    c.send(&Request::Exec(req));
-    let pid = match c.response().unwrap() {
-        Response::Started { pid } => pid,
-        other => panic!("{other:?}"),
-    };
+    let pid = started(&mut c, req);
     let mut r = connect();
     r.send(&Request::Resize {
         pid,
@@ -522,11 +515,7 @@ fn a_program_on_a_terminal_sees_one() {
     let mut c = connect();
     let mut req = exec_req(&["sleep", "100"]);
     req.stdin = true;
-    c.send(&Request::Exec(req));
-    let pid = match c.response().unwrap() {
-        Response::Started { pid } => pid,
-        other => panic!("{other:?}"),
-    };
+    let pid = started(&mut c, req);
     let mut r = connect();
     r.send(&Request::Resize {
         pid,
