@@ -100,7 +100,7 @@ fn a_vcpu_thread_may_run_kvm_but_not_open_connect_or_start_anything() {
             socket(libc::AF_UNIX),
             // Allowed: fails on the bad fd, not on the filter.
             ioctl(-1, profiles::KVM_RUN()),
-            ioctl(0, libc::FIONBIO as u64),
+            ioctl(0, libc::FIONBIO),
             thread.map_err(|e| e.raw_os_error()),
             exec,
         )
