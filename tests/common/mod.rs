@@ -42,6 +42,11 @@ pub type CheckResult = Result<(), String>;
 /// that is known not to be ours. Only ever returned on kvm_pvm hosts.
 pub const HOST_DEFECT: &str = "kvm_pvm host defect: ";
 
+/// A check failing with a message that starts with this is reported as
+/// SKIPPED, not passed: what it needs is missing on this host (a tool that
+/// `cargo xtask test` installs), so it could not run.
+pub const CANNOT_RUN_HERE: &str = "cannot run on this host: ";
+
 /// Adds context to any error, turning it into a check failure message.
 pub trait Ctx<T> {
     fn ctx(self, what: &str) -> Result<T, String>;
@@ -101,7 +106,7 @@ impl Checks {
                 self.passed.push(name.to_string());
                 true
             }
-            Err(e) if e.starts_with(HOST_DEFECT) => {
+            Err(e) if e.starts_with(HOST_DEFECT) || e.starts_with(CANNOT_RUN_HERE) => {
                 report!("[{}] SKIPPED {name} ({took:.2?}): {e}", self.suite);
                 self.skipped.push(name.to_string());
                 false
