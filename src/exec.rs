@@ -158,12 +158,7 @@ impl ExecOptions {
             }
         }
         if let Some(t) = self.tty {
-            if t.cols == 0 || t.rows == 0 {
-                return Err(bad(
-                    "tty",
-                    format!("{}x{} cells: both must be positive", t.cols, t.rows),
-                ));
-            }
+            check_tty_size(t)?;
         }
         let timeout_ms = match self.timeout {
             Some(d) if d.is_zero() => return Err(bad("timeout", "it is zero".into())),
@@ -180,6 +175,17 @@ impl ExecOptions {
             tty: self.tty,
         })
     }
+}
+
+/// A terminal size the guest can take: both sides positive.
+pub(crate) fn check_tty_size(size: TtySize) -> Result<()> {
+    if size.cols == 0 || size.rows == 0 {
+        return Err(bad(
+            "tty",
+            format!("{}x{} cells: both must be positive", size.cols, size.rows),
+        ));
+    }
+    Ok(())
 }
 
 fn bad(what: &'static str, reason: String) -> Error {

@@ -57,13 +57,8 @@ impl Process {
                 ),
             });
         }
-        if cols == 0 || rows == 0 {
-            return Err(Error::InvalidArgument {
-                what: "tty",
-                reason: format!("{cols}x{rows} cells: both must be positive"),
-            });
-        }
         let size = TtySize { cols, rows };
+        crate::exec::check_tty_size(size)?;
         (self.ask)(Request::Resize {
             pid: self.pid(),
             size,

@@ -572,28 +572,33 @@ const VEOF_CHAR: u8 = 4;
 /// Resizes the terminal of the running command `pid` (a `Resize` request).
 pub fn resize(pid: u32, size: TtySize) -> Result<(), AgentError> {
     check_tty_size(size)?;
-    let running = running();
-    match running.get(&pid) {
-        Some(ctl) if !ctl.reaped.load(Ordering::SeqCst) => match &ctl.tty {
-            Some(master) => set_tty_size(master, size),
-            None => Err(invalid(format!(
-                "the command with pid {pid} has no terminal"
-            ))),
-        },
-        _ => Err(AgentError::new(
-            ErrorKind::NotFound,
-            format!("no command runs with pid {pid} (it ended, or the agent did not start it)"),
-        )),
-    }
+    with_running(pid, |ctl| match &ctl.tty {
+        Some(master) => set_tty_size(master, size),
+        None => Err(invalid(format!(
+            "the command with pid {pid} has no terminal"
+        ))),
+    })
 }
 
 /// Sends `signal` to the running command `pid` (a `Signal` request).
 pub fn signal(pid: u32, signal: i32) -> Result<(), AgentError> {
     let sig = Signal::try_from(signal).map_err(|_| invalid(format!("{signal} is not a signal")))?;
+    with_running(pid, |ctl| {
+        nix::sys::signal::kill(ctl.pgid, sig)
+            .map_err(|e| AgentError::new(ErrorKind::Io, format!("signal {sig} to pid {pid}: {e}")))
+    })
+}
+
+/// `f` on the record of the running command `pid`, with the registry
+/// locked (so that it is not reaped meanwhile); NotFound when there is no
+/// such command.
+fn with_running(
+    pid: u32,
+    f: impl FnOnce(&Control) -> Result<(), AgentError>,
+) -> Result<(), AgentError> {
     let running = running();
     match running.get(&pid) {
-        Some(ctl) if !ctl.reaped.load(Ordering::SeqCst) => nix::sys::signal::kill(ctl.pgid, sig)
-            .map_err(|e| AgentError::new(ErrorKind::Io, format!("signal {sig} to pid {pid}: {e}"))),
+        Some(ctl) if !ctl.reaped.load(Ordering::SeqCst) => f(ctl),
         _ => Err(AgentError::new(
             ErrorKind::NotFound,
             format!("no command runs with pid {pid} (it ended, or the agent did not start it)"),
