@@ -51,6 +51,7 @@ fn config(dir: &Path) -> VmConfig {
     VmConfig {
         kernel,
         initramfs: Some(initramfs),
+        image_cache: None,
         cmdline: String::new(),
         vcpus: 1,
         memory_mib: 128,

@@ -30,6 +30,7 @@ fn main() {
     let config = VmConfig {
         kernel: kernel.into(),
         initramfs: args.get(1).filter(|s| !s.is_empty()).map(Into::into),
+        image_cache: None,
         cmdline: args.get(2).cloned().unwrap_or_default(),
         vcpus: 1,
         memory_mib: args

@@ -20,6 +20,7 @@ fn main() {
     let config = VmConfig {
         kernel: kernel.into(),
         initramfs,
+        image_cache: std::env::var_os("SMOL_IMAGE_CACHE").map(Into::into),
         cmdline: String::new(),
         vcpus: 1,
         memory_mib,

@@ -44,6 +44,11 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     /// Uncompressed newc initramfs, loaded as the PVH module.
     pub initramfs: Option<PathBuf>,
+    /// A directory where the kernel and initramfs, prepared for mapping,
+    /// are kept across processes (`boot::store`): the first VM of a later
+    /// process maps them instead of preparing them. `None` prepares them
+    /// once per process.
+    pub image_cache: Option<PathBuf>,
     /// Extra kernel command line, appended after the monitor's own arguments.
     pub cmdline: String,
     /// Number of vCPUs (clamped to 1 on kvm_pvm hosts, with a warning).

@@ -91,6 +91,7 @@ impl Guest {
         VmConfig {
             kernel: self.dir.path().join("vmlinux"),
             initramfs: None,
+            image_cache: None,
             cmdline: String::new(),
             vcpus: 1,
             memory_mib: 64,

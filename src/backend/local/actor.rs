@@ -316,6 +316,7 @@ impl MachineActor {
         let config = VmConfig {
             kernel: assets.kernel,
             initramfs: Some(assets.initramfs),
+            image_cache: Some(super::assets::image_cache_dir()),
             cmdline: DISK_CMDLINE.to_string(),
             // Validated against smol_vmm::MAX_VCPUS at create.
             vcpus: u8::try_from(r.cpus).unwrap_or(smol_vmm::MAX_VCPUS),

@@ -59,6 +59,12 @@ fn assets_dir(env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
     cache_dir_with(env).join("assets")
 }
 
+/// Where the monitor keeps the kernel and initramfs prepared for mapping,
+/// so that a process's first boot maps them (`VmConfig::image_cache`).
+pub(crate) fn image_cache_dir() -> PathBuf {
+    cache_dir().join("boot-images")
+}
+
 /// smol's cache directory: `SMOL_CACHE_DIR`, else `$XDG_CACHE_HOME/smol`,
 /// else `~/.cache/smol` (assets, warm snapshots).
 pub(crate) fn cache_dir() -> PathBuf {

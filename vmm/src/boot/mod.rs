@@ -3,6 +3,7 @@
 pub mod cmdline;
 pub mod mptable;
 pub mod pvh;
+pub mod store;
 pub mod template;
 
 use std::fs::File;
@@ -133,9 +134,14 @@ impl ReadVolatile for KernelSource<'_> {
 
 /// Loads the `vmlinux` at `path` at its ELF physical addresses and finds
 /// its PVH entry note. The kernel is prepared once per process
-/// ([`template`]) and placed with [`GuestRam::place_image`]: mapped
-/// copy-on-write, or copied into RAM shared with back ends.
-pub fn load_kernel(ram: &GuestRam, path: &Path) -> Result<LoadedKernel, Error> {
+/// ([`template`]), or once per host with a `store` directory ([`store`]),
+/// and placed with [`GuestRam::place_image`]: mapped copy-on-write, or
+/// copied into RAM shared with back ends.
+pub fn load_kernel(
+    ram: &GuestRam,
+    path: &Path,
+    store: Option<&Path>,
+) -> Result<LoadedKernel, Error> {
     let file = open(
         path,
         || Error::KernelNotFound(path.to_path_buf()),
@@ -148,7 +154,18 @@ pub fn load_kernel(ram: &GuestRam, path: &Path) -> Result<LoadedKernel, Error> {
         path: path.to_path_buf(),
         source,
     })?;
-    let image = KERNELS.get_or_build(key, || prepare_kernel(file, path))?;
+    let image = KERNELS.get_or_build(key, || {
+        if let Some(image) = store.and_then(|dir| store::load_kernel(dir, &key)) {
+            return Ok::<_, Error>(image);
+        }
+        let image = prepare_kernel(file, path)?;
+        if let Some(dir) = store {
+            if let Err(e) = store::save_kernel(dir, &key, &image) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot store the prepared kernel");
+            }
+        }
+        Ok(image)
+    })?;
     if image.end.div_ceil(PAGE) * PAGE > low_ram_end(ram.size()) {
         return Err(Error::KernelInvalid {
             path: path.to_path_buf(),
@@ -248,10 +265,14 @@ fn lowest_segment(file: &mut File) -> Result<u64, String> {
 
 /// Loads the initramfs at the top of memory below 4 GiB, page aligned,
 /// placed ([`GuestRam::place_image`]) from an image prepared once per
-/// process.
+/// process, or once per host with a `store` directory.
 /// Returns `(address, size)`; [`check_initramfs_fits`] then checks it stays
 /// clear of the kernel (the two load in parallel).
-pub fn load_initramfs(ram: &GuestRam, path: &Path) -> Result<(u64, u64), Error> {
+pub fn load_initramfs(
+    ram: &GuestRam,
+    path: &Path,
+    store: Option<&Path>,
+) -> Result<(u64, u64), Error> {
     let file = open(
         path,
         || Error::InitramfsNotFound(path.to_path_buf()),
@@ -275,9 +296,20 @@ pub fn load_initramfs(ram: &GuestRam, path: &Path) -> Result<(u64, u64), Error> 
         Some(a) if a >= HIGH_MEMORY_START && size > 0 => a,
         _ => return Err(too_large()),
     };
-    let image = INITRAMFS.get_or_build(key, || prepare_initramfs(&file, size, path))?;
+    let image = INITRAMFS.get_or_build(key, || {
+        if let Some(image) = store.and_then(|dir| store::load_initramfs(dir, &key)) {
+            return Ok::<_, Error>(image);
+        }
+        let image = prepare_initramfs(&file, size, path)?;
+        if let Some(dir) = store {
+            if let Err(e) = store::save_initramfs(dir, &key, &image) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot store the prepared initramfs");
+            }
+        }
+        Ok(image)
+    })?;
     let len = image.size.div_ceil(PAGE) * PAGE;
-    ram.place_image(addr, len, &image.file, 0)
+    ram.place_image(addr, len, &image.file, image.offset)
         .map_err(|source| Error::Map {
             what: "initramfs",
             source,
@@ -298,7 +330,11 @@ fn prepare_initramfs(src: &File, size: u64, path: &Path) -> Result<InitramfsImag
         source,
     })?;
     template::seal(&file).map_err(prepare)?;
-    Ok(InitramfsImage { file, size })
+    Ok(InitramfsImage {
+        file,
+        offset: 0,
+        size,
+    })
 }
 
 /// The initramfs at `addr` must start above the kernel's image.
@@ -424,14 +460,14 @@ mod tests {
 
     #[test]
     fn missing_kernel() {
-        let err = load_kernel(&ram(64), Path::new("/nonexistent/vmlinux")).unwrap_err();
+        let err = load_kernel(&ram(64), Path::new("/nonexistent/vmlinux"), None).unwrap_err();
         assert!(matches!(err, Error::KernelNotFound(_)), "{err}");
     }
 
     #[test]
     fn garbage_kernel() {
         let f = file_with(&[0x42; 4096]);
-        let err = load_kernel(&ram(64), f.path()).unwrap_err();
+        let err = load_kernel(&ram(64), f.path(), None).unwrap_err();
         assert!(matches!(err, Error::KernelInvalid { .. }), "{err}");
         assert!(err.to_string().contains("bad magic"), "{err}");
     }
@@ -440,7 +476,7 @@ mod tests {
     fn empty_and_short_kernels() {
         for len in [0usize, 10] {
             let f = file_with(&vec![0x7f; len]);
-            let err = load_kernel(&ram(64), f.path()).unwrap_err();
+            let err = load_kernel(&ram(64), f.path(), None).unwrap_err();
             assert!(err.to_string().contains("too short"), "{err}");
         }
     }
@@ -458,14 +494,14 @@ mod tests {
         hdr[54] = 56; // phentsize
         hdr[56] = 3; // phnum
         let f = file_with(&hdr);
-        let err = load_kernel(&ram(64), f.path()).unwrap_err();
+        let err = load_kernel(&ram(64), f.path(), None).unwrap_err();
         assert!(matches!(err, Error::KernelInvalid { .. }), "{err}");
     }
 
     #[test]
     fn directory_as_kernel() {
         let dir = tempfile::tempdir().unwrap();
-        let err = load_kernel(&ram(64), dir.path()).unwrap_err();
+        let err = load_kernel(&ram(64), dir.path(), None).unwrap_err();
         assert!(matches!(err, Error::KernelRead { .. }), "{err}");
     }
 
@@ -474,7 +510,7 @@ mod tests {
         let r = ram(64);
         let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
         let f = file_with(&data);
-        let (addr, size) = load_initramfs(&r, f.path()).unwrap();
+        let (addr, size) = load_initramfs(&r, f.path(), None).unwrap();
         assert_eq!(size, 10_000);
         assert_eq!(addr % PAGE, 0);
         assert!(addr + size <= 64 << 20);
@@ -497,28 +533,47 @@ mod tests {
         let changed: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
         std::fs::write(f.path(), &changed).unwrap();
         let r2 = ram(64);
-        let (addr2, _) = load_initramfs(&r2, f.path()).unwrap();
+        let (addr2, _) = load_initramfs(&r2, f.path(), None).unwrap();
         r2.memory()
             .read_slice(&mut back, GuestAddress(addr2))
             .unwrap();
         assert_eq!(back, changed);
         check_initramfs_fits(f.path(), (addr, size), 0x200_0000).unwrap();
+
+        // From a store directory, in a process that has no image yet: the
+        // stored bytes start a page into the file, the guest sees them at
+        // the same address.
+        let store = tempfile::tempdir().unwrap();
+        INITRAMFS.clear();
+        load_initramfs(&ram(64), f.path(), Some(store.path())).unwrap();
+        INITRAMFS.clear();
+        let r3 = ram(64);
+        let (addr3, _) = load_initramfs(&r3, f.path(), Some(store.path())).unwrap();
+        assert_eq!(addr3, addr2);
+        r3.memory()
+            .read_slice(&mut back, GuestAddress(addr3))
+            .unwrap();
+        assert_eq!(back, changed);
+        r3.memory()
+            .read_slice(&mut tail, GuestAddress(addr3 + 10_000))
+            .unwrap();
+        assert!(tail.iter().all(|&b| b == 0));
     }
 
     #[test]
     fn initramfs_too_large_or_missing() {
         let r = ram(64);
         let f = file_with(&vec![0; 40 << 20]);
-        let placed = load_initramfs(&r, f.path()).unwrap();
+        let placed = load_initramfs(&r, f.path(), None).unwrap();
         let err = check_initramfs_fits(f.path(), placed, 30 << 20).unwrap_err();
         assert!(matches!(err, Error::InitramfsTooLarge { .. }), "{err}");
         let f = file_with(&vec![0; 70 << 20]);
-        let err = load_initramfs(&r, f.path()).unwrap_err();
+        let err = load_initramfs(&r, f.path(), None).unwrap_err();
         assert!(matches!(err, Error::InitramfsTooLarge { .. }), "{err}");
-        let err = load_initramfs(&r, Path::new("/nonexistent.cpio")).unwrap_err();
+        let err = load_initramfs(&r, Path::new("/nonexistent.cpio"), None).unwrap_err();
         assert!(matches!(err, Error::InitramfsNotFound(_)), "{err}");
         let empty = file_with(&[]);
-        assert!(load_initramfs(&r, empty.path()).is_err());
+        assert!(load_initramfs(&r, empty.path(), None).is_err());
     }
 
     #[test]
@@ -556,7 +611,7 @@ mod tests {
         let file = file_with(&f);
 
         let r = ram(64);
-        let k = load_kernel(&r, file.path()).unwrap();
+        let k = load_kernel(&r, file.path(), None).unwrap();
         assert_eq!(k.entry, 0x100_0040);
         assert_eq!(k.end, 0x100_0000 + code.len() as u64 + 4096);
         let mut back = vec![0u8; code.len()];
@@ -582,7 +637,7 @@ mod tests {
         // A second VM maps the same prepared image; one VM's writes stay
         // its own.
         let r2 = ram(64);
-        assert_eq!(load_kernel(&r2, file.path()).unwrap(), k);
+        assert_eq!(load_kernel(&r2, file.path(), None).unwrap(), k);
         r.memory()
             .write_slice(&[0xaa; 64], GuestAddress(0x100_0000))
             .unwrap();
@@ -591,20 +646,39 @@ mod tests {
             .unwrap();
         assert_eq!(back, code);
         let r3 = ram(64);
-        load_kernel(&r3, file.path()).unwrap();
+        load_kernel(&r3, file.path(), None).unwrap();
         r3.memory()
             .read_slice(&mut back, GuestAddress(0x100_0000))
             .unwrap();
         assert_eq!(back, code);
 
+        // With a store directory, the next process maps the stored image:
+        // the same bytes, and the stored file is not written again.
+        let store = tempfile::tempdir().unwrap();
+        KERNELS.clear();
+        let r4 = ram(64);
+        assert_eq!(load_kernel(&r4, file.path(), Some(store.path())).unwrap(), k);
+        let stored: Vec<_> = std::fs::read_dir(store.path()).unwrap().flatten().collect();
+        assert_eq!(stored.len(), 1, "one kernel image stored");
+        use std::os::unix::fs::MetadataExt;
+        let ino = stored[0].metadata().unwrap().ino();
+        KERNELS.clear();
+        let r5 = ram(64);
+        assert_eq!(load_kernel(&r5, file.path(), Some(store.path())).unwrap(), k);
+        r5.memory()
+            .read_slice(&mut back, GuestAddress(0x100_0000))
+            .unwrap();
+        assert_eq!(back, code);
+        assert_eq!(std::fs::metadata(stored[0].path()).unwrap().ino(), ino);
+
         // Guest memory too small for the image is refused by name.
-        let err = load_kernel(&ram(16), file.path()).unwrap_err();
+        let err = load_kernel(&ram(16), file.path(), None).unwrap_err();
         assert!(err.to_string().contains("beyond guest memory"), "{err}");
 
         // The same image without its note is refused by name.
         f[0x208..0x20c].copy_from_slice(&17u32.to_le_bytes());
         let file = file_with(&f);
-        let err = load_kernel(&r, file.path()).unwrap_err();
+        let err = load_kernel(&r, file.path(), None).unwrap_err();
         assert!(err.to_string().contains("no pvh entry note"), "{err}");
     }
 

@@ -28,7 +28,7 @@ use crate::memory::GuestRam;
 const KEEP: usize = 4;
 
 /// The identity of an opened file's contents.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileKey {
     dev: u64,
     ino: u64,
@@ -114,9 +114,11 @@ pub struct KernelImage {
     pub entry: u64,
 }
 
-/// A prepared initramfs: its bytes from offset 0, zero-padded to a page.
+/// A prepared initramfs: its bytes from `offset` (page aligned),
+/// zero-padded to a page.
 pub struct InitramfsImage {
     pub file: File,
+    pub offset: u64,
     pub size: u64,
 }
 
