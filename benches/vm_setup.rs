@@ -105,7 +105,9 @@ fn vm_setup(c: &mut Criterion) {
     };
     smol_vmm::release_boot_images();
     let storing = start_stop(&cached);
-    let mut later: Vec<(Duration, Duration)> = (0..7).map(|_| first_vm_of_a_process(store.path())).collect();
+    let mut later: Vec<(Duration, Duration)> = (0..7)
+        .map(|_| first_vm_of_a_process(store.path()))
+        .collect();
     later.sort();
     let (total, load) = later[later.len() / 2];
     eprintln!(
@@ -144,7 +146,10 @@ fn first_vm_of_a_process(store: &Path) -> (Duration, Duration) {
         .map(|w| w.parse().expect("child prints nanoseconds"))
         .collect();
     assert_eq!(nanos.len(), 2, "child printed {text:?}");
-    (Duration::from_nanos(nanos[0]), Duration::from_nanos(nanos[1]))
+    (
+        Duration::from_nanos(nanos[0]),
+        Duration::from_nanos(nanos[1]),
+    )
 }
 
 criterion_group!(benches, vm_setup);

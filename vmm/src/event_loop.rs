@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::seccomp::{Profile, Spawner};
+use crate::seccomp::{Confirmation, Profile, Spawner};
 
 /// How devices join the loop (the same `Arc` the transport holds).
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -77,13 +77,24 @@ impl EventLoop {
 
     /// Starts the loop thread, under its seccomp filter, from `spawner`.
     pub fn spawn(self, spawner: &Spawner) -> Result<EventLoopHandle, Error> {
+        let (handle, filter) = self.spawn_pending(spawner)?;
+        filter.wait().map_err(Error::Spawn)?;
+        Ok(handle)
+    }
+
+    /// [`EventLoop::spawn`], returning before the thread's filter is in
+    /// place: the handle stops and joins the thread either way.
+    pub fn spawn_pending(
+        self,
+        spawner: &Spawner,
+    ) -> Result<(EventLoopHandle, Confirmation), Error> {
         let EventLoop {
             mut manager,
             stop,
             stopped,
         } = self;
-        let thread = spawner
-            .spawn("smol-events", Profile::EventLoop, move || {
+        let pending = spawner
+            .spawn_pending("smol-events", Profile::EventLoop, move || {
                 while !stopped.load(Ordering::SeqCst) {
                     if let Err(e) = manager.run() {
                         tracing::error!(error = ?e, "event loop failed");
@@ -94,10 +105,13 @@ impl EventLoop {
                 // references on this thread, closing their fds.
             })
             .map_err(Error::Spawn)?;
-        Ok(EventLoopHandle {
-            stop,
-            thread: Some(thread),
-        })
+        Ok((
+            EventLoopHandle {
+                stop,
+                thread: Some(pending.thread),
+            },
+            pending.filter,
+        ))
     }
 }
 

@@ -877,9 +877,12 @@ fn assemble(
         what: "cannot start the thread spawner".into(),
         source,
     })?;
-    let event_loop = event_loop
-        .spawn(&spawner)
+    // Every thread is started before any filter is waited for: their
+    // starts overlap, on other cores, instead of adding up.
+    let (event_loop, loop_filter) = event_loop
+        .spawn_pending(&spawner)
         .map_err(|e| device_err("event loop", e))?;
+    let mut filters = vec![("event loop".to_string(), loop_filter)];
     let vm_fd = Arc::new(vm_fd);
     // Not on a restore: the guest (which has no LAPIC timer on kvm_pvm,
     // `noapictimer`) already runs its PIT one-shot, and KVM drops the ack
@@ -887,13 +890,19 @@ fn assemble(
     // acked in that window leaves the next one never injected: the guest's
     // timers stopped for good, once in some 50 restores. In one-shot mode
     // there is no backlog of ticks to replay, so reinjection is harmless.
+    let mut pit_filter = None;
     let pit_tuning = if plan.kvm_pvm && restoring.is_none() {
         let fd = vm_fd.clone();
-        let spawned = spawner.spawn("smol-pit", Profile::PitTuning, move || {
+        let spawned = spawner.spawn_pending("smol-pit", Profile::PitTuning, move || {
             disable_pit_reinjection(&fd)
         });
         match spawned {
-            Ok(handle) => Some(handle),
+            // Its filter is confirmed with the others'; a failure there
+            // ends this thread only, as a failed start does.
+            Ok(pending) => {
+                pit_filter = Some(pending.filter);
+                Some(pending.thread)
+            }
             // Only the catch-up of lost ticks stays on: slower, not wrong.
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start the pit tuning thread");
@@ -928,14 +937,16 @@ fn assemble(
             pause: pause.clone(),
             first_run: (id == 0).then(|| first_tx.clone()),
         };
+        let name = format!("smol-vcpu{id}");
         let spawned = running
             .spawner
-            .spawn(&format!("smol-vcpu{id}"), Profile::Vcpu, move || vcpu.run());
+            .spawn_pending(&name, Profile::Vcpu, move || vcpu.run());
         match spawned {
-            Ok(handle) => {
+            Ok(pending) => {
                 use std::os::unix::thread::JoinHandleExt;
-                exit.add_vcpu_thread(handle.as_pthread_t());
-                running.vcpu_threads.push(handle);
+                exit.add_vcpu_thread(pending.thread.as_pthread_t());
+                running.vcpu_threads.push(pending.thread);
+                filters.push((name, pending.filter));
             }
             Err(source) => {
                 running.stop();
@@ -947,6 +958,20 @@ fn assemble(
         }
     }
     drop(first_tx);
+    for (name, filter) in filters {
+        if let Err(source) = filter.wait() {
+            running.stop();
+            return Err(Error::Io {
+                what: format!("cannot start the {name} thread under its seccomp filter"),
+                source,
+            });
+        }
+    }
+    if let Some(filter) = pit_filter {
+        if let Err(e) = filter.wait() {
+            tracing::warn!(error = %e, "the pit tuning thread did not start");
+        }
+    }
     match first_rx.recv_timeout(FIRST_RUN_TIMEOUT) {
         Ok(at) => {
             timings.first_run = at.saturating_duration_since(t);

@@ -657,14 +657,20 @@ mod tests {
         let store = tempfile::tempdir().unwrap();
         KERNELS.clear();
         let r4 = ram(64);
-        assert_eq!(load_kernel(&r4, file.path(), Some(store.path())).unwrap(), k);
+        assert_eq!(
+            load_kernel(&r4, file.path(), Some(store.path())).unwrap(),
+            k
+        );
         let stored: Vec<_> = std::fs::read_dir(store.path()).unwrap().flatten().collect();
         assert_eq!(stored.len(), 1, "one kernel image stored");
         use std::os::unix::fs::MetadataExt;
         let ino = stored[0].metadata().unwrap().ino();
         KERNELS.clear();
         let r5 = ram(64);
-        assert_eq!(load_kernel(&r5, file.path(), Some(store.path())).unwrap(), k);
+        assert_eq!(
+            load_kernel(&r5, file.path(), Some(store.path())).unwrap(),
+            k
+        );
         r5.memory()
             .read_slice(&mut back, GuestAddress(0x100_0000))
             .unwrap();

@@ -153,7 +153,14 @@ pub fn load_initramfs(dir: &Path, source: &FileKey) -> Option<InitramfsImage> {
 /// caller's to log.
 pub fn save_kernel(dir: &Path, source: &FileKey, image: &KernelImage) -> io::Result<()> {
     let len = image.end.div_ceil(HEADER) * HEADER;
-    let header = Header::new(Kind::Kernel, *source, len, image.start, image.end, image.entry);
+    let header = Header::new(
+        Kind::Kernel,
+        *source,
+        len,
+        image.start,
+        image.end,
+        image.entry,
+    );
     let ranges = crate::sparse::data_extents(&image.file, image.start, len)?
         .into_iter()
         .map(|(a, b)| (a, a, b - a))
@@ -228,7 +235,7 @@ fn prune(dir: &Path, kind: Kind) {
         })
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
-    images.sort_by(|a, b| b.0.cmp(&a.0));
+    images.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
     for (_, path) in images.into_iter().skip(KEEP) {
         let _ = std::fs::remove_file(path);
     }

@@ -28,6 +28,7 @@ use std::thread::JoinHandle;
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
 pub use spawner::Spawner;
+// `Pending` and `Confirmation` are defined here, beside `start`.
 use spawner::SpawnerHandle;
 
 /// Which monitor thread a filter is for.
@@ -211,6 +212,21 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
+    start_pending(name, profile, f, delegate)?.confirm()
+}
+
+/// [`start`], returning before the filter is in place: a VM starts all its
+/// threads, then waits for their filters together.
+fn start_pending<F, T>(
+    name: &str,
+    profile: Profile,
+    f: F,
+    delegate: Option<SpawnerHandle>,
+) -> io::Result<Pending<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
     let mode = Mode::from_env();
     let (tx, rx) = mpsc::sync_channel::<Result<(), Error>>(1);
     let thread = std::thread::Builder::new()
@@ -225,12 +241,48 @@ where
             }
             f()
         })?;
-    match rx.recv() {
-        Ok(Ok(())) => Ok(thread),
-        Ok(Err(e)) => Err(e.into()),
-        Err(_) => Err(io::Error::other(format!(
-            "thread {name} ended before its seccomp filter was in place"
-        ))),
+    Ok(Pending {
+        thread,
+        filter: Confirmation {
+            installed: rx,
+            name: name.to_string(),
+        },
+    })
+}
+
+/// A thread started whose filter may not be in place yet; it runs nothing
+/// of its own before it is.
+pub struct Pending<T> {
+    pub thread: JoinHandle<T>,
+    pub filter: Confirmation,
+}
+
+impl<T> Pending<T> {
+    /// Waits until the thread runs under its filter ([`Confirmation::wait`]).
+    pub fn confirm(self) -> io::Result<JoinHandle<T>> {
+        self.filter.wait()?;
+        Ok(self.thread)
+    }
+}
+
+/// The word of a [`Pending`] thread that its filter is in place.
+pub struct Confirmation {
+    installed: mpsc::Receiver<Result<(), Error>>,
+    name: String,
+}
+
+impl Confirmation {
+    /// Waits until the thread runs under its filter, or returns the error
+    /// that kept the filter out (the thread then ends without running).
+    pub fn wait(self) -> io::Result<()> {
+        match self.installed.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(io::Error::other(format!(
+                "thread {} ended before its seccomp filter was in place",
+                self.name
+            ))),
+        }
     }
 }
 

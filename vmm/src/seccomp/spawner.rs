@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::Profile;
+use super::{Pending, Profile};
 
 /// How long a filtered thread waits for its start before giving up.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,7 +59,17 @@ impl Spawner {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        super::start(name, profile, f, Some(self.handle.clone()))
+        self.spawn_pending(name, profile, f)?.confirm()
+    }
+
+    /// [`Spawner::spawn`], returning before the thread's filter is in
+    /// place: confirm it with [`Pending::confirm`].
+    pub fn spawn_pending<F, T>(&self, name: &str, profile: Profile, f: F) -> io::Result<Pending<T>>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        super::start_pending(name, profile, f, Some(self.handle.clone()))
     }
 }
 
