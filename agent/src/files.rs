@@ -2,14 +2,14 @@
 //! (streamed out). Memory stays at one chunk whatever the file size.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::exec::io_error;
 use crate::protocol::{
-    read_frame, write_frame, AgentError, ErrorKind, FrameKind, Response, DATA_CHUNK,
+    read_frame, write_frame, AgentError, ErrorKind, FrameKind, Response, DATA_CHUNK, HEADER_LEN,
 };
 use crate::server::{send_error, send_response, Duplex, ServeError};
 
@@ -128,7 +128,7 @@ enum WriteEnd {
     Gone(ServeError),
 }
 
-fn receive<S: Duplex>(conn: &mut S, file: &mut File, text: &str) -> Result<u64, WriteEnd> {
+fn receive<R: Read>(conn: &mut R, file: &mut File, text: &str) -> Result<u64, WriteEnd> {
     let mut size = 0u64;
     loop {
         let frame = match read_frame(conn) {
@@ -159,7 +159,7 @@ fn receive<S: Duplex>(conn: &mut S, file: &mut File, text: &str) -> Result<u64, 
 
 /// Reads and discards frames until Eof or the end of the connection, so the
 /// host's sends do not fail before it reads our error.
-fn drain<S: Duplex>(conn: &mut S) {
+fn drain<R: Read>(conn: &mut R) {
     while let Ok(Some(f)) = read_frame(conn) {
         if f.kind == FrameKind::Eof {
             break;
@@ -174,6 +174,10 @@ pub fn serve_write<S: Duplex>(
     path: &str,
     mode: Option<u32>,
 ) -> Result<(), ServeError> {
+    // Frames are read through a buffer: a header and the start of its
+    // payload come in one system call (each costs ~0.4 ms in a guest on a
+    // kvm_pvm host), and the file is written a whole frame at a time.
+    let mut input = BufReader::with_capacity(DATA_CHUNK + HEADER_LEN, conn);
     let result = (|| {
         let mode = mode.unwrap_or(DEFAULT_MODE);
         if mode > 0o7777 {
@@ -184,7 +188,7 @@ pub fn serve_write<S: Duplex>(
         let target = check_path(path).map_err(WriteEnd::Failed)?;
         let parent = check_write_target(target, path).map_err(WriteEnd::Failed)?;
         let (mut file, mut temp) = create_temp(&parent).map_err(WriteEnd::Failed)?;
-        let size = receive(conn, &mut file, path)?;
+        let size = receive(&mut input, &mut file, path)?;
         let fail = |e: io::Error| WriteEnd::Failed(io_error(&e, &format!("writing {path}")));
         file.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(fail)?;
@@ -198,11 +202,12 @@ pub fn serve_write<S: Duplex>(
         }
         Ok(size)
     })();
+    // Answers go out on the connection itself (the buffer holds input only).
     match result {
-        Ok(size) => send_response(conn, &Response::Written { size })?,
+        Ok(size) => send_response(input.get_mut(), &Response::Written { size })?,
         Err(WriteEnd::Failed(e)) => {
-            send_error(conn, &e)?;
-            drain(conn);
+            send_error(input.get_mut(), &e)?;
+            drain(&mut input);
         }
         Err(WriteEnd::Gone(e)) => return Err(e),
     }

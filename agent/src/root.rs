@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::mount::{mount, umount, MsFlags};
 
-use crate::system::cmdline_param;
+use crate::system::{cmdline_param, is_mountpoint};
 
 /// Where the machine disk is mounted (before and after the switch).
 pub const DISK_MOUNT: &str = "/run/smol/disk";
@@ -94,12 +94,6 @@ fn move_mount(from: &str, to: &str) -> Result<(), RootError> {
     })
 }
 
-fn is_mountpoint(path: &str) -> bool {
-    std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(path)))
-        .unwrap_or(false)
-}
-
 /// Mounts `device` and switches the root to the overlay. On an error before
 /// the point of no return everything is undone and the initramfs root stays.
 pub fn switch_to_disk_root(device: &str) -> Result<(), RootError> {
@@ -147,7 +141,6 @@ pub fn switch_to_disk_root(device: &str) -> Result<(), RootError> {
     }
 
     // From here on the API mounts move: failures are reported, not undone.
-    // Which of them exist is read once: /proc/self/mounts goes with /proc.
     let present: Vec<&str> = ["/proc", "/sys", "/dev"]
         .into_iter()
         .filter(|p| is_mountpoint(p))

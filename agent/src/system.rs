@@ -119,8 +119,39 @@ const RUNTIME_MOUNTS: &[MountSpec] = &[
     },
 ];
 
-/// Whether something is mounted exactly at `path` (per /proc/self/mounts).
-fn is_mountpoint(path: &str) -> bool {
+/// Whether something is mounted exactly at `path`: one statx, which
+/// reports a mount's root (STATX_ATTR_MOUNT_ROOT, Linux 5.8), rather than
+/// a read of /proc/self/mounts that the guest kernel must generate (several
+/// system calls, each ~0.4 ms on a kvm_pvm host). Older kernels fall back
+/// to that read.
+pub fn is_mountpoint(path: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(path) else {
+        return false;
+    };
+    // SAFETY: statx is plain data; zeroed is valid.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statx buffer the call fills.
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT,
+            0,
+            &mut st,
+        )
+    };
+    if r != 0 {
+        return false;
+    }
+    let root = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    if st.stx_attributes_mask & root != 0 {
+        return st.stx_attributes & root != 0;
+    }
+    listed_in_mounts(path)
+}
+
+/// Whether `path` is a mount point per /proc/self/mounts.
+fn listed_in_mounts(path: &str) -> bool {
     std::fs::read_to_string("/proc/self/mounts")
         .map(|m| {
             m.lines()
@@ -341,6 +372,19 @@ pub fn read_cmdline() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The statx answer agrees with /proc/self/mounts on this host.
+    #[test]
+    fn mount_points_by_statx() {
+        for p in ["/", "/proc", "/sys", "/dev"] {
+            assert_eq!(is_mountpoint(p), listed_in_mounts(p), "{p}");
+        }
+        assert!(is_mountpoint("/proc"));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_mountpoint(dir.path().to_str().unwrap()));
+        assert!(!is_mountpoint("/nonexistent/smol"));
+        assert!(!is_mountpoint("bad\0path"));
+    }
 
     #[test]
     fn cmdline_params() {

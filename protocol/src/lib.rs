@@ -78,8 +78,11 @@ pub const AGENT_PORT: u32 = 1024;
 pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest payload either side accepts in one frame.
 pub const MAX_FRAME_LEN: u32 = 1 << 20;
-/// Size in which data (output, file contents) is cut into frames.
-pub const DATA_CHUNK: usize = 64 * 1024;
+/// Size in which data (output, file contents) is cut into frames: several
+/// vsock packets (64 KiB at most) per frame, so that moving a frame costs
+/// the guest one system call, not one per packet (each costs ~0.4 ms in a
+/// guest on a kvm_pvm host).
+pub const DATA_CHUNK: usize = 256 * 1024;
 /// Header length: kind (1) + length (4).
 pub const HEADER_LEN: usize = 5;
 
@@ -260,10 +263,23 @@ pub mod asyncio {
         if payload.len() > MAX_FRAME_LEN as usize {
             return Err(ProtocolError::TooLarge(payload.len() as u32));
         }
-        let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
-        buf.extend_from_slice(&encode_header(kind, payload.len()));
-        buf.extend_from_slice(payload);
-        w.write_all(&buf).await?;
+        // Header and payload go out together (writev), with no copy of
+        // the payload into a frame buffer.
+        let header = encode_header(kind, payload.len());
+        let total = HEADER_LEN + payload.len();
+        let mut sent = 0;
+        while sent < total {
+            let n = if sent < HEADER_LEN {
+                let parts = [io::IoSlice::new(&header[sent..]), io::IoSlice::new(payload)];
+                w.write_vectored(&parts).await?
+            } else {
+                w.write(&payload[sent - HEADER_LEN..]).await?
+            };
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+            }
+            sent += n;
+        }
         Ok(())
     }
 
@@ -610,6 +626,38 @@ mod tests {
         let f = read_frame(&mut buf.as_slice()).unwrap().unwrap();
         assert_eq!(f.kind, FrameKind::Request);
         assert_eq!(f.parse::<Request>("request").unwrap(), req);
+    }
+
+    /// The async writer sends header and payload in pieces when the
+    /// stream takes few bytes at a time, and the frames arrive whole.
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn async_frames_survive_short_writes() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (mut a, mut b) = tokio::io::duplex(3);
+            let big: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+            let sent = big.clone();
+            let writer = async move {
+                asyncio::write_frame(&mut a, FrameKind::Data, &sent)
+                    .await
+                    .unwrap();
+                asyncio::write_frame(&mut a, FrameKind::Eof, &[])
+                    .await
+                    .unwrap();
+            };
+            let reader = async {
+                let f = asyncio::read_frame(&mut b).await.unwrap().unwrap();
+                let g = asyncio::read_frame(&mut b).await.unwrap().unwrap();
+                (f, g)
+            };
+            let ((), (f, g)) = tokio::join!(writer, reader);
+            assert_eq!((f.kind, f.payload.len()), (FrameKind::Data, big.len()));
+            assert_eq!(f.payload, big);
+            assert_eq!((g.kind, g.payload.len()), (FrameKind::Eof, 0));
+        });
     }
 
     #[test]
