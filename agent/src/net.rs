@@ -71,12 +71,9 @@ fn configure() -> Result<NetworkInfo, AgentError> {
     let log = Path::new(RUN_DIR).join("udhcpc.log");
     let out = std::fs::File::create(&log).map_err(|e| io("creating the udhcpc log", e))?;
     let err = out.try_clone().map_err(|e| io("the udhcpc log", e))?;
-    // Through busybox itself: the applet's link may not be there (see
-    // exec::BUSYBOX).
-    let mut cmd = Command::new(crate::exec::BUSYBOX);
+    let mut cmd = Command::new("udhcpc");
     // Foreground, quit once bound, fail if no lease after the tries.
-    cmd.arg("udhcpc")
-        .args(["-f", "-q", "-n", "-t", "10", "-T", "1", "-i", &iface, "-s"])
+    cmd.args(["-f", "-q", "-n", "-t", "10", "-T", "1", "-i", &iface, "-s"])
         .arg(&script)
         .stdin(Stdio::null())
         .stdout(out)
