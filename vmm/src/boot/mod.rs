@@ -155,16 +155,13 @@ pub fn load_kernel(
         source,
     })?;
     let image = KERNELS.get_or_build(key, || {
-        if let Some(image) = store.and_then(|dir| store::load_kernel(dir, &key)) {
-            return Ok::<_, Error>(image);
-        }
-        let image = prepare_kernel(file, path)?;
-        if let Some(dir) = store {
-            if let Err(e) = store::save_kernel(dir, &key, &image) {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot store the prepared kernel");
-            }
-        }
-        Ok(image)
+        stored_or_prepared(
+            store,
+            "kernel",
+            |dir| store::load_kernel(dir, &key),
+            || prepare_kernel(file, path),
+            |dir, image| store::save_kernel(dir, &key, image),
+        )
     })?;
     if image.end.div_ceil(PAGE) * PAGE > low_ram_end(ram.size()) {
         return Err(Error::KernelInvalid {
@@ -182,6 +179,28 @@ pub fn load_kernel(
         entry: image.entry,
         end: image.end,
     })
+}
+
+/// The image from the `store` directory when it holds a valid one, else
+/// prepared, and then stored there for later processes. Failing to store
+/// it is logged, not an error: the next process prepares it again.
+fn stored_or_prepared<T>(
+    store: Option<&Path>,
+    what: &str,
+    load: impl FnOnce(&Path) -> Option<T>,
+    prepare: impl FnOnce() -> Result<T, Error>,
+    save: impl FnOnce(&Path, &T) -> io::Result<()>,
+) -> Result<T, Error> {
+    if let Some(image) = store.and_then(load) {
+        return Ok(image);
+    }
+    let image = prepare()?;
+    if let Some(dir) = store {
+        if let Err(e) = save(dir, &image) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot store the prepared {what}");
+        }
+    }
+    Ok(image)
 }
 
 /// Lays the kernel out in a scratch memfd as big as the RAM below the
@@ -297,16 +316,13 @@ pub fn load_initramfs(
         _ => return Err(too_large()),
     };
     let image = INITRAMFS.get_or_build(key, || {
-        if let Some(image) = store.and_then(|dir| store::load_initramfs(dir, &key)) {
-            return Ok::<_, Error>(image);
-        }
-        let image = prepare_initramfs(&file, size, path)?;
-        if let Some(dir) = store {
-            if let Err(e) = store::save_initramfs(dir, &key, &image) {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot store the prepared initramfs");
-            }
-        }
-        Ok(image)
+        stored_or_prepared(
+            store,
+            "initramfs",
+            |dir| store::load_initramfs(dir, &key),
+            || prepare_initramfs(&file, size, path),
+            |dir, image| store::save_initramfs(dir, &key, image),
+        )
     })?;
     let len = image.size.div_ceil(PAGE) * PAGE;
     ram.place_image(addr, len, &image.file, image.offset)

@@ -28,7 +28,6 @@ use std::thread::JoinHandle;
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
 pub use spawner::Spawner;
-// `Pending` and `Confirmation` are defined here, beside `start`.
 use spawner::SpawnerHandle;
 
 /// Which monitor thread a filter is for.
