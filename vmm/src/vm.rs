@@ -743,7 +743,6 @@ pub fn restore(
     let t_dev = Instant::now();
     let slots = mmio_slots(config);
     let (serial_irq, transports) = attach_devices(&vm_fd, ram.memory(), &devices, &slots)?;
-    crate::snapshot::vm_state::restore(&vm_fd, &snap.vm)?;
     timings.devices = t_dev.elapsed();
     let shell = Shell {
         plan,
@@ -858,9 +857,11 @@ fn assemble(
         }
         vcpu_fds.push(fd);
     }
-    if restoring.is_some() {
+    if let Some(snap) = restoring {
         // Only now: an interrupt injected before the LAPICs were restored
-        // would be lost with their old state.
+        // would be lost with their old state. The VM-wide state re-arms
+        // the PIT, so it too comes after them (`snapshot::vm_state`).
+        crate::snapshot::vm_state::restore(&vm_fd, &snap.vm)?;
         for (t, dev) in shared_transports.iter().zip(&names) {
             crate::devices::bus::lock(t)
                 .raise_restored_interrupt()

@@ -146,6 +146,7 @@ fn tiny_guests() {
     bad_configs_are_named_errors();
     many_start_stop_cycles();
     snapshot_and_restore_continue_the_guest();
+    a_pit_tick_armed_by_a_restore_reaches_the_guest();
 
     // Each tiny guest is a kernel file of its own, prepared once and kept
     // for the next VM: those memfds are the cache's, not a leak.
@@ -530,5 +531,84 @@ fn snapshot_and_restore_continue_the_guest() {
     assert!(
         matches!(err, Error::Snapshot(SnapErr::Corrupt { .. })),
         "{err}"
+    );
+}
+
+/// Writes `value` little-endian into the byte array at `v[offset..]`.
+fn put_le(v: &mut serde_json::Value, offset: usize, value: u64, len: usize) {
+    let bytes = v.as_array_mut().expect("a byte array");
+    for (i, b) in value.to_le_bytes()[..len].iter().enumerate() {
+        bytes[offset + i] = serde_json::Value::from(*b);
+    }
+}
+
+fn get_le(v: &serde_json::Value, offset: usize, len: usize) -> u64 {
+    let bytes = v.as_array().expect("a byte array");
+    (0..len).fold(0, |acc, i| {
+        acc | (bytes[offset + i].as_u64().unwrap() << (8 * i))
+    })
+}
+
+/// A restore re-arms the PIT, whose tick must reach the restored LAPIC:
+/// a restore that set the PIT before the vCPU's LAPIC lost the tick, and
+/// a guest running the PIT one-shot (ours on kvm_pvm) then waited for it
+/// forever. The snapshot is edited so that the PIT fires 2 counts
+/// (under 2 us) after it is restored, into an unmasked IO-APIC pin, a
+/// LAPIC that is on, and a vCPU with interrupts off (no handler needed):
+/// the tick must then be pending in the LAPIC's IRR.
+fn a_pit_tick_armed_by_a_restore_reaches_the_guest() {
+    const VECTOR: u64 = 0x30;
+    let g = Guest::new(&letters_guest(200_000));
+    let mut vm = Vm::start(g.config()).unwrap();
+    wait_for_lines(&g.console(), 2);
+    let snap = g.dir.path().join("pit-snap");
+    std::fs::create_dir(&snap).unwrap();
+    vm.snapshot(&snap).unwrap();
+    assert_eq!(vm.stop(), ExitReason::HostStop);
+
+    let state_file = snap.join(smol_vmm::snapshot::STATE_FILE);
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
+    // kvm_pit_state2, channel 0: count (u32 at 0), rw_mode (12), mode
+    // (13), gate (15).
+    let pit = &mut state["vm"]["pit"];
+    put_le(pit, 0, 2, 4);
+    put_le(pit, 12, 3, 1);
+    put_le(pit, 13, 4, 1);
+    put_le(pit, 15, 1, 1);
+    // kvm_irqchip: chip_id and pad, then the IO-APIC: base (8), ioregsel,
+    // id, irr, pad, then the redirection table from byte 24. Pin 0: fixed,
+    // physical to APIC 0, edge, unmasked.
+    put_le(&mut state["vm"]["ioapic"], 8 + 24, VECTOR, 8);
+    let vcpu = &mut state["vcpus"][0];
+    // The LAPIC: TPR 0 and software-enabled (SVR bit 8).
+    put_le(&mut vcpu["lapic"], 0x80, 0, 4);
+    put_le(&mut vcpu["lapic"], 0xf0, 0x1ff, 4);
+    // kvm_regs: RFLAGS at 136, IF (bit 9) off.
+    let rflags = get_le(&vcpu["regs"], 136, 8);
+    put_le(&mut vcpu["regs"], 136, rflags & !0x200, 8);
+    std::fs::write(&state_file, serde_json::to_vec(&state).unwrap()).unwrap();
+
+    let mut c = g.config();
+    c.console_log = Some(g.dir.path().join("pit-restored.log"));
+    let mut vm = Vm::restore(c, &snap).unwrap();
+    wait_for_lines(&g.dir.path().join("pit-restored.log"), 2);
+    let after = g.dir.path().join("pit-after");
+    std::fs::create_dir(&after).unwrap();
+    vm.snapshot(&after).unwrap();
+    assert_eq!(vm.stop(), ExitReason::HostStop);
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(after.join(smol_vmm::snapshot::STATE_FILE)).unwrap())
+            .unwrap();
+    // The IRR: 8 registers of 32 bits, 16 bytes apart, from 0x200.
+    let irr = get_le(
+        &state["vcpus"][0]["lapic"],
+        0x200 + 16 * (VECTOR as usize / 32),
+        4,
+    );
+    assert_ne!(
+        irr & (1 << (VECTOR % 32)),
+        0,
+        "the PIT's tick (vector {VECTOR:#x}) is not pending in the restored LAPIC (IRR word {irr:#x}): it was lost in the restore"
     );
 }
