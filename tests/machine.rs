@@ -876,6 +876,43 @@ async fn end_to_end(home: &std::path::Path) {
     })
     .await;
 
+    c.run(
+        "busybox's applets are links on the machine disk, and run",
+        async {
+            // The initramfs links /bin/sh and /usr/bin/env only; the host linked
+            // the rest into the disk's upper layer before the first boot.
+            let script = "for f in /bin/cat /usr/bin/awk /sbin/ip /bin/sh; do readlink $f; done; \
+                      ls /bin | wc -l; ls /run/smol/disk/upper/usr/bin/awk";
+            let r = a.exec(["sh", "-c", script]).await.ctx("exec sh")?;
+            let out = r.stdout_lossy();
+            let lines: Vec<&str> = out.lines().collect();
+            ensure!(
+                r.exit_code == 0,
+                "exit {} stderr {:?}",
+                r.exit_code,
+                r.stderr_lossy()
+            );
+            ensure!(
+                lines.len() == 6 && lines[..4].iter().all(|l| *l == "/bin/busybox"),
+                "links: {out:?}"
+            );
+            let in_bin: usize = lines[4]
+                .trim()
+                .parse()
+                .map_err(|_| format!("ls /bin: {out:?}"))?;
+            ensure!(in_bin > 50, "only {in_bin} entries in /bin");
+            // exec finds an applet through PATH like any program.
+            let r = a.exec(["seq", "3"]).await.ctx("exec seq")?;
+            ensure!(
+                r.stdout_lossy() == "1\n2\n3\n",
+                "seq: {:?}",
+                r.stdout_lossy()
+            );
+            Ok(())
+        },
+    )
+    .await;
+
     c.run("argv with spaces and quotes passes untouched", async {
         let args = [
             "a b",

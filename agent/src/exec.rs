@@ -208,8 +208,24 @@ fn is_executable_file(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// The guest's busybox. Only a few of its applets are links in the
+/// initramfs; the host links the rest on the machine disk. A machine with
+/// no such disk (or one made before the host did so) still runs every
+/// applet by name: [`resolve_program`] finds it in [`APPLET_LIST`].
+pub const BUSYBOX: &str = "/bin/busybox";
+/// busybox's applets, one path per line (see the rootfs builder).
+pub const APPLET_LIST: &str = "/etc/smol/applets";
+
+/// Whether `name` is an applet of the guest's busybox, per `list`.
+fn is_applet(list: &str, name: &str) -> bool {
+    list.lines()
+        .any(|l| l.trim().rsplit('/').next() == Some(name))
+}
+
 /// The file execve should run: `argv0` itself when it has a `/` (relative to
-/// `workdir`), else the first executable match on `path_var`.
+/// `workdir`), else the first executable match on `path_var`, else busybox
+/// when `argv0` names one of its applets (busybox runs the applet its
+/// `argv[0]` names).
 pub fn resolve_program(argv0: &str, path_var: &str, workdir: &Path) -> Result<PathBuf, AgentError> {
     if argv0.contains('/') {
         let p = workdir.join(argv0);
@@ -228,6 +244,10 @@ pub fn resolve_program(argv0: &str, path_var: &str, workdir: &Path) -> Result<Pa
         if is_executable_file(&candidate) {
             return Ok(candidate);
         }
+    }
+    let applet = std::fs::read_to_string(APPLET_LIST).is_ok_and(|l| is_applet(&l, argv0));
+    if applet && is_executable_file(Path::new(BUSYBOX)) {
+        return Ok(PathBuf::from(BUSYBOX));
     }
     Err(AgentError::new(
         ErrorKind::NotFound,

@@ -71,9 +71,12 @@ fn configure() -> Result<NetworkInfo, AgentError> {
     let log = Path::new(RUN_DIR).join("udhcpc.log");
     let out = std::fs::File::create(&log).map_err(|e| io("creating the udhcpc log", e))?;
     let err = out.try_clone().map_err(|e| io("the udhcpc log", e))?;
-    let mut cmd = Command::new("udhcpc");
+    // Through busybox itself: the applet's link may not be there (see
+    // exec::BUSYBOX).
+    let mut cmd = Command::new(crate::exec::BUSYBOX);
     // Foreground, quit once bound, fail if no lease after the tries.
-    cmd.args(["-f", "-q", "-n", "-t", "10", "-T", "1", "-i", &iface, "-s"])
+    cmd.arg("udhcpc")
+        .args(["-f", "-q", "-n", "-t", "10", "-T", "1", "-i", &iface, "-s"])
         .arg(&script)
         .stdin(Stdio::null())
         .stdout(out)

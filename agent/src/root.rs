@@ -5,7 +5,8 @@
 //! machine (outside /tmp, /run, /dev, /proc, /sys) survives stop and start.
 //!
 //! Layout on the disk: `upper/` and `work/` (overlayfs); the disk itself
-//! stays reachable at [`DISK_MOUNT`] in the new root.
+//! stays reachable at [`DISK_MOUNT`] in the new root. A fresh disk comes
+//! from the host with busybox's applet links already in `upper/`.
 //!
 //! An initramfs root cannot be pivot_root'ed, so the switch is the
 //! switch_root way: move the API mounts into the new root, move the new root

@@ -31,7 +31,8 @@ pub fn build() -> Result<PathBuf, String> {
     ]);
     let out_dir = cache_dir().join("rootfs").join(&key);
     let out = out_dir.join("initramfs.cpio");
-    if out.exists() {
+    let applets_out = out_dir.join("initramfs.applets");
+    if out.exists() && applets_out.exists() {
         println!("rootfs: cached {} ({})", out.display(), size_of(&out));
     } else {
         let busybox = extract_busybox(&deb_path, &key)?;
@@ -54,6 +55,13 @@ pub fn build() -> Result<PathBuf, String> {
             .write(std::io::BufWriter::new(file))
             .map_err(|e| format!("write {}: {e}", tmp.display()))?;
         std::fs::rename(&tmp, &out).map_err(|e| format!("rename to {}: {e}", out.display()))?;
+        // The applets the host links on each machine disk (the archive
+        // holds the same list, and links only a few of them).
+        let list = rootfs
+            .applet_list()
+            .map_err(|e| format!("applet list: {e}"))?;
+        std::fs::write(&applets_out, list)
+            .map_err(|e| format!("write {}: {e}", applets_out.display()))?;
         println!(
             "rootfs: built {} ({}; agent {} KiB, busybox with {} applets)",
             out.display(),
@@ -63,6 +71,8 @@ pub fn build() -> Result<PathBuf, String> {
         );
     }
     prune(&cache_dir().join("rootfs"), &key);
+    // The list first: the SDK reads it beside the initramfs it boots.
+    publish(&applets_out, "initramfs.applets")?;
     let published = publish(&out, "initramfs.cpio")?;
     println!("rootfs: done in {:.1} s", start.elapsed().as_secs_f64());
     Ok(published)

@@ -529,3 +529,14 @@ fn a_program_on_a_terminal_sees_one() {
     assert_eq!(s.response().unwrap(), Response::Ok);
     assert_eq!(c.collect().exit.unwrap().signal, Some(9));
 }
+
+#[test]
+fn applets_are_known_by_their_name() {
+    let list = "bin/ls\nusr/bin/[\nsbin/udhcpc\n";
+    assert!(is_applet(list, "ls"));
+    assert!(is_applet(list, "["));
+    assert!(is_applet(list, "udhcpc"));
+    assert!(!is_applet(list, "bin"));
+    assert!(!is_applet(list, "l"));
+    assert!(!is_applet(list, "python3"));
+}

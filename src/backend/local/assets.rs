@@ -30,6 +30,21 @@ impl GuestAssets {
     }
 }
 
+/// The list of busybox applets beside the initramfs a machine boots
+/// (`initramfs.applets` beside `initramfs.cpio`, as `cargo xtask assets`
+/// publishes it), if there is one: the applets a fresh machine disk gets
+/// links for (`disk::create_disk`). Without it the disk gets none; the
+/// agent still finds every applet by name.
+pub(crate) fn applet_list() -> Option<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    let initramfs = match env("SMOL_INITRAMFS") {
+        Some(p) => PathBuf::from(p),
+        None => assets_dir(&env).join("initramfs.cpio"),
+    };
+    let list = initramfs.with_extension("applets");
+    list.is_file().then_some(list)
+}
+
 fn pick(
     env: &dyn Fn(&str) -> Option<std::ffi::OsString>,
     var: &str,
