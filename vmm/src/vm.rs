@@ -891,6 +891,8 @@ fn assemble(
     // acked in that window leaves the next one never injected: the guest's
     // timers stopped for good, once in some 50 restores. In one-shot mode
     // there is no backlog of ticks to replay, so reinjection is harmless.
+    // (The same symptom had a second cause, found later: the PIT restored
+    // before the LAPICs, `snapshot::vm_state`.)
     let mut pit_filter = None;
     let pit_tuning = if plan.kvm_pvm && restoring.is_none() {
         let fd = vm_fd.clone();
