@@ -85,6 +85,9 @@ pub struct ExecBody {
 impl ExecBody {
     /// The body of an exec; stdin past [`MAX_REMOTE_STDIN`] is refused.
     pub fn new(argv: Vec<String>, options: &ExecOptions) -> Result<ExecBody, Error> {
+        if options.stdin_reader.is_some() {
+            return Err(crate::exec::no_streamed_stdin("the remote engine"));
+        }
         Ok(ExecBody {
             argv,
             env: options.env.clone(),
@@ -120,6 +123,7 @@ impl ExecBody {
             workdir: self.workdir.clone(),
             max_output: self.max_output,
             stdin,
+            stdin_reader: None,
             tty: self.tty,
         })
     }

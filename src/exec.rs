@@ -17,6 +17,7 @@
 //! [`Machine::exec_with`]: crate::Machine::exec_with
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use bytes::Bytes;
 use futures::stream::{BoxStream, Stream};
 use smol_protocol::ExecRequest;
 pub use smol_protocol::TtySize;
+use tokio::io::AsyncRead;
 
 use crate::error::{Error, Result};
 
@@ -44,8 +46,11 @@ pub struct ExecOptions {
     /// before they kill the command; [`DEFAULT_MAX_OUTPUT`] when absent.
     pub max_output: Option<u64>,
     /// Fed to the command's standard input, which then ends; stdin is
-    /// `/dev/null` when absent.
+    /// `/dev/null` when absent (and `stdin_reader` too).
     pub stdin: Option<Bytes>,
+    /// Streamed to the command's standard input until it ends (see
+    /// [`ExecOptions::stdin_reader`]); not together with `stdin`.
+    pub stdin_reader: Option<StdinReader>,
     /// Run on a pseudo-terminal of this size (see [`ExecOptions::tty`]).
     pub tty: Option<TtySize>,
 }
@@ -63,9 +68,77 @@ impl std::fmt::Debug for ExecOptions {
                 "stdin",
                 &self.stdin.as_ref().map(|b| format!("{} bytes", b.len())),
             )
+            .field("stdin_reader", &self.stdin_reader)
             .field("tty", &self.tty)
             .finish()
     }
+}
+
+/// A reader whose bytes become a command's stdin, streamed as the command
+/// takes them: [`ExecOptions::stdin_reader`]. Clones of the options share
+/// it, and the first exec given it uses it up; a later one is
+/// [`Error::InvalidArgument`].
+#[derive(Clone)]
+pub struct StdinReader(Arc<Mutex<Option<BoxReader>>>);
+
+pub(crate) type BoxReader = Pin<Box<dyn AsyncRead + Send>>;
+
+impl StdinReader {
+    pub fn new(reader: impl AsyncRead + Send + 'static) -> StdinReader {
+        StdinReader(Arc::new(Mutex::new(Some(Box::pin(reader)))))
+    }
+
+    fn take(&self) -> Option<BoxReader> {
+        // A panic elsewhere while holding this lock left the Option whole.
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    fn used(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).is_none()
+    }
+}
+
+/// The same reader, not the same bytes.
+impl PartialEq for StdinReader {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for StdinReader {}
+
+impl std::fmt::Debug for StdinReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StdinReader")
+            .field("used", &self.used())
+            .finish()
+    }
+}
+
+/// What goes to a command's stdin, as the backends take it.
+pub(crate) enum Input {
+    Bytes(Bytes),
+    Reader(BoxReader),
+}
+
+impl Input {
+    /// The bytes, for a path that cannot stream (the remote engine's
+    /// bodies); a reader there is [`Error::Unsupported`].
+    pub(crate) fn into_bytes(input: Option<Input>, path: &str) -> Result<Option<Bytes>> {
+        match input {
+            None => Ok(None),
+            Some(Input::Bytes(b)) => Ok(Some(b)),
+            Some(Input::Reader(_)) => Err(no_streamed_stdin(path)),
+        }
+    }
+}
+
+/// The error of a reader given where stdin cannot be streamed.
+pub(crate) fn no_streamed_stdin(path: &str) -> Error {
+    Error::Unsupported(format!(
+        "ExecOptions::stdin_reader with {path} (a streamed stdin needs a two-way stream; \
+         ExecOptions::stdin with bytes works there)"
+    ))
 }
 
 impl ExecOptions {
@@ -110,6 +183,36 @@ impl ExecOptions {
     pub fn stdin(mut self, input: impl Into<Bytes>) -> Self {
         self.stdin = Some(input.into());
         self
+    }
+
+    /// Streams what `reader` gives to the command's standard input until
+    /// the reader ends, then closes it: a file of any size, a socket, the
+    /// caller's own stdin. The bytes are read only as fast as the command
+    /// takes them, while its output is read. If the reader fails, the
+    /// command is killed and the exec fails with that error. Local engine
+    /// only for now: the remote one answers [`Error::Unsupported`].
+    pub fn stdin_reader(mut self, reader: impl AsyncRead + Send + 'static) -> Self {
+        self.stdin_reader = Some(StdinReader::new(reader));
+        self
+    }
+
+    /// The input of one exec: the bytes, or the reader, which this takes.
+    pub(crate) fn take_input(&self) -> Result<Option<Input>> {
+        match (&self.stdin, &self.stdin_reader) {
+            (Some(_), Some(_)) => Err(bad(
+                "stdin",
+                "both bytes (stdin) and a reader (stdin_reader) are given; give one".into(),
+            )),
+            (Some(b), None) => Ok(Some(Input::Bytes(b.clone()))),
+            (None, Some(r)) => match r.take() {
+                Some(reader) => Ok(Some(Input::Reader(reader))),
+                None => Err(bad(
+                    "stdin_reader",
+                    "the reader was given to an earlier exec, which used it up".into(),
+                )),
+            },
+            (None, None) => Ok(None),
+        }
     }
 
     /// Runs the command on a pseudo-terminal of `cols` by `rows` cells, as
@@ -170,7 +273,7 @@ impl ExecOptions {
             env: self.env.clone(),
             workdir: self.workdir.clone(),
             timeout_ms,
-            stdin: self.stdin.is_some(),
+            stdin: self.stdin.is_some() || self.stdin_reader.is_some(),
             container: None,
             tty: self.tty,
         })

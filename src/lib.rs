@@ -59,11 +59,11 @@ pub use config::{
     DEFAULT_ENDPOINT, MAX_DISK_MB, MAX_MOUNTS, MAX_NAME_LEN, MIN_DISK_MB,
 };
 pub use error::{Error, GuestErrorKind, Result};
-pub use exec::{ExecEvent, ExecOptions, ExecResult, ExecStream, TtySize};
+pub use exec::{ExecEvent, ExecOptions, ExecResult, ExecStream, StdinReader, TtySize};
 pub use files::{FileReader, FileStream};
 pub use image::{ImageInfo, PullEvent};
 pub use machine::Machine;
-pub use process::Process;
+pub use process::{Process, ProcessStdin};
 pub use smol_vmm::snapshot::Error as SnapshotError;
 pub use smol_vmm::{is_kvm_pvm_host, SnapshotTimings};
 pub use state::{BootTimings, MachineInfo, MachineState, PortMapping, VmSetupTimings};

@@ -235,7 +235,8 @@ impl Machine {
     {
         let req = options.request(argv)?;
         let limit = options.output_limit();
-        self.backend.exec(req, limit, options.stdin).await
+        let input = options.take_input()?;
+        self.backend.exec(req, limit, input).await
     }
 
     /// Runs `argv` and streams its output as it is produced.
@@ -253,13 +254,16 @@ impl Machine {
         S: AsRef<str>,
     {
         let req = options.request(argv)?;
-        self.backend.exec_stream(req, options.stdin).await
+        let input = options.take_input()?;
+        self.backend.exec_stream(req, input).await
     }
 
     /// Starts `argv` as a [`Process`](crate::Process): its output as a
     /// stream of events, its stdin open for
     /// [`write_stdin`](crate::Process::write_stdin) until closed (unless
-    /// `options.stdin` gives all of it, which is then fed and closed).
+    /// `options.stdin` or `options.stdin_reader` gives all of it, which is
+    /// then fed and closed). The process is also an `AsyncWrite` onto that
+    /// stdin (`tokio::io::copy` into it; shutdown closes it).
     /// Dropping the process kills the command. Local engine only for now:
     /// the remote one answers [`Error::Unsupported`](crate::Error).
     ///
@@ -278,7 +282,8 @@ impl Machine {
         S: AsRef<str>,
     {
         let req = options.request(argv)?;
-        self.backend.spawn(req, options.stdin).await
+        let input = options.take_input()?;
+        self.backend.spawn(req, input).await
     }
 
     /// Writes `data` to `path` in the guest, atomically, with `mode` (else

@@ -3,9 +3,11 @@
 //! [`Machine::spawn`]: crate::Machine::spawn
 
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
+use futures::future::BoxFuture;
 use futures::stream::{Stream, StreamExt};
+use futures::FutureExt;
 
 use smol_protocol::{Request, TtySize};
 
@@ -15,17 +17,165 @@ use crate::exec::{ExecEvent, ExecStream};
 
 /// A running command: a `Stream` of its [`ExecEvent`]s (as
 /// [`ExecStream`]), and its stdin, open until [`close_stdin`] (or given
-/// whole in [`ExecOptions::stdin`](crate::ExecOptions::stdin), then closed).
+/// whole in [`ExecOptions::stdin`](crate::ExecOptions::stdin) or
+/// [`stdin_reader`](crate::ExecOptions::stdin_reader), then closed).
 ///
-/// Dropping it kills the command and its process group in the guest.
+/// It is also a `tokio::io::AsyncWrite` onto that stdin (see
+/// [`ProcessStdin`]); [`take_stdin`](Process::take_stdin) hands the stdin
+/// to another task, to write while this one reads the events.
+///
+/// Dropping it kills the command and its process group in the guest,
+/// unless it was [`detach`](Process::detach)ed.
 ///
 /// [`close_stdin`]: Process::close_stdin
 pub struct Process {
     events: ExecStream,
-    stdin: Option<StdinWriter>,
+    stdin: ProcessStdin,
     /// It runs on a terminal.
     tty: bool,
     ask: Ask,
+}
+
+/// The stdin of a [`Process`], a `tokio::io::AsyncWrite`:
+/// `tokio::io::copy(&mut file, &mut stdin)` streams a file in. A write
+/// takes up to 64 KiB and sends it while the caller goes on, one frame in
+/// flight, so the command's pace holds the writer back; a flush waits for
+/// what is in flight, and a shutdown closes stdin (the command sees its
+/// end). Dropping it leaves stdin open; the command ends with its
+/// [`Process`].
+pub struct ProcessStdin {
+    state: Stdin,
+    pid: u32,
+}
+
+enum Stdin {
+    Open(StdinWriter),
+    /// A write of the `AsyncWrite` side in flight; the writer comes back.
+    Writing(BoxFuture<'static, (StdinWriter, Result<()>)>),
+    /// The `AsyncWrite` side's shutdown in flight.
+    Closing(BoxFuture<'static, Result<()>>),
+    Closed,
+}
+
+impl ProcessStdin {
+    /// Sends `data`, as [`Process::write_stdin`].
+    pub async fn write(&mut self, data: impl AsRef<[u8]>) -> Result<()> {
+        futures::future::poll_fn(|cx| self.poll_settle(cx)).await?;
+        match &mut self.state {
+            Stdin::Open(w) => w.write(data.as_ref()).await,
+            _ => Err(self.closed_error()),
+        }
+    }
+
+    /// Ends the command's stdin, as [`Process::close_stdin`]. Idempotent.
+    pub async fn close(&mut self) -> Result<()> {
+        futures::future::poll_fn(|cx| self.poll_settle(cx)).await?;
+        match std::mem::replace(&mut self.state, Stdin::Closed) {
+            Stdin::Open(w) => w.close().await,
+            _ => Ok(()),
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        matches!(self.state, Stdin::Open(_) | Stdin::Writing(_))
+    }
+
+    fn closed_error(&self) -> Error {
+        Error::InvalidArgument {
+            what: "stdin",
+            reason: format!(
+                "process {} has its stdin closed (by close_stdin or a shutdown, given whole \
+                 in its options, or taken by take_stdin)",
+                self.pid
+            ),
+        }
+    }
+
+    /// Waits for the write or shutdown in flight, and gives its result.
+    fn poll_settle(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        match &mut self.state {
+            Stdin::Writing(f) => {
+                let (w, r) = ready!(f.poll_unpin(cx));
+                self.state = Stdin::Open(w);
+                Poll::Ready(r)
+            }
+            Stdin::Closing(f) => {
+                let r = ready!(f.poll_unpin(cx));
+                self.state = Stdin::Closed;
+                Poll::Ready(r)
+            }
+            Stdin::Open(_) | Stdin::Closed => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// The crate's error as an `io::Error` of the `AsyncWrite` side, its
+/// message kept.
+fn io_error(e: Error) -> std::io::Error {
+    let kind = match &e {
+        Error::Timeout { .. } => std::io::ErrorKind::TimedOut,
+        Error::InvalidArgument { .. } => std::io::ErrorKind::BrokenPipe,
+        _ => std::io::ErrorKind::Other,
+    };
+    std::io::Error::new(kind, e)
+}
+
+impl tokio::io::AsyncWrite for ProcessStdin {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_settle(cx)).map_err(io_error)?;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let mut w = match std::mem::replace(&mut this.state, Stdin::Closed) {
+            Stdin::Open(w) => w,
+            _ => return Poll::Ready(Err(io_error(this.closed_error()))),
+        };
+        let n = buf.len().min(crate::agent::exec::STDIN_CHUNK);
+        let data = buf[..n].to_vec();
+        let mut write = async move {
+            let r = w.write(&data).await;
+            (w, r)
+        }
+        .boxed();
+        // Started now; a failure shows at the next write, flush or shutdown.
+        match write.poll_unpin(cx) {
+            Poll::Ready((w, r)) => {
+                this.state = Stdin::Open(w);
+                r.map_err(io_error)?;
+            }
+            Poll::Pending => this.state = Stdin::Writing(write),
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.get_mut().poll_settle(cx).map_err(io_error)
+    }
+
+    /// Closes stdin, after what is in flight. Idempotent.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_settle(cx)).map_err(io_error)?;
+        if let Stdin::Open(w) = std::mem::replace(&mut this.state, Stdin::Closed) {
+            this.state = Stdin::Closing(w.close().boxed());
+            ready!(this.poll_settle(cx)).map_err(io_error)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl std::fmt::Debug for ProcessStdin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessStdin")
+            .field("pid", &self.pid)
+            .field("open", &self.is_open())
+            .finish()
+    }
 }
 
 impl Process {
@@ -35,9 +185,13 @@ impl Process {
         tty: bool,
         ask: Ask,
     ) -> Process {
+        let pid = events.pid();
         Process {
             events,
-            stdin,
+            stdin: ProcessStdin {
+                state: stdin.map_or(Stdin::Closed, Stdin::Open),
+                pid,
+            },
             tty,
             ask,
         }
@@ -84,6 +238,18 @@ impl Process {
         .await
     }
 
+    /// Lets the command run on without this handle, and gives its pid:
+    /// it is no longer killed when the handle goes (its timeout, if any,
+    /// still holds). Its stdin is closed and its output from then on
+    /// discarded; `kill PID` in an exec ends it. An error (the command has
+    /// ended already, and it is the agent's to name) leaves the handle's
+    /// usual end: the drop kills what may remain.
+    pub async fn detach(self) -> Result<u32> {
+        let pid = self.pid();
+        (self.ask)(Request::Detach { pid }).await?;
+        Ok(pid)
+    }
+
     /// The command's pid in the guest.
     pub fn pid(&self) -> u32 {
         self.events.pid()
@@ -94,24 +260,29 @@ impl Process {
     /// the command takes none of it for the agent's answer timeout.
     /// Read the events meanwhile if the command writes as it reads.
     pub async fn write_stdin(&mut self, data: impl AsRef<[u8]>) -> Result<()> {
-        match self.stdin.as_mut() {
-            Some(w) => w.write(data.as_ref()).await,
-            None => Err(Error::InvalidArgument {
-                what: "stdin",
-                reason: format!(
-                    "process {} has its stdin closed (by close_stdin, or given whole in its options)",
-                    self.pid()
-                ),
-            }),
-        }
+        self.stdin.write(data).await
     }
 
     /// Ends the command's stdin (a `cat` then exits). Idempotent.
     pub async fn close_stdin(&mut self) -> Result<()> {
-        match self.stdin.take() {
-            Some(w) => w.close().await,
-            None => Ok(()),
+        self.stdin.close().await
+    }
+
+    /// Takes the stdin, to write from another task while this one reads
+    /// the events; the process's own stdin is closed to it from then on
+    /// (writes are [`Error::InvalidArgument`]). `None` once taken.
+    pub fn take_stdin(&mut self) -> Option<ProcessStdin> {
+        if matches!(self.stdin.state, Stdin::Closed) {
+            return None;
         }
+        let pid = self.stdin.pid;
+        Some(std::mem::replace(
+            &mut self.stdin,
+            ProcessStdin {
+                state: Stdin::Closed,
+                pid,
+            },
+        ))
     }
 
     /// Closes stdin, then waits for the exit and returns its code (128 +
@@ -149,11 +320,30 @@ impl Stream for Process {
     }
 }
 
+/// Writes go to its stdin, as [`ProcessStdin`]'s.
+impl tokio::io::AsyncWrite for Process {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stdin).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stdin).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stdin).poll_shutdown(cx)
+    }
+}
+
 impl std::fmt::Debug for Process {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Process")
             .field("pid", &self.pid())
-            .field("stdin_open", &self.stdin.is_some())
+            .field("stdin_open", &self.stdin.is_open())
             .field("tty", &self.tty)
             .finish_non_exhaustive()
     }

@@ -992,6 +992,77 @@ async fn end_to_end(home: &std::path::Path) {
     .await;
 
     c.run(
+        "stdin streamed from a reader, and into a process as an AsyncWrite (issue 19)",
+        async {
+            use tokio::io::AsyncWriteExt;
+            let size = if pvm() { 256 << 10 } else { 4 << 20 };
+            let data: Vec<u8> = (0..size as u32)
+                .map(|i| (i.wrapping_mul(2246822519) >> 7) as u8)
+                .collect();
+            let want = common::sha256(&data);
+            let reader = std::io::Cursor::new(data.clone());
+            let r = a
+                .exec_with(["sha256sum"], ExecOptions::default().stdin_reader(reader))
+                .await
+                .ctx("sha256sum from a reader")?;
+            ensure!(
+                r.stdout_lossy().starts_with(&want),
+                "the guest's sha256sum of {size} bytes from a reader says {:?}",
+                r.stdout_lossy()
+            );
+            let mut p = a
+                .spawn(["sha256sum"], ExecOptions::default())
+                .await
+                .ctx("spawn sha256sum")?;
+            let copied = tokio::io::copy(&mut std::io::Cursor::new(data.clone()), &mut p)
+                .await
+                .map_err(|e| format!("copy into the process: {e}"))?;
+            ensure!(copied == size as u64, "copied {copied} of {size}");
+            p.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+            let mut out = Vec::new();
+            while let Some(ev) = p.next().await {
+                if let ExecEvent::Stdout(b) = ev.ctx("events")? {
+                    out.extend_from_slice(&b);
+                }
+            }
+            ensure!(
+                String::from_utf8_lossy(&out).starts_with(&want),
+                "sha256sum of what was copied in says {:?}",
+                String::from_utf8_lossy(&out)
+            );
+            Ok(())
+        },
+    )
+    .await;
+
+    c.run("a detached process outlives its handle (issue 19)", async {
+        let p = a
+            .spawn(
+                ["sh", "-c", "sleep 1; echo outlived > /tmp/detached"],
+                ExecOptions::default(),
+            )
+            .await
+            .ctx("spawn")?;
+        let pid = p.detach().await.ctx("detach")?;
+        let r = a
+            .exec([
+                "sh",
+                "-c",
+                &format!("while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; cat /tmp/detached"),
+            ])
+            .await
+            .ctx("exec")?;
+        ensure!(
+            r.stdout_lossy().trim() == "outlived",
+            "the detached command left {:?} (stderr {:?})",
+            r.stdout_lossy(),
+            r.stderr_lossy()
+        );
+        Ok(())
+    })
+    .await;
+
+    c.run(
         "a spawned process takes input as it runs, gets signals and a resizable tty; dropped, it is killed (issue 19)",
         async {
             let mut p = a

@@ -548,6 +548,8 @@ struct Control {
     /// Set once the exit status has been collected; later kills would hit
     /// whatever reuses the pid.
     reaped: AtomicBool,
+    /// The host asked that the command outlive its connection (`Detach`).
+    detached: AtomicBool,
 }
 
 impl Control {
@@ -555,6 +557,10 @@ impl Control {
         if !self.reaped.load(Ordering::SeqCst) {
             let _ = killpg(self.pgid, Signal::SIGKILL);
         }
+    }
+
+    fn detached(&self) -> bool {
+        self.detached.load(Ordering::SeqCst)
     }
 
     fn finish(&self) {
@@ -597,6 +603,15 @@ pub fn resize(pid: u32, size: TtySize) -> Result<(), AgentError> {
         None => Err(invalid(format!(
             "the command with pid {pid} has no terminal"
         ))),
+    })
+}
+
+/// Lets the running command `pid` outlive its exec connection (a `Detach`
+/// request).
+pub fn detach(pid: u32) -> Result<(), AgentError> {
+    with_running(pid, |ctl| {
+        ctl.detached.store(true, Ordering::SeqCst);
+        Ok(())
     })
 }
 
@@ -674,7 +689,9 @@ fn host_reader<S: Duplex>(mut conn: S, mut stdin: Option<File>, ctl: Arc<Control
             }
             Ok(Some(_)) => {} // nothing else is meaningful mid-exec
             Ok(None) | Err(_) => {
-                if !*ctl.finished.lock().unwrap_or_else(|e| e.into_inner()) {
+                // A detached command sees the end of its input instead.
+                let finished = *ctl.finished.lock().unwrap_or_else(|e| e.into_inner());
+                if !finished && !ctl.detached() {
                     ctl.kill_group();
                 }
                 return;
@@ -723,6 +740,7 @@ pub fn serve<S: Duplex>(conn: &mut S, req: ExecRequest) -> Result<(), ServeError
         cv: Condvar::new(),
         timed_out: AtomicBool::new(false),
         reaped: AtomicBool::new(false),
+        detached: AtomicBool::new(false),
     });
     let registered = Registered::new(pid.as_raw() as u32, &ctl);
     if let Some(ms) = req.timeout_ms {
@@ -760,7 +778,7 @@ pub fn serve<S: Duplex>(conn: &mut S, req: ExecRequest) -> Result<(), ServeError
         },
     )
     .map_err(ServeError::from)
-    .and_then(|()| pump_output(conn, &stdout, &stderr, &waiter, watch_host));
+    .and_then(|()| pump_output(conn, &stdout, &stderr, &waiter, watch_host, &ctl));
     if result.is_err() {
         // The host is gone: nobody will read the output.
         ctl.kill_group();
@@ -769,7 +787,10 @@ pub fn serve<S: Duplex>(conn: &mut S, req: ExecRequest) -> Result<(), ServeError
     drop(registered);
     ctl.reaped.store(true, Ordering::SeqCst);
     ctl.finish();
-    result?;
+    if !result? {
+        // Detached, and the host left: nobody to tell the exit.
+        return Ok(());
+    }
     let status = match exit {
         Some(ChildExit::Exited(code)) => ExitStatus {
             code: Some(code),
@@ -808,15 +829,19 @@ fn pump_output<S: Duplex>(
     stdout: &File,
     stderr: &File,
     waiter: &Waiter,
-    watch_host: bool,
-) -> Result<(), ServeError> {
+    mut watch_host: bool,
+    ctl: &Control,
+) -> Result<bool, ServeError> {
     let mut buf = vec![0u8; DATA_CHUNK];
+    // The host still reads; once a detached command's host has left, its
+    // output is read and discarded (a full pipe would stop it).
+    let mut host = true;
     let mut open = [true, true];
     let pipes = [(stdout, FrameKind::Stdout), (stderr, FrameKind::Stderr)];
     let mut exited = waiter.status().is_some();
     loop {
         if exited && !open[0] && !open[1] {
-            return Ok(());
+            return Ok(host);
         }
         let mut fds = [
             libc::pollfd {
@@ -859,7 +884,7 @@ fn pump_output<S: Duplex>(
         }
         if n == 0 {
             // Exited and quiet: a background child may hold the pipes open.
-            return Ok(());
+            return Ok(host);
         }
         if fds[2].revents != 0 {
             exited = true;
@@ -867,6 +892,10 @@ fn pump_output<S: Duplex>(
         if fds[3].revents != 0 {
             let mut scratch = [0u8; 256];
             match conn.read(&mut scratch) {
+                Ok(0) | Err(_) if ctl.detached() => {
+                    host = false;
+                    watch_host = false;
+                }
                 Ok(0) => return Err(host_gone()),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -880,7 +909,16 @@ fn pump_output<S: Duplex>(
             let mut reader: &File = pipe;
             match reader.read(&mut buf) {
                 Ok(0) => open[i] = false,
-                Ok(k) => write_frame(conn, *kind, &buf[..k])?,
+                Ok(k) if host => {
+                    if let Err(e) = write_frame(conn, *kind, &buf[..k]) {
+                        if !ctl.detached() {
+                            return Err(e.into());
+                        }
+                        host = false;
+                        watch_host = false;
+                    }
+                }
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => open[i] = false,
             }

@@ -132,6 +132,10 @@ impl Agent {
                 Ok(()) => send_response(s, &Response::Ok)?,
                 Err(e) => send_error(s, &e)?,
             },
+            Request::Detach { pid } => match crate::exec::detach(pid) {
+                Ok(()) => send_response(s, &Response::Ok)?,
+                Err(e) => send_error(s, &e)?,
+            },
         }
         Ok(())
     }

@@ -59,6 +59,10 @@
 //!   connection of its own, so a command whose stdin is full still gets it.
 //! - `Resize`: the same for the terminal size of a command run with `tty`
 //!   (`InvalidArgument` for one without, or a size of zero).
+//! - `Detach`: the same, and from then on the command outlives its exec
+//!   connection: when the host closes that, the agent closes the
+//!   command's stdin and discards its output instead of killing it (its
+//!   timeout still holds).
 //!
 //! The crate is shared by the SDK and the guest agent (serde types and
 //! framing only), so the SDK never compiles the agent.
@@ -360,6 +364,10 @@ pub enum Request {
     Resize {
         pid: u32,
         size: TtySize,
+    },
+    /// Let the running command `pid` outlive its exec connection.
+    Detach {
+        pid: u32,
     },
 }
 

@@ -1,6 +1,7 @@
 //! An exec on its own agent connection: the request, `Started`, then
 //! output frames until the exit (or the agent's error).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -11,7 +12,7 @@ use tokio::time::Instant;
 
 use super::{parse, unexpected, AgentConnection, AgentLink};
 use crate::error::{Error, Result};
-use crate::exec::{ExecEvent, ExecResult, ExecStream};
+use crate::exec::{BoxReader, ExecEvent, ExecResult, ExecStream, Input};
 use crate::process::Process;
 
 /// How long past its timeout the host waits for the agent's report before
@@ -27,7 +28,7 @@ enum Raw {
 }
 
 /// Bytes of stdin per frame.
-const STDIN_CHUNK: usize = 64 << 10;
+pub(crate) const STDIN_CHUNK: usize = 64 << 10;
 
 /// An exec in flight on its own connection.
 pub(crate) struct RunningExec {
@@ -39,6 +40,9 @@ pub(crate) struct RunningExec {
     /// Sends the command's stdin beside the reads of its output; stopped
     /// with the exec.
     _feeder: Option<Feeder>,
+    /// Why the feeder's reader failed, once it did: the feeder then shut
+    /// the connection, and that error is the exec's.
+    input_failure: Arc<Mutex<Option<Error>>>,
 }
 
 /// The task writing an exec's stdin; aborted when dropped.
@@ -56,7 +60,7 @@ pub(crate) async fn exec<L: AgentLink>(
     link: &L,
     req: ExecRequest,
     max_output: u64,
-    stdin: Option<Bytes>,
+    stdin: Option<Input>,
 ) -> Result<ExecResult> {
     let run = async {
         RunningExec::start(link, req, stdin)
@@ -75,7 +79,7 @@ pub(crate) async fn exec<L: AgentLink>(
 pub(crate) async fn exec_stream<L>(
     link: &L,
     req: ExecRequest,
-    stdin: Option<Bytes>,
+    stdin: Option<Input>,
 ) -> Result<ExecStream>
 where
     L: AgentLink + Clone + Send + 'static,
@@ -91,7 +95,7 @@ where
 pub(crate) async fn spawn<L>(
     link: &L,
     mut req: ExecRequest,
-    stdin: Option<Bytes>,
+    stdin: Option<Input>,
 ) -> Result<Process>
 where
     L: AgentLink + Clone + Send + 'static,
@@ -136,6 +140,7 @@ pub(crate) type Ask =
 async fn ask<L: AgentLink>(link: L, req: Request) -> Result<()> {
     let step = match &req {
         Request::Signal { pid, signal } => format!("signal {signal} to pid {pid}"),
+        Request::Detach { pid } => format!("detaching pid {pid}"),
         Request::Resize { pid, size } => {
             format!(
                 "resizing the terminal of pid {pid} to {}x{}",
@@ -158,7 +163,7 @@ impl RunningExec {
     pub async fn start<L: AgentLink>(
         link: &L,
         req: ExecRequest,
-        stdin: Option<Bytes>,
+        stdin: Option<Input>,
     ) -> Result<Self> {
         if req.stdin != stdin.is_some() {
             return Err(Error::Internal(format!(
@@ -168,7 +173,9 @@ impl RunningExec {
         }
         let mut running = Self::open(link, req).await?;
         if let Some(input) = stdin {
-            running._feeder = Some(Feeder::start(StdinWriter::new(&mut running)?, input));
+            let writer = StdinWriter::new(&mut running)?;
+            let failure = running.input_failure.clone();
+            running._feeder = Some(Feeder::start(writer, input, failure));
         }
         Ok(running)
     }
@@ -191,10 +198,26 @@ impl RunningExec {
             program,
             timeout,
             _feeder: None,
+            input_failure: Arc::default(),
         })
     }
 
     async fn next(&mut self) -> Result<Raw> {
+        let read = self.next_frame().await;
+        // A stdin reader that failed shut the connection: its error, not
+        // the closed connection, is what went wrong.
+        let failed = self
+            .input_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match (read, failed) {
+            (Err(_), Some(e)) => Err(e),
+            (read, _) => read,
+        }
+    }
+
+    async fn next_frame(&mut self) -> Result<Raw> {
         let frame = match self.deadline {
             Some(d) => match tokio::time::timeout_at(d, self.conn.next()).await {
                 Ok(f) => f?,
@@ -303,12 +326,51 @@ impl Feeder {
     /// otherwise stall both sides once a pipe fills). It ends with the
     /// exec, whose own deadline holds; a write the agent no longer takes
     /// (the command ended) just ends it, and the reads report the exit.
-    fn start(mut writer: StdinWriter, input: Bytes) -> Feeder {
+    ///
+    /// A reader is read a frame at a time, as the agent takes them. If it
+    /// fails, its error goes to `failure` and the connection is shut: the
+    /// agent kills the command, and the exec fails with that error rather
+    /// than give the command a truncated input as if it were whole.
+    fn start(mut writer: StdinWriter, input: Input, failure: Arc<Mutex<Option<Error>>>) -> Feeder {
         Feeder(tokio::spawn(async move {
-            if writer.write(&input).await.is_ok() {
+            let sent = match input {
+                Input::Bytes(b) => writer.write(&b).await,
+                Input::Reader(reader) => match copy_reader(reader, &mut writer).await {
+                    Ok(sent) => sent,
+                    Err(e) => {
+                        *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                        writer.shut();
+                        return;
+                    }
+                },
+            };
+            if sent.is_ok() {
                 let _ = writer.close().await;
             }
         }))
+    }
+}
+
+/// Copies `reader` to `writer` until the reader ends. The outer error is
+/// the reader's; the inner result is the writes' (a command that stopped
+/// taking its input is not the reader's fault).
+async fn copy_reader(mut reader: BoxReader, writer: &mut StdinWriter) -> Result<Result<()>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; STDIN_CHUNK];
+    loop {
+        let n = reader.read(&mut buf).await.map_err(|source| Error::Io {
+            context: format!(
+                "reading the stdin of {:?} on machine {:?} from its reader",
+                writer.program, writer.machine
+            ),
+            source,
+        })?;
+        if n == 0 {
+            return Ok(Ok(()));
+        }
+        if let Err(e) = writer.write(&buf[..n]).await {
+            return Ok(Err(e));
+        }
     }
 }
 
@@ -359,6 +421,14 @@ impl StdinWriter {
     /// Ends the command's stdin.
     pub async fn close(mut self) -> Result<()> {
         self.frame(FrameKind::Eof, &[]).await
+    }
+
+    /// Shuts the whole exec connection (both ways, for this handle and the
+    /// exec's own): the agent then kills the command.
+    fn shut(self) {
+        if let Ok(std) = self.stream.into_std() {
+            let _ = std.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     async fn frame(&mut self, kind: FrameKind, payload: &[u8]) -> Result<()> {
@@ -471,7 +541,11 @@ mod tests {
             let opts = crate::ExecOptions::default().stdin(input);
             let req = opts.request(argv).unwrap();
             let link = &link;
-            async move { exec(link, req, 64 << 20, opts.stdin).await.unwrap() }
+            async move {
+                exec(link, req, 64 << 20, opts.take_input().unwrap())
+                    .await
+                    .unwrap()
+            }
         };
         let r = run(&["wc", "-c"], Bytes::from_static(b"abc")).await;
         assert_eq!(r.stdout_lossy().trim(), "3");
@@ -499,9 +573,13 @@ mod tests {
 
         // A stream feeds its input the same way.
         let opts = crate::ExecOptions::default().stdin(noise.slice(..300_000));
-        let mut stream = exec_stream(&link, opts.request(["cat"]).unwrap(), opts.stdin)
-            .await
-            .unwrap();
+        let mut stream = exec_stream(
+            &link,
+            opts.request(["cat"]).unwrap(),
+            opts.take_input().unwrap(),
+        )
+        .await
+        .unwrap();
         let mut got = Vec::new();
         while let Some(ev) = futures::StreamExt::next(&mut stream).await {
             match ev.unwrap() {
@@ -518,9 +596,14 @@ mod tests {
 
         // The flag and the input go together.
         let req = crate::ExecOptions::default().request(["cat"]).unwrap();
-        let e = exec(&link, req, 1 << 20, Some(Bytes::from_static(b"x")))
-            .await
-            .unwrap_err();
+        let e = exec(
+            &link,
+            req,
+            1 << 20,
+            Some(Input::Bytes(Bytes::from_static(b"x"))),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(e, Error::Internal(_)), "{e}");
     }
 
@@ -572,9 +655,13 @@ mod tests {
 
         // Input given whole in the options is fed, then closed.
         let given = crate::ExecOptions::default().stdin("all of it");
-        let mut p = spawn(&link, given.request(["cat"]).unwrap(), given.stdin)
-            .await
-            .unwrap();
+        let mut p = spawn(
+            &link,
+            given.request(["cat"]).unwrap(),
+            given.take_input().unwrap(),
+        )
+        .await
+        .unwrap();
         assert!(p.write_stdin(b"more").await.is_err());
         let mut out = Vec::new();
         while let Some(ev) = p.next().await {
@@ -693,5 +780,274 @@ mod tests {
         assert_eq!(exit_code(&st(None, Some(9))).unwrap(), 137);
         assert!(exit_code(&st(None, None)).is_err());
         assert!(exit_code(&st(None, Some(1000))).is_err());
+    }
+
+    /// A reader that gives `good` bytes, then fails.
+    struct FailingReader {
+        good: usize,
+    }
+
+    impl tokio::io::AsyncRead for FailingReader {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            if self.good == 0 {
+                return std::task::Poll::Ready(Err(std::io::Error::other("the disk went away")));
+            }
+            let n = self.good.min(buf.remaining());
+            buf.put_slice(&vec![b'x'; n]);
+            self.good -= n;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Issue 19: stdin from an `AsyncRead` is streamed as the command takes
+    /// it (no size cap, none of it held whole), in a collected exec, a
+    /// stream and a spawn; a reader that fails fails the exec with its
+    /// error and kills the command; a reader serves one exec.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_is_streamed_to_stdin() {
+        use crate::agent::loopback;
+        use futures::StreamExt;
+        use sha2::Digest;
+        let t = tempfile::tempdir().unwrap();
+        let link = loopback::Link::new(t.path());
+        let noise: Vec<u8> = (0..3u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+            .collect();
+        let want = hex::encode(sha2::Sha256::digest(&noise));
+
+        let opts = crate::ExecOptions::default().stdin_reader(std::io::Cursor::new(noise.clone()));
+        let req = opts.request(["sha256sum"]).unwrap();
+        assert!(req.stdin);
+        let r = exec(&link, req, 1 << 20, opts.take_input().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.stdout_lossy().split_whitespace().next(), Some(&*want));
+        // The options' reader is used up; clones share it.
+        let again = opts.clone().take_input().err().unwrap();
+        assert!(
+            matches!(
+                &again,
+                Error::InvalidArgument {
+                    what: "stdin_reader",
+                    ..
+                }
+            ),
+            "{again}"
+        );
+        let both = crate::ExecOptions::default()
+            .stdin("x")
+            .stdin_reader(tokio::io::empty())
+            .take_input()
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&both, Error::InvalidArgument { what: "stdin", .. }),
+            "{both}"
+        );
+
+        // A reader fed as it goes (a pipe): cat gives it back whole, in a
+        // stream.
+        let (mut tx, rx) = tokio::io::duplex(4096);
+        let feed = noise[..500_000].to_vec();
+        let feeder = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for piece in feed.chunks(7000) {
+                tx.write_all(piece).await.unwrap();
+            }
+        });
+        let opts = crate::ExecOptions::default().stdin_reader(rx);
+        let mut stream = exec_stream(
+            &link,
+            opts.request(["cat"]).unwrap(),
+            opts.take_input().unwrap(),
+        )
+        .await
+        .unwrap();
+        let mut got = Vec::new();
+        while let Some(ev) = stream.next().await {
+            match ev.unwrap() {
+                ExecEvent::Stdout(b) => got.extend_from_slice(&b),
+                ExecEvent::Exit(code) => assert_eq!(code, 0),
+                other => panic!("{other:?}"),
+            }
+        }
+        feeder.await.unwrap();
+        assert!(got == noise[..500_000], "cat gave back {} bytes", got.len());
+
+        // A spawn takes a reader too, and its stdin is then closed to writes.
+        let opts =
+            crate::ExecOptions::default().stdin_reader(std::io::Cursor::new(b"abc".to_vec()));
+        let mut p = spawn(
+            &link,
+            opts.request(["wc", "-c"]).unwrap(),
+            opts.take_input().unwrap(),
+        )
+        .await
+        .unwrap();
+        assert!(p.write_stdin(b"more").await.is_err());
+        let mut out = Vec::new();
+        while let Some(ev) = p.next().await {
+            if let ExecEvent::Stdout(b) = ev.unwrap() {
+                out.extend_from_slice(&b);
+            }
+        }
+        assert_eq!(String::from_utf8_lossy(&out).trim(), "3");
+
+        // A reader that fails: the exec fails with its error, and the
+        // command (which would wait for more input) is killed.
+        let argv = ["sh", "-c", "cat >/dev/null; sleep 1000"];
+        let opts = crate::ExecOptions::default().stdin_reader(FailingReader { good: 200_000 });
+        let failed = exec(
+            &link,
+            opts.request(argv).unwrap(),
+            1 << 20,
+            opts.take_input().unwrap(),
+        );
+        let e = tokio::time::timeout(Duration::from_secs(30), failed)
+            .await
+            .expect("the exec went on after its reader failed")
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::Io { context, .. } if context.contains("reading the stdin of \"sh\"")),
+            "{e:?}"
+        );
+        assert!(format!("{:?}", e).contains("the disk went away"), "{e:?}");
+        assert_gone(&argv).await;
+    }
+
+    /// Issue 19: a `Process` is an `AsyncWrite` onto its stdin
+    /// (`tokio::io::copy` into it, shutdown ends it), and its stdin can be
+    /// taken to another task, so one writes while the other reads a
+    /// command that answers as it reads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_process_is_an_async_write() {
+        use crate::agent::loopback;
+        use futures::StreamExt;
+        use sha2::Digest;
+        use tokio::io::AsyncWriteExt;
+        let t = tempfile::tempdir().unwrap();
+        let link = loopback::Link::new(t.path());
+        let opts = crate::ExecOptions::default();
+        let noise: Vec<u8> = (0..2u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 9) as u8)
+            .collect();
+
+        let mut p = spawn(&link, opts.request(["sha256sum"]).unwrap(), None)
+            .await
+            .unwrap();
+        let copied = tokio::io::copy(&mut std::io::Cursor::new(noise.clone()), &mut p)
+            .await
+            .unwrap();
+        assert_eq!(copied, noise.len() as u64);
+        p.shutdown().await.unwrap();
+        // Idempotent, and the end is an end for the methods too.
+        p.shutdown().await.unwrap();
+        let late = p.write_stdin(b"late").await.unwrap_err();
+        assert!(
+            matches!(&late, Error::InvalidArgument { what: "stdin", .. }),
+            "{late}"
+        );
+        let mut out = Vec::new();
+        while let Some(ev) = p.next().await {
+            if let ExecEvent::Stdout(b) = ev.unwrap() {
+                out.extend_from_slice(&b);
+            }
+        }
+        let want = hex::encode(sha2::Sha256::digest(&noise));
+        assert_eq!(
+            String::from_utf8_lossy(&out).split_whitespace().next(),
+            Some(&*want)
+        );
+
+        // cat echoes as it reads: 2 MiB through it needs the writer and the
+        // reader at once, far past what the pipes hold.
+        let mut p = spawn(&link, opts.request(["cat"]).unwrap(), None)
+            .await
+            .unwrap();
+        let mut stdin = p.take_stdin().unwrap();
+        assert!(p.take_stdin().is_none());
+        assert!(p.write_stdin(b"x").await.is_err());
+        let input = noise.clone();
+        let writer = tokio::spawn(async move {
+            for piece in input.chunks(100_000) {
+                stdin.write_all(piece).await.unwrap();
+            }
+            stdin.shutdown().await.unwrap();
+        });
+        let mut got = Vec::new();
+        let mut code = None;
+        while let Some(ev) = p.next().await {
+            match ev.unwrap() {
+                ExecEvent::Stdout(b) => got.extend_from_slice(&b),
+                ExecEvent::Exit(c) => code = Some(c),
+                other => panic!("{other:?}"),
+            }
+        }
+        writer.await.unwrap();
+        assert_eq!(code, Some(0));
+        assert!(got == noise, "cat gave back {} bytes", got.len());
+    }
+
+    /// Waits up to 20 s for `path` to hold `want`.
+    async fn wait_for_file(path: &std::path::Path, want: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::fs::read_to_string(path).is_ok_and(|s| s.trim() == want) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} never held {want:?}",
+                path.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Issue 19: a detached process outlives its handle: it is not killed,
+    /// its output (far past what a pipe holds) is drained, and its stdin
+    /// ends. Detaching one that has ended is the agent's named error.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_detached_process_outlives_its_handle() {
+        use crate::agent::loopback;
+        use futures::StreamExt;
+        let t = tempfile::tempdir().unwrap();
+        let link = loopback::Link::new(t.path());
+        let opts = crate::ExecOptions::default();
+        let loud = t.path().join("loud");
+        let script = format!(
+            "sleep 0.3; head -c 2000000 /dev/zero; echo done > {}",
+            loud.display()
+        );
+        let p = spawn(&link, opts.request(["sh", "-c", &script]).unwrap(), None)
+            .await
+            .unwrap();
+        let pid = p.pid();
+        assert_eq!(p.detach().await.unwrap(), pid);
+        wait_for_file(&loud, "done").await;
+
+        let eof = t.path().join("eof");
+        let script = format!("cat >/dev/null; echo eof > {}", eof.display());
+        let mut p = spawn(&link, opts.request(["sh", "-c", &script]).unwrap(), None)
+            .await
+            .unwrap();
+        p.write_stdin(b"some input").await.unwrap();
+        p.detach().await.unwrap();
+        wait_for_file(&eof, "eof").await;
+
+        let mut p = spawn(&link, opts.request(["true"]).unwrap(), None)
+            .await
+            .unwrap();
+        while let Some(ev) = p.next().await {
+            if let ExecEvent::Exit(code) = ev.unwrap() {
+                assert_eq!(code, 0);
+            }
+        }
+        let e = p.detach().await.unwrap_err();
+        assert!(format!("{e}").contains("no command runs with pid"), "{e}");
     }
 }

@@ -71,8 +71,8 @@ pub(crate) async fn run_collect<L: AgentLink>(
     options: ExecOptions,
 ) -> Result<ExecResult> {
     let limit = options.output_limit();
-    let stdin = options.stdin.clone();
-    let req = container_request(link, image, argv, options).await?;
+    let req = container_request(link, image, argv, options.clone()).await?;
+    let stdin = options.take_input()?;
     super::exec::exec(link, req, limit, stdin).await
 }
 
@@ -152,8 +152,8 @@ pub(crate) async fn run_stream<L>(
 where
     L: AgentLink + Clone + Send + 'static,
 {
-    let stdin = options.stdin.clone();
-    let req = container_request(link, image, argv, options).await?;
+    let req = container_request(link, image, argv, options.clone()).await?;
+    let stdin = options.take_input()?;
     super::exec::exec_stream(link, req, stdin).await
 }
 

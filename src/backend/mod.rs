@@ -20,7 +20,7 @@ use tokio::io::AsyncRead;
 
 use crate::config::MachineConfig;
 use crate::error::Result;
-use crate::exec::{ExecOptions, ExecResult, ExecStream};
+use crate::exec::{ExecOptions, ExecResult, ExecStream, Input};
 use crate::files::FileStream;
 use crate::image::{ImageInfo, ProgressFn};
 use crate::state::{BootTimings, MachineState, PortMapping};
@@ -56,11 +56,11 @@ pub(crate) trait Backend: Send + Sync + 'static {
 
     /// Runs `req`, collecting at most `max_output` bytes of output, with
     /// `stdin` as its input (present exactly when `req.stdin` is set).
-    fn exec(&self, req: ExecRequest, max_output: u64, stdin: Option<Bytes>)
+    fn exec(&self, req: ExecRequest, max_output: u64, stdin: Option<Input>)
         -> Call<'_, ExecResult>;
-    fn exec_stream(&self, req: ExecRequest, stdin: Option<Bytes>) -> Call<'_, ExecStream>;
+    fn exec_stream(&self, req: ExecRequest, stdin: Option<Input>) -> Call<'_, ExecStream>;
     /// Starts `req` with its stdin open for writing (or fed `stdin`).
-    fn spawn(&self, req: ExecRequest, stdin: Option<Bytes>) -> Call<'_, crate::Process>;
+    fn spawn(&self, req: ExecRequest, stdin: Option<Input>) -> Call<'_, crate::Process>;
 
     fn write_file<'a>(&'a self, path: &'a str, mode: Option<u32>, src: Source<'a>)
         -> Call<'a, u64>;

@@ -28,7 +28,7 @@ use crate::api::{
 };
 use crate::config::MachineConfig;
 use crate::error::{Error, Result};
-use crate::exec::{ExecEvent, ExecOptions, ExecResult, ExecStream};
+use crate::exec::{ExecEvent, ExecOptions, ExecResult, ExecStream, Input};
 use crate::files::FileStream;
 use crate::image::{ImageInfo, ProgressFn};
 use crate::state::{BootTimings, MachineState};
@@ -321,8 +321,9 @@ impl RemoteMachine {
         &self,
         req: ExecRequest,
         max_output: u64,
-        stdin: Option<Bytes>,
+        stdin: Option<Input>,
     ) -> Result<ExecResult> {
+        let stdin = Input::into_bytes(stdin, "the remote engine")?;
         let timeout = req.timeout_ms;
         let body = ExecBody {
             max_output: Some(max_output),
@@ -362,7 +363,8 @@ impl RemoteMachine {
         }
     }
 
-    async fn exec_stream(&self, req: ExecRequest, stdin: Option<Bytes>) -> Result<ExecStream> {
+    async fn exec_stream(&self, req: ExecRequest, stdin: Option<Input>) -> Result<ExecStream> {
+        let stdin = Input::into_bytes(stdin, "the remote engine")?;
         let body = RemoteMachine::exec_body(&req, stdin.as_ref())?;
         self.stream_at("/exec/stream", &body).await
     }
@@ -665,16 +667,16 @@ impl Backend for RemoteMachine {
         &self,
         req: ExecRequest,
         max_output: u64,
-        stdin: Option<Bytes>,
+        stdin: Option<Input>,
     ) -> Call<'_, ExecResult> {
         RemoteMachine::exec(self, req, max_output, stdin).boxed()
     }
 
-    fn exec_stream(&self, req: ExecRequest, stdin: Option<Bytes>) -> Call<'_, ExecStream> {
+    fn exec_stream(&self, req: ExecRequest, stdin: Option<Input>) -> Call<'_, ExecStream> {
         RemoteMachine::exec_stream(self, req, stdin).boxed()
     }
 
-    fn spawn(&self, _req: ExecRequest, _stdin: Option<Bytes>) -> Call<'_, crate::Process> {
+    fn spawn(&self, _req: ExecRequest, _stdin: Option<Input>) -> Call<'_, crate::Process> {
         async {
             Err(Error::Unsupported(
                 "Machine::spawn on the remote engine (input while a command runs needs a \

@@ -42,7 +42,7 @@ use crate::agent::{self, AgentConnection, AgentLink};
 use crate::backend::{Backend, Call, Source};
 use crate::config::MachineConfig;
 use crate::error::{Error, Result};
-use crate::exec::{ExecOptions, ExecResult, ExecStream};
+use crate::exec::{ExecOptions, ExecResult, ExecStream, Input};
 use crate::files::FileStream;
 use crate::image::{ImageInfo, ProgressFn};
 use crate::state::{BootTimings, MachineState, PortMapping};
@@ -690,16 +690,16 @@ impl Backend for LocalMachine {
         &self,
         req: ExecRequest,
         max_output: u64,
-        stdin: Option<Bytes>,
+        stdin: Option<Input>,
     ) -> Call<'_, ExecResult> {
         agent::exec::exec(self, req, max_output, stdin).boxed()
     }
 
-    fn exec_stream(&self, req: ExecRequest, stdin: Option<Bytes>) -> Call<'_, ExecStream> {
+    fn exec_stream(&self, req: ExecRequest, stdin: Option<Input>) -> Call<'_, ExecStream> {
         agent::exec::exec_stream(self, req, stdin).boxed()
     }
 
-    fn spawn(&self, req: ExecRequest, stdin: Option<Bytes>) -> Call<'_, crate::Process> {
+    fn spawn(&self, req: ExecRequest, stdin: Option<Input>) -> Call<'_, crate::Process> {
         agent::exec::spawn(self, req, stdin).boxed()
     }
 
