@@ -478,6 +478,53 @@ mod tests {
             .collect()
     }
 
+    /// `spawn` and `exec_stream` of `argv` with the input of `opts`.
+    async fn spawn_of(
+        link: &crate::agent::loopback::Link,
+        opts: &crate::ExecOptions,
+        argv: &[&str],
+    ) -> Process {
+        spawn(
+            link,
+            opts.request(argv).unwrap(),
+            opts.take_input().unwrap(),
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn stream_of(
+        link: &crate::agent::loopback::Link,
+        opts: &crate::ExecOptions,
+        argv: &[&str],
+    ) -> ExecStream {
+        exec_stream(
+            link,
+            opts.request(argv).unwrap(),
+            opts.take_input().unwrap(),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// The stdout of `events` to their end, and the exit code; stderr or
+    /// an error event fails the test.
+    async fn stdout_and_exit<S>(events: &mut S) -> (Vec<u8>, Option<i32>)
+    where
+        S: futures::Stream<Item = Result<ExecEvent>> + Unpin,
+    {
+        let mut out = Vec::new();
+        let mut code = None;
+        while let Some(ev) = futures::StreamExt::next(events).await {
+            match ev.unwrap() {
+                ExecEvent::Stdout(b) => out.extend_from_slice(&b),
+                ExecEvent::Exit(c) => code = Some(c),
+                other => panic!("{other:?}"),
+            }
+        }
+        (out, code)
+    }
+
     /// Waits up to 10 s for no child running `argv` to be left.
     async fn assert_gone(argv: &[&str]) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -573,21 +620,9 @@ mod tests {
 
         // A stream feeds its input the same way.
         let opts = crate::ExecOptions::default().stdin(noise.slice(..300_000));
-        let mut stream = exec_stream(
-            &link,
-            opts.request(["cat"]).unwrap(),
-            opts.take_input().unwrap(),
-        )
-        .await
-        .unwrap();
-        let mut got = Vec::new();
-        while let Some(ev) = futures::StreamExt::next(&mut stream).await {
-            match ev.unwrap() {
-                ExecEvent::Stdout(b) => got.extend_from_slice(&b),
-                ExecEvent::Exit(code) => assert_eq!(code, 0),
-                other => panic!("{other:?}"),
-            }
-        }
+        let mut stream = stream_of(&link, &opts, &["cat"]).await;
+        let (got, code) = stdout_and_exit(&mut stream).await;
+        assert_eq!(code, Some(0));
         assert!(
             got == noise[..300_000],
             "the stream gave {} bytes",
@@ -655,20 +690,9 @@ mod tests {
 
         // Input given whole in the options is fed, then closed.
         let given = crate::ExecOptions::default().stdin("all of it");
-        let mut p = spawn(
-            &link,
-            given.request(["cat"]).unwrap(),
-            given.take_input().unwrap(),
-        )
-        .await
-        .unwrap();
+        let mut p = spawn_of(&link, &given, &["cat"]).await;
         assert!(p.write_stdin(b"more").await.is_err());
-        let mut out = Vec::new();
-        while let Some(ev) = p.next().await {
-            if let ExecEvent::Stdout(b) = ev.unwrap() {
-                out.extend_from_slice(&b);
-            }
-        }
+        let (out, _) = stdout_and_exit(&mut p).await;
         assert_eq!(out, b"all of it");
 
         // Dropped: the command is killed.
@@ -810,7 +834,6 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reader_is_streamed_to_stdin() {
         use crate::agent::loopback;
-        use futures::StreamExt;
         use sha2::Digest;
         let t = tempfile::tempdir().unwrap();
         let link = loopback::Link::new(t.path());
@@ -860,41 +883,18 @@ mod tests {
             }
         });
         let opts = crate::ExecOptions::default().stdin_reader(rx);
-        let mut stream = exec_stream(
-            &link,
-            opts.request(["cat"]).unwrap(),
-            opts.take_input().unwrap(),
-        )
-        .await
-        .unwrap();
-        let mut got = Vec::new();
-        while let Some(ev) = stream.next().await {
-            match ev.unwrap() {
-                ExecEvent::Stdout(b) => got.extend_from_slice(&b),
-                ExecEvent::Exit(code) => assert_eq!(code, 0),
-                other => panic!("{other:?}"),
-            }
-        }
+        let mut stream = stream_of(&link, &opts, &["cat"]).await;
+        let (got, code) = stdout_and_exit(&mut stream).await;
+        assert_eq!(code, Some(0));
         feeder.await.unwrap();
         assert!(got == noise[..500_000], "cat gave back {} bytes", got.len());
 
         // A spawn takes a reader too, and its stdin is then closed to writes.
         let opts =
             crate::ExecOptions::default().stdin_reader(std::io::Cursor::new(b"abc".to_vec()));
-        let mut p = spawn(
-            &link,
-            opts.request(["wc", "-c"]).unwrap(),
-            opts.take_input().unwrap(),
-        )
-        .await
-        .unwrap();
+        let mut p = spawn_of(&link, &opts, &["wc", "-c"]).await;
         assert!(p.write_stdin(b"more").await.is_err());
-        let mut out = Vec::new();
-        while let Some(ev) = p.next().await {
-            if let ExecEvent::Stdout(b) = ev.unwrap() {
-                out.extend_from_slice(&b);
-            }
-        }
+        let (out, _) = stdout_and_exit(&mut p).await;
         assert_eq!(String::from_utf8_lossy(&out).trim(), "3");
 
         // A reader that fails: the exec fails with its error, and the
@@ -926,7 +926,6 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_process_is_an_async_write() {
         use crate::agent::loopback;
-        use futures::StreamExt;
         use sha2::Digest;
         use tokio::io::AsyncWriteExt;
         let t = tempfile::tempdir().unwrap();
@@ -951,12 +950,7 @@ mod tests {
             matches!(&late, Error::InvalidArgument { what: "stdin", .. }),
             "{late}"
         );
-        let mut out = Vec::new();
-        while let Some(ev) = p.next().await {
-            if let ExecEvent::Stdout(b) = ev.unwrap() {
-                out.extend_from_slice(&b);
-            }
-        }
+        let (out, _) = stdout_and_exit(&mut p).await;
         let want = hex::encode(sha2::Sha256::digest(&noise));
         assert_eq!(
             String::from_utf8_lossy(&out).split_whitespace().next(),
@@ -978,15 +972,7 @@ mod tests {
             }
             stdin.shutdown().await.unwrap();
         });
-        let mut got = Vec::new();
-        let mut code = None;
-        while let Some(ev) = p.next().await {
-            match ev.unwrap() {
-                ExecEvent::Stdout(b) => got.extend_from_slice(&b),
-                ExecEvent::Exit(c) => code = Some(c),
-                other => panic!("{other:?}"),
-            }
-        }
+        let (got, code) = stdout_and_exit(&mut p).await;
         writer.await.unwrap();
         assert_eq!(code, Some(0));
         assert!(got == noise, "cat gave back {} bytes", got.len());
@@ -1014,7 +1000,6 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_detached_process_outlives_its_handle() {
         use crate::agent::loopback;
-        use futures::StreamExt;
         let t = tempfile::tempdir().unwrap();
         let link = loopback::Link::new(t.path());
         let opts = crate::ExecOptions::default();
@@ -1042,11 +1027,7 @@ mod tests {
         let mut p = spawn(&link, opts.request(["true"]).unwrap(), None)
             .await
             .unwrap();
-        while let Some(ev) = p.next().await {
-            if let ExecEvent::Exit(code) = ev.unwrap() {
-                assert_eq!(code, 0);
-            }
-        }
+        assert_eq!(stdout_and_exit(&mut p).await, (Vec::new(), Some(0)));
         let e = p.detach().await.unwrap_err();
         assert!(format!("{e}").contains("no command runs with pid"), "{e}");
     }
