@@ -31,6 +31,10 @@ use crate::exec::{ExecEvent, ExecStream};
 pub struct Process {
     events: ExecStream,
     stdin: ProcessStdin,
+    /// The exec connection, shut when the process is dropped: a stdin
+    /// taken elsewhere holds the socket open, and the command must still
+    /// end with its `Process`.
+    connection: std::os::unix::net::UnixStream,
     /// It runs on a terminal.
     tty: bool,
     ask: Ask,
@@ -41,8 +45,8 @@ pub struct Process {
 /// takes up to 64 KiB and sends it while the caller goes on, one frame in
 /// flight, so the command's pace holds the writer back; a flush waits for
 /// what is in flight, and a shutdown closes stdin (the command sees its
-/// end). Dropping it leaves stdin open; the command ends with its
-/// [`Process`].
+/// end). Dropping it leaves stdin open (a write in flight is finished
+/// first); the command ends with its [`Process`].
 pub struct ProcessStdin {
     state: Stdin,
     pid: u32,
@@ -169,6 +173,28 @@ impl tokio::io::AsyncWrite for ProcessStdin {
     }
 }
 
+impl Drop for ProcessStdin {
+    fn drop(&mut self) {
+        // Half a frame would corrupt the exec connection, and the agent
+        // would end the command: the write in flight is finished. (Once
+        // the process is dropped, its connection is shut and it fails at
+        // once.)
+        if let Stdin::Writing(write) = std::mem::replace(&mut self.state, Stdin::Closed) {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(write);
+            }
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // The agent kills the command when its connection ends (unless it
+        // was detached); a stdin held elsewhere must not keep it open.
+        let _ = self.connection.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 impl std::fmt::Debug for ProcessStdin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProcessStdin")
@@ -182,6 +208,7 @@ impl Process {
     pub(crate) fn new(
         events: ExecStream,
         stdin: Option<StdinWriter>,
+        connection: std::os::unix::net::UnixStream,
         tty: bool,
         ask: Ask,
     ) -> Process {
@@ -192,6 +219,7 @@ impl Process {
                 state: stdin.map_or(Stdin::Closed, Stdin::Open),
                 pid,
             },
+            connection,
             tty,
             ask,
         }

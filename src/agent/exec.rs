@@ -113,15 +113,17 @@ where
         } else {
             None
         };
-        Ok::<_, Error>((running, writer))
+        let connection = running.second_handle()?;
+        Ok::<_, Error>((running, writer, connection))
     };
     match started.await {
-        Ok((running, writer)) => {
+        Ok((running, writer, connection)) => {
             let to = link.clone();
             let ask: Ask = Box::new(move |req| ask(to.clone(), req).boxed());
             Ok(Process::new(
                 running.into_stream(link.clone()),
                 writer,
+                connection,
                 tty,
                 ask,
             ))
@@ -205,15 +207,40 @@ impl RunningExec {
     async fn next(&mut self) -> Result<Raw> {
         let read = self.next_frame().await;
         // A stdin reader that failed shut the connection: its error, not
-        // the closed connection, is what went wrong.
-        let failed = self
-            .input_failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        match (read, failed) {
-            (Err(_), Some(e)) => Err(e),
-            (read, _) => read,
+        // the closed connection, is what went wrong. (Frames read before
+        // the end still count.)
+        if read.is_err() {
+            let failed = self
+                .input_failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(e) = failed {
+                return Err(e);
+            }
+        }
+        read
+    }
+
+    /// A second fd of the exec's connection (the same socket).
+    fn second_handle(&mut self) -> Result<std::os::unix::net::UnixStream> {
+        use std::os::fd::AsFd;
+        let fd = self
+            .conn
+            .stream()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| self.second_handle_error(source))?;
+        Ok(std::os::unix::net::UnixStream::from(fd))
+    }
+
+    fn second_handle_error(&self, source: std::io::Error) -> Error {
+        Error::Io {
+            context: format!(
+                "cannot open a second handle on the exec connection to machine {:?}",
+                self.conn.machine()
+            ),
+            source,
         }
     }
 
@@ -384,26 +411,14 @@ pub(crate) struct StdinWriter {
 
 impl StdinWriter {
     fn new(running: &mut RunningExec) -> Result<StdinWriter> {
-        use std::os::fd::AsFd;
-        let machine = running.conn.machine().to_string();
-        let io = |source| Error::Io {
-            context: format!(
-                "cannot open a second handle on the exec connection to machine {machine:?}"
-            ),
-            source,
-        };
-        let fd = running
-            .conn
-            .stream()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(io)?;
-        let std = std::os::unix::net::UnixStream::from(fd);
-        std.set_nonblocking(true).map_err(io)?;
-        let stream = tokio::net::UnixStream::from_std(std).map_err(io)?;
+        let std = running.second_handle()?;
+        let stream = std
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(std))
+            .map_err(|source| running.second_handle_error(source))?;
         Ok(StdinWriter {
             stream,
-            machine: machine.clone(),
+            machine: running.conn.machine().to_string(),
             program: running.program.clone(),
         })
     }
@@ -976,6 +991,15 @@ mod tests {
         writer.await.unwrap();
         assert_eq!(code, Some(0));
         assert!(got == noise, "cat gave back {} bytes", got.len());
+
+        // The command ends with its Process, even while its stdin, taken,
+        // lives on (it holds the connection's socket too).
+        let argv = ["sleep", "1001"];
+        let mut p = spawn_of(&link, &opts, &argv).await;
+        let mut stdin = p.take_stdin().unwrap();
+        drop(p);
+        assert_gone(&argv).await;
+        assert!(stdin.write(b"x").await.is_err());
     }
 
     /// Waits up to 20 s for `path` to hold `want`.
